@@ -1,0 +1,1 @@
+"""Orchestration: the Prefect flow over the stages, and the `qlora` CLI."""

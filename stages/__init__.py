@@ -1,0 +1,1 @@
+"""Pipeline stages. Each module exposes `run(params) -> Manifest` and is runnable as `python -m stages.<name>`."""

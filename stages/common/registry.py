@@ -1,0 +1,24 @@
+"""The pipeline's stages, their parents, params sections and code deps: the single source that dvc.yaml,
+the Prefect cache keys and the CLI agree on (a test checks dvc.yaml against it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    parents: tuple[str, ...]
+    params: tuple[str, ...]
+    code: tuple[str, ...]
+    """Source paths (relative to the repo root) whose change must re-run the stage."""
+
+
+COMMON_CODE = ("stages/common",)
+
+STAGES: dict[str, StageSpec] = {
+    "prepare": StageSpec("prepare", (), ("model", "data"), ("stages/prepare.py", *COMMON_CODE)),
+}
+
+ORDER: tuple[str, ...] = tuple(STAGES)

@@ -1,0 +1,146 @@
+"""Facts about the run: code version, library versions, wall time and peak memory of a stage."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+LIBRARIES = (
+    "torch",
+    "triton",
+    "transformers",
+    "datasets",
+    "safetensors",
+    "tokenizers",
+    "prefect",
+    "mlflow",
+    "dvc",
+    "gguf",
+    "numpy",
+    "pydantic",
+)
+
+
+def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """git commit and dirty flag of the checkout; an auditor needs both to trust a number."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def code_hash(paths: list[str], root: Path = REPO_ROOT) -> str:
+    """Content hash of the source files a stage runs (its DVC code deps), for cache keys."""
+    h = hashlib.sha256()
+    for rel in sorted(paths):
+        p = root / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            if f.is_file():
+                h.update(f.relative_to(root).as_posix().encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class StageMeter:
+    """Wall time and memory peaks of one stage (CPU: sampled RSS; GPU: torch's allocator peaks)."""
+
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    start_rss_mb: float = 0.0
+    cuda: dict[str, float] = field(default_factory=dict)
+
+    def as_memory(self) -> dict[str, float]:
+        mem = {"peak_rss_mb": round(self.peak_rss_mb, 1), "start_rss_mb": round(self.start_rss_mb, 1)}
+        mem.update(self.cuda)
+        return mem
+
+
+@contextlib.contextmanager
+def measure(interval_s: float = 0.05) -> Iterator[StageMeter]:
+    """Sample RSS in a thread while the block runs; ru_maxrss would give the process peak, not the stage's."""
+    meter = StageMeter()
+    start_rss = _rss_bytes()
+    peak = [start_rss]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    cuda = _cuda_available()
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        yield meter
+    finally:
+        meter.wall_s = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        meter.peak_rss_mb = peak[0] / 2**20
+        meter.start_rss_mb = start_rss / 2**20
+        if cuda:
+            import torch
+
+            meter.cuda = {
+                "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "cuda_max_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
+            }
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

