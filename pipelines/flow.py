@@ -1,9 +1,9 @@
 """The Prefect flow `qlora_pipeline`: one task per stage, each calling the stage's own `run`.
 
 Cache keys are content hashes (params section + code of the stage + parent manifests), so an unchanged
-stage is skipped across runs; Prefect's default policy includes the run id and would never reuse. A key
-is only reused while the artifact on disk still verifies against its manifest and was made from the
-same params and code; otherwise the stage re-runs.
+stage is skipped across runs; Prefect's default policy includes the run id and would never reuse. A cached
+key is only trusted while the artifact on disk still verifies against its manifest and was made from the
+same params and code; otherwise the flow refreshes the cache entry and the stage re-runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +75,6 @@ def stage_cache_key(params: Params, stage: str) -> str:
 def _cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     params = Params.model_validate(parameters["params"])
     stage = parameters["stage"]
-    if not _artifact_is_current(stage, params):
-        return f"{stage}-rerun-{uuid.uuid4().hex}"
     return f"{stage}-{stage_cache_key(params, stage)}"
 
 
@@ -150,7 +147,9 @@ def qlora_pipeline(
             os.environ[PARENT_RUN_ENV] = run_id
         try:
             for name in selected:
-                stage_task = run_stage.with_options(refresh_cache=force)
+                # A cached key is only trusted while its artifact is still on disk, intact and current.
+                refresh = force or not _artifact_is_current(name, params)
+                stage_task = run_stage.with_options(refresh_cache=refresh)
                 results[name] = stage_task(name, params.model_dump(mode="json"), force=force)
         finally:
             os.environ.pop(PARENT_RUN_ENV, None)

@@ -167,15 +167,14 @@ def validate_model_dir(model_dir: Path) -> dict[str, Any]:
 
 
 def copy_model_dir(src: Path, dst: Path) -> list[str]:
-    """Copy the files a model folder needs (weights, config, tokenizer); hard-link weights when possible."""
+    """Copy the files a model folder needs (weights, config, tokenizer).
+
+    Copies, not hard links: an in-place edit of the artifact must never reach the user's source folder.
+    """
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
     for f in sorted(src.iterdir()):
         if f.suffix == ".safetensors" or f.name == "model.safetensors.index.json" or f.name in MODEL_FILES_TO_COPY:
-            target = dst / f.name
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copy2(f, target)
+            shutil.copyfile(f, dst / f.name)
             copied.append(f.name)
     return copied

@@ -126,6 +126,8 @@ class TrackingParams(Section):
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str = "qlora"
     artifacts_dir: str = "artifacts"
+    metrics_dir: str = "metrics"
+    """DVC metrics JSON per stage (outside the artifact dirs: DVC forbids overlapping outputs)."""
     dvc_commit: bool = True
     """After a stage runs under the Prefect flow, record it in dvc.lock with `dvc commit` (lineage)."""
 

@@ -61,8 +61,9 @@ def artifacts_root(params: Params) -> Path:
     return root if root.is_absolute() else REPO_ROOT / root
 
 
-def metrics_path(stage: str) -> Path:
-    return REPO_ROOT / "metrics" / f"{stage}.json"
+def metrics_path(params: Params, stage: str) -> Path:
+    root = Path(params.tracking.metrics_dir)
+    return (root if root.is_absolute() else REPO_ROOT / root) / f"{stage}.json"
 
 
 def execute(stage: str, params: Params, body: Callable[[StageContext], dict[str, Any]]) -> Manifest:
@@ -104,13 +105,12 @@ def execute(stage: str, params: Params, body: Callable[[StageContext], dict[str,
                 **{f"sha256.{k}"[:250]: v for k, v in list(manifest.outputs.items())[:40]},
             }
         )
-    _write_metrics_file(stage, manifest)
+    _write_metrics_file(metrics_path(params, stage), manifest)
     return manifest
 
 
-def _write_metrics_file(stage: str, manifest: Manifest) -> None:
+def _write_metrics_file(path: Path, manifest: Manifest) -> None:
     """DVC metrics live outside the artifact dir (DVC forbids overlapping outputs); written atomically."""
-    path = metrics_path(stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": manifest.metrics, "timings": manifest.timings, "memory": manifest.memory}
     tmp = path.with_suffix(".json.tmp")

@@ -45,8 +45,11 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
-def artifact_location() -> str:
-    return (REPO_ROOT / "mlartifacts").resolve().as_uri()
+def artifact_location(uri: str) -> str:
+    """A fixed artifact folder beside the sqlite DB (MLflow's default is relative to the cwd)."""
+    prefix = "sqlite:///"
+    base = Path(uri[len(prefix) :]).parent if uri.startswith(prefix) else REPO_ROOT
+    return (base / "mlartifacts").resolve().as_uri()
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -72,9 +75,10 @@ class Tracker:
                 set_offline_env()
                 import mlflow
 
-                mlflow.set_tracking_uri(resolve_uri(params.mlflow_uri))
+                uri = resolve_uri(params.mlflow_uri)
+                mlflow.set_tracking_uri(uri)
                 if mlflow.get_experiment_by_name(params.experiment) is None:
-                    mlflow.create_experiment(params.experiment, artifact_location=artifact_location())
+                    mlflow.create_experiment(params.experiment, artifact_location=artifact_location(uri))
                 mlflow.set_experiment(params.experiment)
                 self._mlflow = mlflow
             except Exception as exc:  # tracking is best-effort by design

@@ -1,0 +1,130 @@
+"""Tiny offline test assets: a ChatML BPE tokenizer trained on the fly and random Llama/Qwen2 models.
+
+No hub, no downloads: everything is built from a few sentences in a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test assistant<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Hello, how are you today? I am fine, thank you for asking.",
+    "Tell me a joke about computers. Why did the computer sneeze? It had a virus.",
+    "What do you like to eat? I like bread, cheese, apples and soup.",
+    "Can you write a function in Python? def add(a, b): return a + b",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ( ) [ ] { } ' \" - _",
+]
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(vocab_size: int = 384) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) -> Any:
+    from transformers import LlamaConfig, Qwen2Config
+
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    return cls(**common)
+
+
+def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
+    """A random model saved like a real HF checkpoint (bf16 safetensors + tokenizer with chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, vocab_size=len(tok), **overrides)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def qa_rows(n: int = 40) -> list[dict[str, str]]:
+    subjects = ["cats", "dogs", "bread", "Paris", "Python", "soup", "apples", "computers", "the fox", "cheese"]
+    rows = []
+    for i in range(n):
+        s = subjects[i % len(subjects)]
+        rows.append(
+            {
+                "instruction": f"Question {i}: what do you know about {s}?",
+                "response": f"Answer {i}: {s} are nice, and {i} is a number.",
+            }
+        )
+    return rows
+
+
+def params_for(tmp: Path, model_dir: Path, data_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A params mapping that keeps every output (artifacts, metrics, MLflow) under tmp."""
+    raw: dict[str, Any] = {
+        "model": {"source": "local", "path": str(model_dir)},
+        "data": {"source": "local", "path": str(data_path), "max_length": 256},
+        "tracking": {
+            "mlflow": False,
+            "mlflow_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "artifacts_dir": str(tmp / "artifacts"),
+            "metrics_dir": str(tmp / "metrics"),
+            "dvc_commit": False,
+        },
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw

@@ -1,0 +1,125 @@
+"""The one code path under Prefect, MLflow and DVC: cross-run skipping, tracking, lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines import dvcgen
+from stages import prepare
+from stages.common.params import parse_params
+from tests import tiny
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _params_file(tmp_path: Path, model_dir: Path, data: Path, mlflow: bool = False) -> Path:
+    raw = tiny.params_for(tmp_path, model_dir, data)
+    raw["tracking"]["mlflow"] = mlflow
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+def test_dvc_yaml_is_generated_from_the_registry() -> None:
+    assert (REPO / "dvc.yaml").read_text() == dvcgen.render(), "run: python -m pipelines.dvcgen > dvc.yaml"
+
+
+def test_prepare_logs_params_metrics_and_memory_to_mlflow(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+    from mlflow.tracking import MlflowClient
+
+    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl)
+    raw["tracking"]["mlflow"] = True
+    m = prepare.run(parse_params(raw))
+    client = MlflowClient(raw["tracking"]["mlflow_uri"])
+    exp = client.get_experiment_by_name("qlora")
+    assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_id == m.extra["mlflow_run_id"]
+    assert run.data.params["data.max_length"] == "256"
+    assert run.data.metrics["records_after_dedupe"] == 40
+    assert run.data.metrics["splits.train.examples"] == 32
+    assert run.data.metrics["memory.peak_rss_mb"] > 50
+    assert run.data.metrics["wall_s"] > 0
+    assert run.data.tags["git_commit"] == m.code_version["commit"]
+
+
+@pytest.mark.slow
+def test_flow_skips_unchanged_stage_on_second_run(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import TaskRunSort
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flow import qlora_pipeline
+
+    f = _params_file(tmp_path, tiny_llama_dir, qa_jsonl, mlflow=True)
+    calls: list[int] = []
+    original = prepare.run
+    monkeypatch.setattr(prepare, "run", lambda p: calls.append(1) or original(p))
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}),
+    ):
+        first = qlora_pipeline(str(f))
+        second = qlora_pipeline(str(f))
+        with get_client(sync_client=True) as client:
+            states = sorted(tr.state.name for tr in client.read_task_runs(limit=100, sort=TaskRunSort.ID_DESC))
+        # a changed param invalidates the key: the stage runs again
+        raw = yaml.safe_load(f.read_text())
+        raw["data"]["seed"] = 3
+        f.write_text(yaml.safe_dump(raw))
+        third = qlora_pipeline(str(f))
+    assert calls == [1, 1]
+    assert states == ["Cached", "Completed"]
+    assert first["prepare"]["created_at"] == second["prepare"]["created_at"]
+    assert third["prepare"]["params"]["data"]["seed"] == 3
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("qlora").experiment_id])
+    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    children = [r for r in runs if r.info.run_name == "prepare"]
+    assert len(parents) == 3 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} <= {p.info.run_id for p in parents}
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+    work = tmp_path / "repo"
+    work.mkdir()
+    for d in ("stages", "pipelines", "kernels", "data"):
+        shutil.copytree(REPO / d, work / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl)
+    raw["tracking"].update({"artifacts_dir": "artifacts", "metrics_dir": "metrics"})
+    raw["data"]["seed"] = 0
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def sh(*cmd: str) -> str:
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    out1 = sh("dvc", "repro")
+    assert "Running stage 'prepare'" in out1
+    assert (work / "artifacts" / "prepare" / "manifest.json").exists()
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["seed"] == 0
+    out2 = sh("dvc", "repro")
+    assert "Running stage" not in out2 and "didn't change" in out2
+    raw["data"]["seed"] = 1
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert "modified:           data" in sh("dvc", "status")
+    assert "Running stage 'prepare'" in sh("dvc", "repro")
+    metrics = json.loads((work / "metrics" / "prepare.json").read_text())
+    assert metrics["metrics"]["splits"]["train"]["examples"] == 32

@@ -1,0 +1,189 @@
+"""prepare stage on a tiny random model and a small JSONL dataset."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+from transformers import AutoTokenizer
+
+from stages import prepare
+from stages.common import artifacts, dataio
+from stages.common.errors import InputError
+from stages.common.params import parse_params
+from tests import tiny
+
+
+def _run(tmp_path: Path, model_dir: Path, data_path: Path, **sections: dict):
+    return prepare.run(parse_params(tiny.params_for(tmp_path, model_dir, data_path, **sections)))
+
+
+def test_prepare_writes_model_data_manifest_and_metrics(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+    m = _run(tmp_path, tiny_llama_dir, qa_jsonl)
+    out = tmp_path / "artifacts" / "prepare"
+    assert (out / "model" / "config.json").exists() and (out / "model" / "model.safetensors").exists()
+    dsd = datasets.load_from_disk(str(out / "data"))
+    assert {k: len(v) for k, v in dsd.items()} == {"train": 32, "validation": 4, "test": 4}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "prepare"
+    assert set(manifest["outputs"]) == set(artifacts.hash_tree(out))
+    assert any(k.startswith("dataset/") for k in manifest["inputs"])
+    assert manifest["memory"]["peak_rss_mb"] > 0 and manifest["timings"]["wall_s"] > 0
+    assert manifest["code_version"]["commit"] is not None
+    metrics = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
+    assert metrics["metrics"]["splits"]["train"]["examples"] == 32
+    assert m.metrics["records_after_dedupe"] == 40
+
+
+def test_labels_cover_exactly_the_response(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+    _run(tmp_path, tiny_llama_dir, qa_jsonl)
+    out = tmp_path / "artifacts" / "prepare"
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    dsd = datasets.load_from_disk(str(out / "data"))
+    for split in dsd.values():
+        for ex in split:
+            kept = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100]
+            assert tok.decode(kept) == ex["response"] + "<|im_end|>"
+            # everything before the reply (system, user, framing) is masked
+            first = next(i for i, lab in enumerate(ex["labels"]) if lab != -100)
+            assert tok.decode(ex["input_ids"][:first]).endswith("<|im_start|>assistant\n")
+
+
+def test_split_is_deterministic_and_seeded() -> None:
+    recs = [dataio.Record(f"p{i}", f"r{i}") for i in range(101)]
+    a = dataio.split_records(recs, 0.1, 0.1, seed=0)
+    b = dataio.split_records(recs, 0.1, 0.1, seed=0)
+    c = dataio.split_records(recs, 0.1, 0.1, seed=1)
+    assert a == b and a != c
+    assert [len(a[k]) for k in ("train", "validation", "test")] == [80, 10, 11]
+    assert {r.prompt for s in a.values() for r in s} == {r.prompt for r in recs}
+
+
+def test_rerun_gives_identical_dataset_bytes(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+    m1 = _run(tmp_path / "a", tiny_llama_dir, qa_jsonl)
+    m2 = _run(tmp_path / "b", tiny_llama_dir, qa_jsonl)
+    data1 = {k: v for k, v in m1.outputs.items() if k.startswith("data/") and k.endswith(".arrow")}
+    data2 = {k: v for k, v in m2.outputs.items() if k.startswith("data/") and k.endswith(".arrow")}
+    assert data1 and data1 == data2
+
+
+def test_missing_field_names_it_and_lists_found(tmp_path, tiny_llama_dir) -> None:
+    data = tiny.write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}] * 5)
+    with pytest.raises(
+        InputError,
+        match=r"has no field 'instruction' \(data.prompt_field\); fields found: "
+        r"question, answer",
+    ):
+        _run(tmp_path, tiny_llama_dir, data)
+    assert not (tmp_path / "artifacts" / "prepare").exists()
+
+
+def test_field_names_are_configurable(tmp_path, tiny_llama_dir) -> None:
+    rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(12)]
+    data = tiny.write_jsonl(tmp_path / "d.jsonl", rows)
+    m = _run(tmp_path, tiny_llama_dir, data, data={"prompt_field": "q", "response_field": "a"})
+    assert m.metrics["records_after_dedupe"] == 12
+
+
+def test_empty_after_dedupe(tmp_path, tiny_llama_dir) -> None:
+    rows = [{"instruction": "same prompt", "response": f"r{i}"} for i in range(10)] + [
+        {"instruction": "", "response": "x"}
+    ]
+    data = tiny.write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(
+        InputError,
+        match=r"has 1 usable example\(s\) after dropping empty and duplicate prompts "
+        r"\(read 11\)",
+    ):
+        _run(tmp_path, tiny_llama_dir, data)
+    assert not (tmp_path / "artifacts" / "prepare").exists()
+
+
+def test_unsupported_architecture(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+    bad = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_llama_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        InputError,
+        match=r"unsupported architecture GPT2LMHeadModel in .*; supported: LlamaForCausalLM, Qwen2ForCausalLM",
+    ):
+        _run(tmp_path, bad, qa_jsonl)
+
+
+def test_qwen2_is_supported(tmp_path, tiny_qwen2_dir, qa_jsonl) -> None:
+    assert _run(tmp_path, tiny_qwen2_dir, qa_jsonl).metrics["architecture"] == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing_dir", "no_weights", "bad_config"])
+def test_broken_model_folder(tmp_path, tiny_llama_dir, qa_jsonl, damage) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama_dir, bad)
+    st = bad / "model.safetensors"
+    if damage == "truncate":
+        st.write_bytes(st.read_bytes()[:-1000])
+        pattern = "truncated|not a readable safetensors"
+    elif damage == "missing_dir":
+        shutil.rmtree(bad)
+        pattern = "does not exist"
+    elif damage == "no_weights":
+        st.unlink()
+        pattern = r"has no \*\.safetensors weights"
+    else:
+        (bad / "config.json").write_text("{not json")
+        pattern = "config.json is not valid JSON"
+    with pytest.raises(InputError, match=pattern):
+        _run(tmp_path, bad, qa_jsonl)
+    assert not (tmp_path / "artifacts" / "prepare").exists()
+
+
+def test_crash_while_writing_leaves_previous_artifact(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
+    first = _run(tmp_path, tiny_llama_dir, qa_jsonl)
+    out = tmp_path / "artifacts" / "prepare"
+    before = artifacts.hash_tree(out)
+
+    def boom(self, path, *a, **k):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "partial.arrow").write_bytes(b"half")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_llama_dir, qa_jsonl, data={"seed": 5})
+    assert artifacts.hash_tree(out) == before
+    assert artifacts.verify_artifact(out, "prepare").created_at == first.created_at
+    leftovers = [p.name for p in (tmp_path / "artifacts").iterdir() if p.name != "prepare"]
+    assert leftovers == []
+
+
+def test_crash_on_first_run_leaves_nothing(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
+    monkeypatch.setattr(
+        datasets.DatasetDict,
+        "save_to_disk",
+        lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")),
+    )
+    with pytest.raises(OSError):
+        _run(tmp_path, tiny_llama_dir, qa_jsonl)
+    assert list((tmp_path / "artifacts").iterdir()) == []
+
+
+@pytest.mark.parametrize("tamper", ["edit", "delete", "add"])
+def test_tampered_artifact_is_refused(tmp_path, tiny_llama_dir, qa_jsonl, tamper) -> None:
+    _run(tmp_path, tiny_llama_dir, qa_jsonl)
+    out = tmp_path / "artifacts" / "prepare"
+    target = out / "model" / "config.json"
+    if tamper == "edit":
+        target.write_text(target.read_text().replace("64", "65", 1))
+        pattern = "does not match its manifest"
+    elif tamper == "delete":
+        target.unlink()
+        pattern = "is missing but listed in its manifest"
+    else:
+        (out / "model" / "extra.bin").write_bytes(b"x")
+        pattern = "is not listed in the prepare manifest"
+    with pytest.raises(InputError, match=pattern):
+        artifacts.verify_artifact(out, "prepare")
