@@ -1,0 +1,501 @@
+"""AdamW with 32-bit or 8-bit blockwise state, optionally paged (see ``paging.py``).
+
+32-bit state runs torch's own single-tensor AdamW ops in torch's order, so parameters and state match
+``torch.optim.AdamW(foreach=False)`` bit for bit on the same device (fp32 params).
+
+8-bit state is bitsandbytes' blockwise format (signed dynamic map for m, unsigned for v, one fp32 absmax per
+``blocksize`` elements; params below ``min_8bit_size`` elements keep 32-bit state). The update follows bnb's
+CPU backend (``backends/cpu/ops.py``, 0.50.x): dequantize, AdamW in fp32 with decoupled decay applied first,
+requantize with bnb's CPU 65536-bin rule. What differs from ``bnb.optim.AdamW8bit`` on CPU, and why:
+
+* rounding: bnb's torch ops use FMA for ``add_(alpha=)``/``addcmul_`` and torch's CPU ``sqrt`` is not correctly
+  rounded (AVX-512 path); ours does every op with one IEEE rounding so the Triton kernel can reproduce it exactly
+  on CPU and GPU. m/v then differ from bnb's by <= 1 ulp for ~0.3% of elements before quantization. From an
+  identical state one step gives params equal to fp32 rounding, absmax within a few ulp and > 99.9% identical
+  codes, the rest on the neighbouring *reachable* code (bnb's CPU rule only emits ~249/246 of the 256 codes).
+  Over a free-running sequence an element whose code flipped follows its own, decaying, trajectory: its
+  dequantized m/v stay within the largest reachable-code gap (0.0141 / 0.0070 x absmax), and the few such
+  params differ by a fraction of one step's update (tests/unit/test_adamw8bit.py);
+* non-finite gradients follow bnb's CPU backend: no skipping; the param element becomes NaN, a NaN state value
+  gets code 0, absmax ignores NaN but not Inf (an Inf poisons its block). bnb's CUDA kernel instead zeroes m and
+  v of non-finite elements and leaves the param unchanged, applies weight decay *after* the update, uses a
+  nearest-code search plus a sign fix for m; we do not copy those (device-independent results matter more here,
+  and the trainer stops on a NaN loss anyway);
+* paging: bnb pages only tensors >= 1e5 elements through CUDA managed memory and loses paging on
+  ``load_state_dict``; we page every state tensor explicitly and keep paging across save/load.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Literal
+
+import torch
+
+from kernels.dynamic_map import create_dynamic_map, dequantize_blockwise
+from kernels.optim.adam8bit_triton import AdamScalars, adamw8bit_update_triton
+from kernels.optim.paging import PagedStateStore, PagingConfig, StateStore
+
+_LUT_BINS = 65536
+_KEYS32 = ("exp_avg", "exp_avg_sq")
+_KEYS8 = ("state1", "state2", "absmax1", "absmax2")
+
+
+# ---- 8-bit reference numerics ----------------------------------------------------------------------------------
+def nearest_code_lut(code: torch.Tensor) -> torch.Tensor:
+    """bnb's CPU bin table: bin ``i`` stands for ``-1 + fp32(2i/65535)`` and maps to the number of code midpoints
+    below it. Passed to the Triton kernel as a plain table so both paths share the exact rule."""
+    code = code.float().cpu()
+    mids = 0.5 * (code[:-1] + code[1:])
+    centres = (2.0 * torch.arange(_LUT_BINS, dtype=torch.float32)) / float(_LUT_BINS - 1) + (-1.0)
+    return torch.searchsorted(mids, centres, right=False).to(torch.uint8)
+
+
+def requantize_blockwise(x: torch.Tensor, lut: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize fp32 ``x`` per block with bnb's CPU rule (same bytes as ``dynamic_map.quantize_blockwise`` on
+    finite input) and bnb's CPU handling of non-finite values: absmax ignores NaN, NaN normalized values -> code 0.
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nb = -(-n // blocksize)
+    xp = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
+    absmax = torch.where(torch.isnan(xp), 0.0, xp.abs()).amax(dim=1)
+    y = xp * (1.0 / torch.where(absmax == 0, 1.0, absmax)).unsqueeze(1)  # zero blocks get codes 0 below
+    bad = torch.isnan(y)
+    y = torch.where(bad, 0.0, y).clamp(-1.0, 1.0)
+    half = (y + 1.0) * 0.5
+    bins = (half.double() * float(_LUT_BINS - 1) + 0.5).float().long()
+    q = lut[bins]
+    q = torch.where(bad | (absmax == 0).unsqueeze(1), 0, q).to(torch.uint8)
+    return q.reshape(-1)[:n], absmax
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt. torch's CPU fp32 sqrt is not (17% of values differ by 1 ulp on AVX-512)."""
+    return x.double().sqrt().float()
+
+
+def adamw8bit_update_reference(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    q1: torch.Tensor,
+    q2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    code1: torch.Tensor,
+    code2: torch.Tensor,
+    lut1: torch.Tensor,
+    lut2: torch.Tensor,
+    s: AdamScalars,
+    blocksize: int,
+) -> None:
+    """Torch reference of the 8-bit step (in place, flat tensors); the Triton kernel is bit-identical to it.
+    Every op is a separate IEEE fp32 op with scalars rounded to fp32, in bnb's CPU order."""
+    g32 = g.float()
+    m = dequantize_blockwise(q1, absmax1, code1, blocksize)
+    v = dequantize_blockwise(q2, absmax2, code2, blocksize)
+    m = m * s.beta1 + g32 * s.one_minus_beta1
+    v = v * s.beta2 + (g32 * g32) * s.one_minus_beta2
+    denom = _sqrt_rn(v) / s.bias_correction2_sqrt + s.eps
+    p32 = p.float()
+    if s.apply_decay:
+        p32 = p32 * s.decay
+    p32 = p32 + (m * s.neg_step_size) / denom
+    p.copy_(p32)
+    for x, q, a, lut in ((m, q1, absmax1, lut1), (v, q2, absmax2, lut2)):
+        nq, na = requantize_blockwise(x, lut, blocksize)
+        q.copy_(nq)
+        a.copy_(na)
+
+
+@dataclass(frozen=True)
+class QuantMaps:
+    """Signed map + table for m, unsigned map + table for v, on one device."""
+
+    code1: torch.Tensor
+    code2: torch.Tensor
+    lut1: torch.Tensor
+    lut2: torch.Tensor
+
+    @classmethod
+    def create(cls, device: torch.device | str = "cpu") -> QuantMaps:
+        c1, c2 = create_dynamic_map(signed=True), create_dynamic_map(signed=False)
+        return cls(*(t.to(device) for t in (c1, c2, nearest_code_lut(c1), nearest_code_lut(c2))))
+
+
+def adamw8bit_update(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    q1: torch.Tensor,
+    q2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    maps: QuantMaps,
+    s: AdamScalars,
+    blocksize: int,
+) -> None:
+    """Triton kernel for CUDA tensors, torch reference otherwise (same bits either way)."""
+    impl = adamw8bit_update_triton if p.is_cuda else adamw8bit_update_reference
+    impl(p, g, q1, q2, absmax1, absmax2, maps.code1, maps.code2, maps.lut1, maps.lut2, s, blocksize)
+
+
+def adamw32_update(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """torch's ``_single_tensor_adam`` (decoupled decay) op for op; fp32 state also for bf16/fp16 params."""
+    beta1, beta2 = betas
+    work = p if p.dtype == torch.float32 else p.float()
+    grad = g if g.dtype == torch.float32 else g.float()
+    if weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    work.addcdiv_(exp_avg, denom, value=-step_size)
+    if work is not p:
+        p.copy_(work)
+
+
+# ---- state layout -----------------------------------------------------------------------------------------------
+def _align16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _segment_nbytes(bits: int, n: int, blocksize: int) -> int:
+    if bits == 32:
+        return 8 * n
+    return _align16(2 * n) + 8 * (-(-n // blocksize))
+
+
+def _segment_views(buf: torch.Tensor, bits: int, n: int, blocksize: int) -> dict[str, torch.Tensor]:
+    """Views of one page: ``[m fp32 | v fp32]`` or ``[q1 | q2 | pad | absmax1 | absmax2]``."""
+    if bits == 32:
+        return {"exp_avg": buf[: 4 * n].view(torch.float32), "exp_avg_sq": buf[4 * n : 8 * n].view(torch.float32)}
+    nb = -(-n // blocksize)
+    o = _align16(2 * n)
+    return {
+        "state1": buf[:n],
+        "state2": buf[n : 2 * n],
+        "absmax1": buf[o : o + 4 * nb].view(torch.float32),
+        "absmax2": buf[o + 4 * nb : o + 8 * nb].view(torch.float32),
+    }
+
+
+def _segment_elems(bits: int, n: int, blocksize: int, page_bytes: int | None) -> int:
+    """Elements per page: whole param unpaged; else as many whole blocks (8-bit) / 256-element runs (32-bit)
+    as fit in ``page_bytes``, so every page is self-contained for the update and block-aligned."""
+    if page_bytes is None:
+        return max(n, 1)
+    if bits == 32:
+        return max(256, page_bytes // 8 // 256 * 256)
+    per_block = 2 * blocksize + 8
+    return max(1, page_bytes // per_block) * blocksize
+
+
+@dataclass(frozen=True)
+class _Segment:
+    start: int
+    stop: int
+    page: int
+
+
+class AdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam with 32-bit or 8-bit blockwise state and optional explicit paging.
+
+    ``state_bits``, ``min_8bit_size`` and ``blocksize`` are per-group hyperparameters (defaults below);
+    ``paging=None`` keeps state resident on the parameter's device. Per-parameter step counters, torch-style
+    bias correction. ``state_dict()`` returns CPU tensors (torch keys ``exp_avg``/``exp_avg_sq`` for 32-bit,
+    bnb keys ``state1``/``state2``/``absmax1``/``absmax2`` for 8-bit) plus the paging config, and
+    ``load_state_dict`` restores all of it, paged again if paging is on, so a resume continues bit-identically.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_bits: Literal[32, 8] = 32,
+        min_8bit_size: int = 4096,
+        blocksize: int = 256,
+        paging: PagingConfig | None = None,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}; must be >= 0")
+        if eps < 0:
+            raise ValueError(f"invalid eps {eps}; must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"invalid betas {betas}; need two values in [0, 1)")
+        if weight_decay < 0:
+            raise ValueError(f"invalid weight_decay {weight_decay}; must be >= 0")
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits must be 8 or 32, got {state_bits}")
+        if blocksize < 16 or blocksize > 4096 or blocksize & (blocksize - 1):
+            raise ValueError(f"blocksize must be a power of two in [16, 4096], got {blocksize}")
+        if paging is not None and not isinstance(paging, PagingConfig):
+            raise TypeError(f"paging must be a PagingConfig or None, got {type(paging).__name__}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            state_bits=state_bits,
+            min_8bit_size=min_8bit_size,
+            blocksize=blocksize,
+        )
+        super().__init__(params, defaults)
+        self._paging = paging
+        self._stores: dict[torch.device, StateStore] = {}
+        self._maps: dict[torch.device, QuantMaps] = {}
+
+    # ---- plumbing ----------------------------------------------------------------------------------------------
+    @property
+    def paging(self) -> PagingConfig | None:
+        return self._paging
+
+    def _store(self, device: torch.device) -> StateStore:
+        store = self._stores.get(device)
+        if store is None:
+            store = PagedStateStore(self._paging, device) if self._paging else StateStore(device)
+            self._stores[device] = store
+        return store
+
+    def _quant_maps(self, device: torch.device) -> QuantMaps:
+        if device not in self._maps:
+            self._maps[device] = QuantMaps.create(device)
+        return self._maps[device]
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any], bits: int | None = None) -> dict[str, Any]:
+        n = p.numel()
+        bs = group["blocksize"]
+        if bits is None:
+            bits = 8 if group["state_bits"] == 8 and n >= group["min_8bit_size"] else 32
+        page_bytes = self._paging.page_bytes if self._paging else None
+        per = _segment_elems(bits, n, bs, page_bytes)
+        store = self._store(p.device)
+        segs = []
+        for start in range(0, max(n, 1), per):
+            stop = min(start + per, n)
+            segs.append(_Segment(start, stop, store.new_page(_segment_nbytes(bits, stop - start, bs))))
+        state = self.state[p]
+        state.clear()
+        state.update(step=0, bits=bits, blocksize=bs, segments=segs)
+        return state
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One AdamW step. Pages are acquired just before their update; the next one is prefetched meanwhile."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, dict[str, Any], _Segment]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                if not p.data.is_contiguous():
+                    p.data = p.data.contiguous()
+                state = self.state[p] or self._init_state(p, group)
+                state["step"] += 1
+                g = p.grad.detach().contiguous()
+                work.extend((group, p, g, state, seg) for seg in state["segments"])
+        for i, (group, p, g, state, seg) in enumerate(work):
+            store = self._store(p.device)
+            buf = store.acquire(seg.page)
+            if i + 1 < len(work):
+                nxt = work[i + 1]
+                self._store(nxt[1].device).prefetch(nxt[4].page)
+            self._update_segment(group, p, g, state, seg, buf)
+            store.release(seg.page)
+        return loss
+
+    def _update_segment(
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        seg: _Segment,
+        buf: torch.Tensor,
+    ) -> None:
+        n = seg.stop - seg.start
+        pf = p.data.view(-1)[seg.start : seg.stop]
+        gf = g.view(-1)[seg.start : seg.stop]
+        bs = state["blocksize"]
+        views = _segment_views(buf, state["bits"], n, bs)
+        lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if state["bits"] == 32:
+            adamw32_update(pf, gf, views["exp_avg"], views["exp_avg_sq"], lr, betas, eps, wd, state["step"])
+        else:
+            s = AdamScalars.make(lr, betas, eps, wd, state["step"])
+            q1, q2, a1, a2 = (views[k] for k in _KEYS8)
+            adamw8bit_update(pf, gf, q1, q2, a1, a2, self._quant_maps(p.device), s, bs)
+
+    # ---- inspection --------------------------------------------------------------------------------------------
+    def get_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """CPU copies of ``p``'s state in state_dict form (``step`` + 32-bit or 8-bit tensors), {} if none yet."""
+        state = self.state.get(p)
+        if not state:
+            return {}
+        store = self._store(p.device)
+        bits, bs = state["bits"], state["blocksize"]
+        parts = [_segment_views(store.read(s.page), bits, s.stop - s.start, bs) for s in state["segments"]]
+        keys = _KEYS32 if bits == 32 else _KEYS8
+        out: dict[str, Any] = {"step": torch.tensor(float(state["step"]))}
+        for k in keys:
+            t = torch.cat([d[k] for d in parts]) if parts else torch.empty(0)
+            out[k] = t.reshape(p.shape) if k in ("exp_avg", "exp_avg_sq", "state1", "state2") else t
+        return out
+
+    def dequantized_state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, v) in fp32 on CPU, whatever the state width: for comparisons and diagnostics."""
+        st = self.get_state(p)
+        if "exp_avg" in st:
+            return st["exp_avg"], st["exp_avg_sq"]
+        maps = self._quant_maps(torch.device("cpu"))
+        bs = self.state[p]["blocksize"]
+        m = dequantize_blockwise(st["state1"], st["absmax1"], maps.code1, bs)
+        v = dequantize_blockwise(st["state2"], st["absmax2"], maps.code2, bs)
+        return m, v
+
+    def paging_stats(self) -> dict[str, int]:
+        """Counters summed over devices (pages_in/out, bytes_in/out/moved, evictions, prefetches,
+        working_set_bytes, peak_working_set_bytes, total_bytes). All zero-traffic when paging is off."""
+        total: dict[str, int] = defaultdict(int)
+        for store in self._stores.values():
+            for k, v in store.stats.as_dict().items():
+                total[k] += v
+        return dict(total)
+
+    def evict_all(self) -> None:
+        """Write back and drop all resident pages (no-op without paging), e.g. before evaluation."""
+        for store in self._stores.values():
+            if isinstance(store, PagedStateStore):
+                store.evict_all()
+
+    def set_paging(self, paging: PagingConfig | None) -> None:
+        """Move all state under a new paging config (or off), keeping it bit-exact."""
+        sd = self.state_dict()
+        sd["paging"] = paging.to_dict() if paging else None
+        self.load_state_dict(sd)
+
+    # ---- checkpointing -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        index: dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            groups.append(packed)
+        state = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.get_state(p)
+                if st:
+                    state[index[id(p)]] = st
+        return {
+            "state": state,
+            "param_groups": groups,
+            "paging": self._paging.to_dict() if self._paging else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore hyperparameters, state (32-bit, or 8-bit codes + absmax, bit-exact) and the paging config.
+
+        Accepts torch ``AdamW`` state dicts too (32-bit keys). A missing ``paging`` key keeps the current config.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state dict has {len(saved_groups)} parameter groups, optimizer has {len(self.param_groups)}"
+            )
+        for i, (g, sg) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            unsupported = [k for k in ("amsgrad", "maximize") if sg.get(k)]
+            if unsupported:
+                raise ValueError(f"parameter group {i} uses {unsupported}, which this AdamW does not implement")
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"parameter group {i}: state dict has {len(sg['params'])} params, optimizer has {len(g['params'])}"
+                )
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+                strict=True,
+            )
+        )
+        if "paging" in state_dict:
+            cfg = state_dict["paging"]
+            self._paging = PagingConfig.from_dict(cfg) if cfg is not None else None
+        self.synchronize()
+        self._stores = {}
+        self.state = defaultdict(dict)
+        for g, sg in zip(self.param_groups, saved_groups, strict=True):
+            for k, v in sg.items():
+                if k != "params":
+                    g[k] = tuple(v) if k == "betas" else v
+            for k, v in self.defaults.items():
+                g.setdefault(k, v)
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for key, st in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(f"state dict has state for unknown parameter index {key}")
+            p = id_map[key]
+            self._import_state(p, group_of[id(p)], st)
+
+    def _import_state(self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]) -> None:
+        bits = 8 if "state1" in st else 32
+        keys = _KEYS8 if bits == 8 else _KEYS32
+        missing = [k for k in keys if k not in st]
+        if missing:
+            raise ValueError(f"state for a parameter of shape {tuple(p.shape)} lacks {missing}")
+        n, bs = p.numel(), group["blocksize"]
+        nb = -(-n // bs)
+        for k in keys:
+            want = nb if k.startswith("absmax") else n
+            if st[k].numel() != want:
+                raise ValueError(
+                    f"state '{k}' has {st[k].numel()} elements, expected {want} for a parameter of "
+                    f"{n} elements with blocksize {bs}"
+                )
+        state = self._init_state(p, group, bits=bits)
+        state["step"] = int(st["step"])
+        store = self._store(p.device)
+        dtypes = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "absmax1": torch.float32}
+        dtypes |= {"absmax2": torch.float32, "state1": torch.uint8, "state2": torch.uint8}
+        flat = {k: st[k].detach().reshape(-1).to("cpu", dtypes[k]) for k in keys}
+        for seg in state["segments"]:
+            m = seg.stop - seg.start
+            buf = torch.zeros(_segment_nbytes(bits, m, bs), dtype=torch.uint8)
+            views = _segment_views(buf, bits, m, bs)
+            b0, b1 = seg.start // bs, -(-seg.stop // bs)
+            for k in keys:
+                src = flat[k][b0:b1] if k.startswith("absmax") else flat[k][seg.start : seg.stop]
+                views[k].copy_(src)
+            store.write(seg.page, buf)
+
+    def synchronize(self) -> None:
+        """Wait for all pending page copies (host reads of the state are then consistent)."""
+        for store in self._stores.values():
+            store.synchronize()
