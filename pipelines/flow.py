@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def run_stage(stage: str, params: dict[str, Any], force: bool = False) -> dict[s
     return json.loads(manifest.to_json())
 
 
-@flow(name="qlora_pipeline", log_prints=True)
+@flow(name="qlora_pipeline")
 def qlora_pipeline(
     params_path: str = "params.yaml", stages: list[str] | None = None, force: bool = False
 ) -> dict[str, dict[str, Any]]:

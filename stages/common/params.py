@@ -61,10 +61,11 @@ class DataParams(Section):
 
 
 class QuantizeParams(Section):
+    """NF4 with double quantization (8-bit absmax, blocks of 256), as bitsandbytes and transformers store it."""
+
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
-    double_quant: bool = True
-    nested_blocksize: Literal[256] = 256
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Written to quantization_config; `auto` = bfloat16, what transformers' bnb loader uses on GPU."""
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -19,6 +19,19 @@ COMMON_CODE = ("stages/common",)
 
 STAGES: dict[str, StageSpec] = {
     "prepare": StageSpec("prepare", (), ("model", "data"), ("stages/prepare.py", *COMMON_CODE)),
+    "quantize": StageSpec(
+        "quantize",
+        ("prepare",),
+        ("quantize",),
+        ("stages/quantize.py", *COMMON_CODE, "kernels/nf4.py", "kernels/dynamic_map.py", "kernels/bnb_format.py",
+         "kernels/checkpoint4bit.py", "kernels/linear4bit.py"),
+    ),
+    "train": StageSpec(
+        "train",
+        ("prepare", "quantize"),
+        ("train", "evaluate"),
+        ("stages/train.py", *COMMON_CODE, "kernels"),
+    ),
 }
 
 ORDER: tuple[str, ...] = tuple(STAGES)

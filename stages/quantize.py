@@ -1,0 +1,45 @@
+"""quantize: the frozen base's linear weights → NF4 + double quant, in the bitsandbytes checkpoint layout.
+
+Output `artifacts/quantize/`: `model/` (config.json with quantization_config, bnb-layout safetensors,
+tokenizer) that transformers+bitsandbytes and our own loader both load; `layer_errors.json`.
+Embeddings, norms and lm_head stay 16-bit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from stages.common.errors import InputError
+from stages.common.params import Params
+from stages.common.stage import StageContext, execute, stage_main
+
+STAGE = "quantize"
+
+
+def body(ctx: StageContext) -> dict[str, Any]:
+    from kernels.checkpoint4bit import save_4bit_checkpoint
+
+    q = ctx.params.quantize
+    src = ctx.parent_dir("prepare") / "model"
+    compute = "bfloat16" if q.compute_dtype == "auto" else q.compute_dtype
+    try:
+        stats = save_4bit_checkpoint(src, ctx.out / "model", blocksize=q.blocksize, compute_dtype=compute)
+    except ValueError as exc:
+        raise InputError(f"cannot quantize {src}: {exc}") from None
+    layers = stats.pop("layers")
+    (ctx.out / "layer_errors.json").write_text(json.dumps(layers, indent=1, sort_keys=True))
+    worst = max(layers.items(), key=lambda kv: kv[1]["rel_error"])
+    return {
+        **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()},
+        "worst_layer": worst[0],
+        "compression": round(stats["total_bytes_before"] / max(1, stats["total_bytes_after"]), 3),
+    }
+
+
+def run(params: Params) -> Any:
+    return execute(STAGE, params, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE, run))

@@ -1,0 +1,254 @@
+"""train: LoRA adapters on the frozen NF4 base, our (paged) AdamW, checkpoints that resume exactly.
+
+Output `artifacts/train/`: `adapter/` in PEFT format (adapter_config.json + adapter_model.safetensors),
+`train_log.json` (loss, lr, tokens/s per step), `loss_curve.png`. Only the adapters get gradients and
+optimizer state; the 4-bit weights are re-dequantized in the backward pass, never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.common.artifacts import sha256_json
+from stages.common.batching import batch_stream, collate
+from stages.common.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from stages.common.errors import InputError, PipelineError
+from stages.common.lm_loss import heldout_loss, summed_loss
+from stages.common.params import Params, TrainParams
+from stages.common.stage import StageContext, artifacts_root, execute, stage_main
+
+STAGE = "train"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class NonFiniteLoss(PipelineError):
+    """The loss became NaN or Inf; the last good checkpoint is kept for inspection or resume."""
+
+
+def lr_at(step: int, t: TrainParams) -> float:
+    """Linear warmup over warmup_ratio of the steps, then constant (the QLoRA paper's schedule)."""
+    warmup = math.ceil(t.warmup_ratio * t.max_steps)
+    if warmup and step < warmup:
+        return t.learning_rate * (step + 1) / warmup
+    return t.learning_rate
+
+
+def device_and_dtype(t: TrainParams) -> tuple[torch.device, torch.dtype]:
+    from kernels.linear4bit import default_compute_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = default_compute_dtype(device) if t.compute_dtype == "auto" else DTYPES[t.compute_dtype]
+    return device, dtype
+
+
+def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype: torch.dtype) -> tuple[Any, list]:
+    """NF4 base (our loader, no bitsandbytes) + LoRA on the target projections; returns (model, trainable)."""
+    from kernels.checkpoint4bit import load_4bit_model
+    from kernels.lora import inject_lora
+
+    try:
+        model = load_4bit_model(quantized_dir, compute_dtype=dtype)
+    except ValueError as exc:
+        raise InputError(f"cannot load the 4-bit base {quantized_dir}: {exc}") from None
+    model = model.to(device=device, dtype=dtype)
+    torch.manual_seed(t.seed)
+    try:
+        inject_lora(
+            model,
+            t.target_modules,
+            r=t.lora_r,
+            alpha=t.lora_alpha,
+            dropout=t.lora_dropout,
+            use_rslora=t.use_rslora,
+            adapter_dtype=DTYPES[t.adapter_dtype],
+        )
+    except ValueError as exc:
+        raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, trainable
+
+
+def make_optimizer(trainable: list, t: TrainParams) -> torch.optim.Optimizer:
+    from kernels.optim.adamw import AdamW
+    from kernels.optim.paging import PagingConfig
+
+    bits = 8 if t.optimizer.endswith("8bit") else 32
+    paging = None
+    if t.optimizer.startswith("paged"):
+        budget = None if t.optimizer_page_budget_mb is None else int(t.optimizer_page_budget_mb * 2**20)
+        paging = PagingConfig(budget_bytes=budget)
+    return AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, state_bits=bits, paging=paging)
+
+
+def checkpoint_root(ctx: StageContext) -> Path:
+    """Keyed by everything that determines the run, so only an identical run resumes from it."""
+    key = sha256_json({"train": ctx.params.section("train"), "parents": {k: v.outputs for k, v in ctx.parents.items()}})
+    return artifacts_root(ctx.params) / ".checkpoints" / f"train-{key[:16]}"
+
+
+def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
+    from kernels.lora import lora_state_dict
+
+    return lora_state_dict(model)
+
+
+def restore_adapter(model: Any, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for k, v in tensors.items():
+        params[k].data.copy_(v)
+
+
+def _rows(split: Any) -> list[tuple[list[int], list[int]]]:
+    return list(zip(split["input_ids"], split["labels"], strict=True))
+
+
+def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_id: int) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    t = ctx.params.train
+    device = next(p.device for p in trainable)
+    opt = make_optimizer(trainable, t)
+    ckpt_root = checkpoint_root(ctx)
+    losses: list[float] = []
+    log: list[dict[str, float]] = []
+    start = 0
+    last = latest_checkpoint(ckpt_root)
+    if last is not None:
+        tensors, state = load_checkpoint(last, opt)
+        restore_adapter(model, tensors)
+        start, losses, log = state.step, state.losses, state.extra.get("log", [])
+        ctx.extra["resumed_from_step"] = start
+    lengths = [len(ids) for ids, _ in rows]
+    stream = batch_stream(lengths, t.batch_size, t.seed, start=start * t.grad_accum)
+    model.train()
+    bar = tqdm(range(start, t.max_steps), desc="train", initial=start, total=t.max_steps)
+    for step in bar:
+        lr = lr_at(step, t)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        batches = [collate([rows[i] for i in next(stream)], pad_id) for _ in range(t.grad_accum)]
+        n_target = sum(b.n_target_tokens for b in batches)
+        step_loss = 0.0
+        for b in batches:
+            b = type(b)(b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
+            total, _ = summed_loss(model, b)
+            loss = total / max(n_target, 1)
+            if not torch.isfinite(loss):
+                where = latest_checkpoint(ckpt_root)
+                kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
+                raise NonFiniteLoss(f"training loss became {float(loss)} at step {step + 1} (lr {lr:.3g}); {kept}; "
+                                    "lower train.learning_rate or check the data, then run train again to resume")
+            loss.backward()
+            step_loss += float(loss)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        tokens = sum(b.n_tokens for b in batches)
+        losses.append(step_loss)
+        entry = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "seconds": dt,
+                 "tokens": tokens, "tokens_per_s": tokens / dt, "target_tokens": n_target}
+        log.append(entry)
+        ctx.tracker.log_metrics({"train.loss": step_loss, "train.lr": lr, "train.grad_norm": grad_norm,
+                                 "train.tokens_per_s": tokens / dt, "train.step_s": dt}, step=step + 1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / dt:.0f}")
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
+            save_checkpoint(ckpt_root, step + 1, adapter_tensors(model), opt, losses, {"log": log})
+    ctx.extra["checkpoint_dir"] = str(ckpt_root)
+    paging = getattr(opt, "paging_stats", None)
+    return {"log": log, "optimizer": opt, "paging": paging() if callable(paging) else None, "ckpt_root": ckpt_root}
+
+
+def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot([e["step"] for e in log], [e["loss"] for e in log], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (reply tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def body(ctx: StageContext) -> dict[str, Any]:
+    import datasets
+    from transformers import AutoTokenizer
+
+    from kernels.peft_format import save_peft_adapter
+
+    t = ctx.params.train
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    prep = ctx.parent_dir("prepare")
+    tok = AutoTokenizer.from_pretrained(prep / "model")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    data = datasets.load_from_disk(str(prep / "data"))
+    rows, val_rows = _rows(data["train"]), _rows(data["validation"])
+    if len(rows) < t.batch_size:
+        raise InputError(f"train.batch_size={t.batch_size} is larger than the {len(rows)} training examples; "
+                         "lower train.batch_size")
+    device, dtype = device_and_dtype(t)
+    model, trainable = build_model(ctx.parent_dir("quantize") / "model", t, device, dtype)
+    n_trainable = sum(p.numel() for p in trainable)
+    before = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
+    result = train_loop(ctx, model, trainable, rows, pad_id)
+    after = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
+
+    save_peft_adapter(
+        model,
+        ctx.out / "adapter",
+        base_model_name_or_path=str(prep / "model"),
+        target_modules=list(t.target_modules),
+        r=t.lora_r,
+        alpha=t.lora_alpha,
+        dropout=t.lora_dropout,
+        use_rslora=t.use_rslora,
+    )
+    log = result["log"]
+    (ctx.out / "train_log.json").write_text(json.dumps(log, indent=1))
+    plot_losses(log, ctx.out / "loss_curve.png", f"LoRA r={t.lora_r} on NF4, {t.optimizer}")
+    timed = log[2:] if len(log) > 4 else log
+    metrics = {
+        "steps": len(log),
+        "trainable_params": n_trainable,
+        "first_loss": log[0]["loss"] if log else None,
+        "final_loss": sum(e["loss"] for e in log[-5:]) / max(1, len(log[-5:])),
+        "median_step_s": sorted(e["seconds"] for e in timed)[len(timed) // 2] if timed else None,
+        "tokens_per_s": sum(e["tokens"] for e in timed) / max(1e-9, sum(e["seconds"] for e in timed)),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "device": device.type,
+        "val_loss_before": before["loss"] if before else None,
+        "val_loss_after": after["loss"] if after else None,
+    }
+    if result["paging"]:
+        metrics["optimizer_paging"] = result["paging"]
+    return metrics
+
+
+def run(params: Params) -> Any:
+    manifest = execute(STAGE, params, body)
+    # Checkpoints go only once the adapter artifact is published; a crash before that resumes from them.
+    shutil.rmtree(manifest.extra.get("checkpoint_dir", ""), ignore_errors=True)
+    return manifest
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE, run))
