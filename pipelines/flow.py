@@ -97,14 +97,19 @@ def dvc_commit(stage: str) -> None:
     if not (REPO_ROOT / ".dvc").is_dir():
         log.info("not a DVC repository; skipping `dvc commit %s`", stage)
         return
-    proc = subprocess.run(
-        ["dvc", "commit", "--force", stage],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "commit", "--force", stage],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+            timeout=600,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:  # lineage bookkeeping must not fail a finished stage
+        log.warning("dvc commit %s failed: %s", stage, exc)
+        return
     if proc.returncode != 0:
         log.warning("dvc commit %s failed: %s", stage, proc.stderr.strip()[-500:])
 
