@@ -143,14 +143,24 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
         step_loss = 0.0
         for b in batches:
             b = type(b)(b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
-            total, _ = summed_loss(model, b)
-            loss = total / max(n_target, 1)
-            if not torch.isfinite(loss):
-                where = latest_checkpoint(ckpt_root)
-                kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
-                raise NonFiniteLoss(f"training loss became {float(loss)} at step {step + 1} (lr {lr:.3g}); {kept}; "
-                                    "lower train.learning_rate or check the data, then run train again to resume")
-            loss.backward()
+            try:
+                total, _ = summed_loss(model, b)
+                loss = total / max(n_target, 1)
+                if not torch.isfinite(loss):
+                    where = latest_checkpoint(ckpt_root)
+                    kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
+                    raise NonFiniteLoss(
+                        f"training loss became {float(loss)} at step {step + 1} (lr {lr:.3g}); {kept}; "
+                        "lower train.learning_rate or check the data, then run train again to resume"
+                    )
+                loss.backward()
+            except (torch.OutOfMemoryError, MemoryError):
+                raise PipelineError(
+                    f"out of memory at step {step + 1} on a batch of {tuple(b.input_ids.shape)} tokens; lower "
+                    "train.batch_size (and raise train.grad_accum to keep the effective batch), lower "
+                    "data.max_length, or set train.optimizer_page_budget_mb to page optimizer state; the run "
+                    "resumes from its last checkpoint"
+                ) from None
             step_loss += float(loss)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         opt.step()
@@ -158,11 +168,27 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
         dt = time.perf_counter() - t0
         tokens = sum(b.n_tokens for b in batches)
         losses.append(step_loss)
-        entry = {"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "seconds": dt,
-                 "tokens": tokens, "tokens_per_s": tokens / dt, "target_tokens": n_target}
+        entry = {
+            "step": step + 1,
+            "loss": step_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "seconds": dt,
+            "tokens": tokens,
+            "tokens_per_s": tokens / dt,
+            "target_tokens": n_target,
+        }
         log.append(entry)
-        ctx.tracker.log_metrics({"train.loss": step_loss, "train.lr": lr, "train.grad_norm": grad_norm,
-                                 "train.tokens_per_s": tokens / dt, "train.step_s": dt}, step=step + 1)
+        ctx.tracker.log_metrics(
+            {
+                "train.loss": step_loss,
+                "train.lr": lr,
+                "train.grad_norm": grad_norm,
+                "train.tokens_per_s": tokens / dt,
+                "train.step_s": dt,
+            },
+            step=step + 1,
+        )
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / dt:.0f}")
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
             save_checkpoint(ckpt_root, step + 1, adapter_tensors(model), opt, losses, {"log": log})
@@ -203,8 +229,9 @@ def body(ctx: StageContext) -> dict[str, Any]:
     data = datasets.load_from_disk(str(prep / "data"))
     rows, val_rows = _rows(data["train"]), _rows(data["validation"])
     if len(rows) < t.batch_size:
-        raise InputError(f"train.batch_size={t.batch_size} is larger than the {len(rows)} training examples; "
-                         "lower train.batch_size")
+        raise InputError(
+            f"train.batch_size={t.batch_size} is larger than the {len(rows)} training examples; lower train.batch_size"
+        )
     device, dtype = device_and_dtype(t)
     model, trainable = build_model(ctx.parent_dir("quantize") / "model", t, device, dtype)
     n_trainable = sum(p.numel() for p in trainable)
