@@ -1,0 +1,240 @@
+"""Frozen NF4 linear layer for QLoRA: ``y = x @ dequant(W).T + b`` with an input-only backward.
+
+The weight is frozen, so backward needs only ``dL/dx = dL/dy @ dequant(W)``. Nothing dequantized is kept
+between forward and backward: the autograd node holds a reference to the (already resident) packed weight
+and dequantizes it again, trading one cheap dequant for ``out*in`` 16-bit bytes per layer of activation
+memory. The module's state never depends on what ran before (no eval-time repacking as in bnb 0.50.2 on
+AVX512-BF16 CPUs, see nf4-format.md §7), so eval-then-train gives the same gradients as train alone.
+
+CPU compute dtype, measured on the 2-core AVX512-BF16 dev machine (torch 2.13.0+cpu, 2 threads, other jobs
+running), one SmolLM2-sized layer 576 -> 1536, input 8x256 tokens in the compute dtype, forward + backward
+(input grad, re-dequantizing each time), median of 15 calls with the dtypes alternating, three runs:
+
+    compute fp32: 45.5 / 180.0 / 45.4 ms    compute bf16: 14.8 / 127.9 / 18.9 ms    (bf16 2.4-3.1x faster)
+
+(the middle run was under heavy background load), so bf16 is the default on CPU as on CUDA: oneDNN uses
+the AVX512-BF16 dot products. A CPU without AVX512-BF16 may rank them the other way: re-measure with
+``python -m kernels.linear4bit``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kernels.nf4 import NF4Weight, dequantize, nf4_error_stats, quantize_nf4
+
+DEFAULT_CPU_COMPUTE_DTYPE = torch.bfloat16
+DEFAULT_CUDA_COMPUTE_DTYPE = torch.bfloat16
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on CUDA; on CPU whichever measured faster (see module docstring)."""
+    return DEFAULT_CUDA_COMPUTE_DTYPE if torch.device(device).type == "cuda" else DEFAULT_CPU_COMPUTE_DTYPE
+
+
+class _NF4Linear(torch.autograd.Function):
+    """Autograd for a frozen NF4 weight: no weight/bias grad, backward re-dequantizes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, nf4: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        w = dequantize(nf4, compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        y = nn.functional.linear(x.to(compute_dtype), w, b)
+        ctx.nf4 = nf4  # packed bytes only (already held by the module); no activation, no dequantized weight
+        ctx.compute_dtype = compute_dtype
+        ctx.x_dtype = x.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = dequantize(ctx.nf4, ctx.compute_dtype)
+            grad_x = (grad_y.to(ctx.compute_dtype) @ w).to(ctx.x_dtype)
+        return grad_x, None, None, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen NF4 ``nn.Linear`` replacement; packed state lives in buffers so ``.to()`` moves it.
+
+    ``state_dict()`` uses bitsandbytes' key layout (``weight``, ``weight.absmax``, ...), so a model made of
+    these saves the same keys as a transformers bnb 4-bit checkpoint.
+    """
+
+    def __init__(
+        self,
+        nf4: NF4Weight,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if len(nf4.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D weight, got shape {tuple(nf4.shape)}")
+        self.out_features, self.in_features = int(nf4.shape[0]), int(nf4.shape[1])
+        self.compute_dtype = compute_dtype
+        self._set_nf4(nf4)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _set_nf4(self, nf4: NF4Weight) -> None:
+        # Non-persistent: the state dict gets bnb's key names from _save_to_state_dict instead.
+        self._meta = {k: getattr(nf4, k) for k in ("offset", "blocksize", "nested_blocksize", "dtype", "shape")}
+        self.register_buffer("packed", nf4.packed, persistent=False)
+        self.register_buffer("absmax", nf4.absmax, persistent=False)
+        self.register_buffer("nested_absmax", nf4.nested_absmax, persistent=False)
+        self.register_buffer("nested_code", nf4.nested_code, persistent=False)
+
+    @property
+    def nf4(self) -> NF4Weight:
+        """The weight as an NF4Weight built from the current buffers (so it follows ``.to(device)``)."""
+        return NF4Weight(
+            packed=self.packed,
+            absmax=self.absmax,
+            nested_absmax=self.nested_absmax,
+            nested_code=self.nested_code,
+            **self._meta,
+        )
+
+    def _apply(self, fn, recurse=True):
+        """Let ``.to(device)`` move the packed state but never ``.half()``/``.to(bf16)`` cast it.
+
+        Casting the fp32 nested absmax (or plain absmax) would silently change every dequantized value; the
+        bias follows dtype changes like any float tensor.
+        """
+        names = ("packed", "absmax", "nested_absmax", "nested_code")
+        held = {n: self._buffers.pop(n) for n in names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in held.items():
+                if tensor is not None and not tensor.is_meta:
+                    target = fn(torch.empty(0, device=tensor.device)).device  # where fn sends tensors
+                    tensor = tensor.to(target)
+                self._buffers[name] = tensor
+        return self
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self._meta["dtype"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or default_compute_dtype(x.device)
+        return _NF4Linear.apply(x, self.nf4, self.bias, dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The 16/32-bit weight this layer computes with (for merging, checks, export)."""
+        return dequantize(self.nf4, dtype or self.weight_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocksize={self._meta['blocksize']}, double_quant={self.nested_absmax is not None}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        from kernels.bnb_format import nf4_to_state_dict
+
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
+        for key, value in nf4_to_state_dict(prefix, self.nf4).items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        from kernels.bnb_format import nf4_from_state_dict
+
+        weight_prefix = prefix + "weight"
+        mine = {k: v for k, v in state_dict.items() if k == weight_prefix or k.startswith(weight_prefix + ".")}
+        if weight_prefix in mine:
+            try:
+                nf4 = nf4_from_state_dict(prefix, mine)
+            except ValueError as exc:
+                error_msgs.append(str(exc))
+            else:
+                if tuple(nf4.shape) != (self.out_features, self.in_features):
+                    error_msgs.append(f"{weight_prefix}: shape {tuple(nf4.shape)} != {tuple(self._meta['shape'])}")
+                else:
+                    self._set_nf4(nf4 if self.packed.is_meta else nf4.to(self.packed.device))
+        elif strict:
+            missing_keys.append(weight_prefix)
+        rest = {k: v for k, v in state_dict.items() if k not in mine}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def replace_linears_with_4bit(
+    model: nn.Module, nf4_weights: dict[str, NF4Weight], compute_dtype: torch.dtype | None = None
+) -> None:
+    """Swap each named ``nn.Linear`` (module name, no ``.weight``) for a Linear4bit holding its NF4 weight.
+
+    The Linear may live on the meta device (a skeleton being loaded); its bias is kept only if real.
+    """
+    for name, nf4 in nf4_weights.items():
+        parent, attr = _parent_and_attr(model, name)
+        old = getattr(parent, attr)
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f"{name} is a {type(old).__name__}, not an nn.Linear")
+        if tuple(nf4.shape) != (old.out_features, old.in_features):
+            raise ValueError(
+                f"{name}: NF4 weight shape {tuple(nf4.shape)} != Linear ({old.out_features}, {old.in_features})"
+            )
+        bias = old.bias if old.bias is not None and not old.bias.is_meta else None
+        new = Linear4bit(nf4, bias=bias, compute_dtype=compute_dtype)
+        if old.bias is not None and bias is None:
+            new.bias = torch.empty(old.out_features, device="meta", dtype=old.bias.dtype)  # filled by loader
+        setattr(parent, attr, new)
+
+
+def quantize_model_linears(
+    model: nn.Module,
+    target: Callable[[str], bool],
+    blocksize: int = 64,
+    compute_dtype: torch.dtype | None = None,
+) -> dict[str, dict[str, float]]:
+    """NF4-quantize in place every ``nn.Linear`` whose module name satisfies ``target``.
+
+    Returns per-layer stats ``{rel_error, bytes_before, bytes_after}`` (relative Frobenius error of the
+    dequantized weight).
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and target(n)]
+    stats: dict[str, dict[str, float]] = {}
+    weights: dict[str, NF4Weight] = {}
+    for name in names:
+        w = model.get_submodule(name).weight.detach()
+        nf4 = quantize_nf4(w, blocksize=blocksize)
+        weights[name] = nf4
+        stats[name] = nf4_error_stats(w, nf4)
+    replace_linears_with_4bit(model, weights, compute_dtype)
+    return stats
+
+
+def _bench_compute_dtype(repeats: int = 15) -> dict[str, float]:
+    """Median forward+backward ms of a 576->1536 NF4 layer on 8x256 tokens, per compute dtype.
+
+    The two dtypes alternate call by call so background load hits both alike.
+    """
+    torch.manual_seed(0)
+    nf4 = quantize_nf4(torch.randn(1536, 576, dtype=torch.bfloat16) * 0.02)
+    dtypes = (torch.float32, torch.bfloat16)
+    layers = {d: Linear4bit(nf4, compute_dtype=d) for d in dtypes}
+    inputs = {d: torch.randn(8, 256, 576, dtype=d, requires_grad=True) for d in dtypes}
+    times: dict[torch.dtype, list[float]] = {d: [] for d in dtypes}
+    for i in range(repeats + 2):
+        for d in dtypes:
+            t0 = time.perf_counter()
+            layers[d](inputs[d]).float().sum().backward()
+            if i >= 2:
+                times[d].append(time.perf_counter() - t0)
+    return {str(d).removeprefix("torch."): 1000 * sorted(t)[len(t) // 2] for d, t in times.items()}
+
+
+if __name__ == "__main__":
+    print(f"threads={torch.get_num_threads()}", _bench_compute_dtype())

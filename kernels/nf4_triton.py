@@ -1,0 +1,110 @@
+"""One-launch Triton dequantization of NF4 with double-quantized absmax.
+
+bitsandbytes needs three launches for a double-quantized weight (8-bit absmax dequant, ``+ offset``, 4-bit
+dequant); here each program reads its packed bytes and the uint8 absmax of their blocks, rebuilds the fp32
+absmax in registers and writes the output, so the weight's bytes are read once and the output written once.
+
+Bit-exactness with :func:`kernels.nf4.dequantize_nf4`:
+- absmax = ``fp32(code2[q] * absmax2) + offset``: two roundings. On CUDA the launch passes
+  ``enable_fp_fusion=False`` so the multiply-add is not contracted into an FMA (one rounding, other bits).
+- out = ``fp32(table[nibble] * absmax)``, then one round-to-nearest-even cast to the output dtype.
+- Under ``TRITON_INTERPRET=1`` (CPU) the interpreter truncates fp32 -> bf16 instead of rounding
+  (stack-notes §2), so there the kernel always writes fp32 and torch does the final cast. On CUDA the
+  kernel casts in registers and writes 16-bit directly (half the store traffic).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.nf4 import NF4Weight, nf4_table
+
+# Bytes per program. The interpreter pays per program, so it gets a big block (stack-notes §2: 1M values
+# take 6.1 s with 1024 per program and 0.42 s with 16384); on a GPU 1024 bytes (2048 outputs) per program
+# with 4 warps keeps loads coalesced and gives enough programs for a 4096x14336 weight (28672 programs).
+_BYTES_PER_PROGRAM_GPU = 1024
+_BYTES_PER_PROGRAM_INTERPRETER = 32768
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _nf4_dq_dequant_kernel(
+    packed_ptr,
+    qabsmax_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    table_ptr,
+    out_ptr,
+    offset,
+    n_out,
+    n_bytes,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BYTES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    byte_idx = pid.to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    in_range = byte_idx < n_bytes
+    byte = tl.load(packed_ptr + byte_idx, mask=in_range, other=0).to(tl.int32)
+    # Both nibbles of a byte share a block: blocksizes are even.
+    block = (byte_idx * 2) // BLOCKSIZE
+    if DOUBLE_QUANT:
+        q = tl.load(qabsmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
+        absmax = tl.load(code2_ptr + q, mask=in_range, other=0.0) * scale2
+        absmax = absmax + offset
+    else:
+        absmax = tl.load(qabsmax_ptr + block, mask=in_range, other=0.0)
+    hi = tl.load(table_ptr + (byte >> 4)) * absmax
+    lo = tl.load(table_ptr + (byte & 0xF)) * absmax
+    vals = tl.interleave(hi, lo)
+    out_idx = pid.to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + out_idx, vals.to(out_ptr.dtype.element_ty), mask=out_idx < n_out)
+
+
+def dequantize_nf4_triton(nf4: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize ``nf4`` in one kernel launch; bit-identical to ``kernels.nf4.dequantize_nf4``."""
+    dtype = dtype or nf4.dtype
+    interp = _interpreting()
+    if not interp and not nf4.packed.is_cuda:
+        raise RuntimeError("dequantize_nf4_triton needs a CUDA tensor or TRITON_INTERPRET=1 set before import")
+    device = nf4.device
+    n_out = nf4.numel
+    packed = nf4.packed.reshape(-1).contiguous()
+    n_bytes = packed.numel()
+    kernel_dtype = torch.float32 if interp else dtype
+    out = torch.empty(n_out, dtype=kernel_dtype, device=device)
+    table = nf4_table(device)
+    if nf4.double_quant:
+        assert nf4.nested_absmax is not None and nf4.nested_code is not None and nf4.offset is not None
+        absmax2, code2, offset = nf4.nested_absmax.float(), nf4.nested_code.float(), float(nf4.offset)
+    else:  # unused pointers; any fp32 tensor will do
+        absmax2, code2, offset = table, table, 0.0
+    bytes_per_program = _BYTES_PER_PROGRAM_INTERPRETER if interp else _BYTES_PER_PROGRAM_GPU
+    grid = (triton.cdiv(n_bytes, bytes_per_program),)
+    extra = {} if interp else {"enable_fp_fusion": False, "num_warps": 4}
+    _nf4_dq_dequant_kernel[grid](
+        packed,
+        nf4.absmax.contiguous(),
+        absmax2,
+        code2,
+        table,
+        out,
+        offset,
+        n_out,
+        n_bytes,
+        BLOCKSIZE=nf4.blocksize,
+        NESTED_BLOCKSIZE=nf4.nested_blocksize,
+        DOUBLE_QUANT=nf4.double_quant,
+        BYTES=bytes_per_program,
+        **extra,
+    )
+    return out.to(dtype).reshape(nf4.shape)

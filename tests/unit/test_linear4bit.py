@@ -1,0 +1,162 @@
+"""Linear4bit: forward/backward numerics, frozen weight, no saved dequantized weight, order independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kernels.linear4bit import (
+    DEFAULT_CPU_COMPUTE_DTYPE,
+    Linear4bit,
+    default_compute_dtype,
+    quantize_model_linears,
+    replace_linears_with_4bit,
+)
+from kernels.nf4 import dequantize_nf4, quantize_nf4
+
+
+def _layer(bias: bool = True, compute_dtype: torch.dtype = torch.float32, seed: int = 0) -> Linear4bit:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(48, 80, generator=g) * 0.1).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16() if bias else None
+    return Linear4bit(quantize_nf4(w), bias=b, compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_input_grad_match_f_linear(compute_dtype: torch.dtype) -> None:
+    layer = _layer(compute_dtype=compute_dtype)
+    w = dequantize_nf4(layer.nf4, compute_dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 80, generator=g, dtype=compute_dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    gy = torch.randn(3, 5, 48, generator=g, dtype=compute_dtype)
+
+    y = layer(x)
+    y_ref = nn.functional.linear(x_ref, w, layer.bias.to(compute_dtype))
+    assert y.dtype == compute_dtype
+    assert torch.equal(y, y_ref)
+    y.backward(gy)
+    y_ref.backward(gy)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if compute_dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    assert x.grad.abs().sum() > 0
+
+
+def test_output_follows_input_dtype() -> None:
+    layer = _layer(compute_dtype=torch.bfloat16)
+    x = torch.randn(4, 80)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    ref = nn.functional.linear(x.bfloat16(), dequantize_nf4(layer.nf4, torch.bfloat16), layer.bias).float()
+    assert torch.equal(y, ref)
+
+
+def test_weight_is_frozen_buffers_only() -> None:
+    layer = _layer()
+    assert list(layer.parameters()) == []
+    for name in ("packed", "absmax", "nested_absmax", "nested_code", "bias"):
+        assert not getattr(layer, name).requires_grad
+    x = torch.randn(2, 80, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+    assert all(getattr(layer, n).grad is None for n in ("packed", "absmax", "bias"))
+
+
+def test_nothing_dequantized_is_saved_for_backward() -> None:
+    layer = _layer()
+    x = torch.randn(16, 80, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert saved == []  # not even x: the weight grad is never computed
+    node = y.grad_fn
+    reachable = [v for v in vars(node).values() if isinstance(v, torch.Tensor)]
+    nf4 = node.nf4
+    reachable += [nf4.packed, nf4.absmax, nf4.nested_absmax, nf4.nested_code]
+    assert all(t.dtype == torch.uint8 or t.numel() <= 256 for t in reachable)
+    assert sum(t.numel() * t.element_size() for t in reachable) < 48 * 80  # < 1 byte per weight
+    assert nf4.packed.data_ptr() == layer.packed.data_ptr()  # a reference, not a copy
+
+
+def test_eval_then_train_gives_identical_gradients() -> None:
+    x = torch.randn(6, 80)
+    fresh = _layer()
+    xa = x.clone().requires_grad_(True)
+    fresh.train()
+    fresh(xa).square().sum().backward()
+
+    used = _layer()
+    used.eval()
+    with torch.no_grad():
+        used(x)
+    used(x.bfloat16().float())
+    used.train()
+    xb = x.clone().requires_grad_(True)
+    used(xb).square().sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(fresh.packed, used.packed)
+
+
+def test_dtype_casts_do_not_touch_quant_state() -> None:
+    layer = _layer()
+    before = dequantize_nf4(layer.nf4, torch.float32)
+    layer.to(torch.float16)
+    assert layer.nested_absmax.dtype == torch.float32 and layer.nested_code.dtype == torch.float32
+    assert layer.bias.dtype == torch.float16
+    assert torch.equal(dequantize_nf4(layer.nf4, torch.float32), before)
+    layer.to("cpu")
+    assert layer.packed.device.type == "cpu"
+
+
+def test_state_dict_round_trip_in_bnb_layout() -> None:
+    src = _layer(seed=3)
+    sd = src.state_dict()
+    assert list(sd) == [
+        "bias",
+        "weight",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+    ]
+    dst = _layer(seed=4)
+    assert not torch.equal(dst.packed, src.packed)
+    dst.load_state_dict(sd)
+    x = torch.randn(2, 80)
+    assert torch.equal(dst(x), src(x))
+    bad = dict(sd)
+    bad["weight.absmax"] = bad["weight.absmax"][:-1]
+    with pytest.raises(RuntimeError, match=r"weight\.absmax"):
+        _layer().load_state_dict(bad)
+
+
+def test_replace_and_quantize_model_linears() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32, bias=False)).bfloat16()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    y16 = model(x)
+    stats = quantize_model_linears(model, target=lambda name: name == "0", compute_dtype=torch.bfloat16)
+    assert set(stats) == {"0"} and isinstance(model[0], Linear4bit) and isinstance(model[2], nn.Linear)
+    assert 0.07 < stats["0"]["rel_error"] < 0.11
+    assert stats["0"]["bytes_before"] == 64 * 128 * 2 and stats["0"]["bytes_after"] == 4096 + 128 + 64 + 4 + 1024 + 4
+    rel = (model(x) - y16).float().norm() / y16.float().norm()
+    assert 0.01 < rel < 0.2
+    with pytest.raises(ValueError, match="shape"):
+        replace_linears_with_4bit(model, {"2": quantize_nf4(torch.randn(32, 64))})
+    with pytest.raises(ValueError, match=r"not an nn\.Linear"):
+        replace_linears_with_4bit(model, {"1": quantize_nf4(torch.randn(32, 64))})
+
+
+def test_default_compute_dtype() -> None:
+    assert default_compute_dtype("cpu") == DEFAULT_CPU_COMPUTE_DTYPE
+    assert default_compute_dtype("cuda") == torch.bfloat16
+    layer = _layer(compute_dtype=None)
+    x = torch.randn(2, 80)
+    ref = nn.functional.linear(
+        x.to(DEFAULT_CPU_COMPUTE_DTYPE),
+        dequantize_nf4(layer.nf4, DEFAULT_CPU_COMPUTE_DTYPE),
+        layer.bias.to(DEFAULT_CPU_COMPUTE_DTYPE),
+    )
+    assert torch.equal(layer(x), ref.float())

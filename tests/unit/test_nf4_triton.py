@@ -1,0 +1,103 @@
+"""The one-launch Triton NF4+DQ dequant equals the torch reference bit for bit (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kernels.nf4 import dequantize, dequantize_nf4, quantize_nf4
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+from kernels.nf4_triton import dequantize_nf4_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.view(torch.int32) if t.element_size() == 4 else t.view(torch.int16)
+
+
+@pytest.mark.parametrize("shape", [(256, 320), (7, 9), (129, 65), (3, 1000), (1, 1), (300, 1024)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_triton_equals_reference(shape: tuple[int, int], double_quant: bool) -> None:
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    w = (torch.randn(shape, generator=g) * 0.03).bfloat16()
+    nf4 = quantize_nf4(w, double_quant=double_quant).to(DEVICE)
+    for dtype in OUT_DTYPES:
+        out = dequantize_nf4_triton(nf4, dtype)
+        ref = dequantize_nf4(nf4, dtype)
+        assert out.dtype == dtype and out.shape == w.shape
+        assert torch.equal(_bits(out), _bits(ref)), f"{shape} dq={double_quant} {dtype}"
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 1024, 4096])
+def test_triton_other_blocksizes(blocksize: int) -> None:
+    w = torch.randn(61, 333) * 5  # odd element count, partial last block, several nested blocks for small bs
+    nf4 = quantize_nf4(w, blocksize=blocksize).to(DEVICE)
+    for dtype in OUT_DTYPES:
+        assert torch.equal(_bits(dequantize_nf4_triton(nf4, dtype)), _bits(dequantize_nf4(nf4, dtype)))
+
+
+def test_triton_keeps_two_roundings_and_zero_blocks() -> None:
+    """Values whose absmax is sensitive to FMA contraction, plus zero blocks, still match exactly."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(512, 256, generator=g) * torch.logspace(-3, 3, 512).unsqueeze(1)
+    w[5] = 0
+    nf4 = quantize_nf4(w).to(DEVICE)
+    out = dequantize_nf4_triton(nf4, torch.float32)
+    assert torch.equal(_bits(out), _bits(dequantize_nf4(nf4, torch.float32)))
+    assert torch.all(out[5] == 0)
+    # an FMA (one rounding) would change some absmax values: the reference really has two roundings
+    q, a2, off = nf4.absmax.long(), nf4.nested_absmax, nf4.offset
+    scale = a2.repeat_interleave(nf4.nested_blocksize)[: q.numel()].double()
+    fused = (nf4.nested_code[q].double() * scale + off).float()
+    two_step = nf4.nested_code[q] * scale.float() + torch.tensor(off, device=DEVICE)
+    assert not torch.equal(fused, two_step)
+
+
+def test_dispatcher_on_this_device() -> None:
+    nf4 = quantize_nf4(torch.randn(64, 96)).to(DEVICE)
+    assert torch.equal(_bits(dequantize(nf4, torch.bfloat16)), _bits(dequantize_nf4(nf4, torch.bfloat16)))
+
+
+_PTX_PROBE = """
+import re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.nf4_triton import _nf4_dq_dequant_kernel as k
+sig = {"packed_ptr": "*u8", "qabsmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
+       "table_ptr": "*fp32", "out_ptr": "*bf16", "offset": "fp32", "n_out": "i32", "n_bytes": "i32",
+       "BLOCKSIZE": "constexpr", "NESTED_BLOCKSIZE": "constexpr", "DOUBLE_QUANT": "constexpr", "BYTES": "constexpr"}
+const = {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": True, "BYTES": 1024}
+for fusion in (False, True):
+    src = ASTSource(fn=k, signature=sig, constexprs={(list(sig).index(n),): v for n, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fusion}).asm["ptx"]
+    print(fusion, len(re.findall(r"\\bfma\\.", ptx)), len(re.findall(r"cvt\\.rn\\.bf16", ptx)))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests above already run the compiled kernel")
+def test_cuda_compile_has_no_fma_when_fusion_is_off() -> None:
+    """Without a GPU, compile the kernel to sm_90 PTX (no interpreter) and check the launch option we use
+    (enable_fp_fusion=False) really keeps the absmax multiply and add separate, and bf16 stores round."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-c", _PTX_PROBE], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in res.stdout.strip().splitlines())
+    fma_off, cvt_off = map(int, lines["False"].split())
+    fma_on, _ = map(int, lines["True"].split())
+    assert fma_off == 0 and cvt_off > 0
+    assert fma_on > 0  # the option matters: Triton would contract code2[q] * absmax2 + offset by default
