@@ -53,6 +53,7 @@ class LoraLinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not _has_linear_shape(base):
@@ -74,6 +75,9 @@ class LoraLinear(nn.Module):
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
+        # None: compute in the adapter dtype (peft's behaviour). A dtype (bf16): mixed precision, the matmuls
+        # run in it while A/B stay in adapter_dtype as master weights, as under torch.autocast.
+        self.compute_dtype = compute_dtype
         # nn.Identity when p == 0 (as peft does): no RNG draw, no extra kernel.
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = _module_device(base)
@@ -103,6 +107,11 @@ class LoraLinear(nn.Module):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The LoRA branch alone, in the adapter dtype: ``s * (dropout(x) @ A.T) @ B.T``."""
+        cd = self.compute_dtype
+        if cd is not None and cd != self.lora_A.dtype:
+            # scale the r-wide intermediate, not the out-wide result: same math, r/out of the multiplies
+            h = self.dropout(x.to(cd))
+            return nn.functional.linear(nn.functional.linear(h, self.lora_A.to(cd)) * self.scaling, self.lora_B.to(cd))
         h = self.dropout(x).to(self.lora_A.dtype)
         # Same association order as peft (B(A(x)) * s), so fp32 results agree to the last bits.
         return nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B) * self.scaling
@@ -143,6 +152,7 @@ def inject_lora(
     dropout: float,
     use_rslora: bool = False,
     adapter_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Wrap every targeted linear module in a ``LoraLinear`` and freeze all other parameters; return wrapped names.
 
@@ -167,7 +177,7 @@ def inject_lora(
     for name in wrapped:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lora = LoraLinear(linear[name], r, alpha, dropout, use_rslora, adapter_dtype)
+        lora = LoraLinear(linear[name], r, alpha, dropout, use_rslora, adapter_dtype, compute_dtype)
         setattr(parent, child, lora)
     return wrapped
 

@@ -27,7 +27,7 @@ os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(__file__).resolve()
 from prefect import flow, task  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 
-from stages.common.artifacts import read_manifest, sha256_json, verify_artifact  # noqa: E402
+from stages.common.artifacts import manifest_digest, read_manifest, sha256_json, verify_artifact  # noqa: E402
 from stages.common.errors import PipelineError  # noqa: E402
 from stages.common.params import Params, load_params  # noqa: E402
 from stages.common.registry import ORDER, STAGES  # noqa: E402
@@ -49,6 +49,9 @@ def _artifact_is_current(stage: str, params: Params) -> bool:
     wanted = {s: params.section(s) for s in spec.params}
     if manifest.params != wanted:
         return False
+    for parent, digest in manifest.parents.items():  # built from the parents now on disk?
+        if not (root / parent / "manifest.json").exists() or manifest_digest(root / parent) != digest:
+            return False
     recorded = manifest.extra.get("code_hash")
     return recorded is None or recorded == code_hash(list(spec.code))
 

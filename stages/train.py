@@ -69,6 +69,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
             dropout=t.lora_dropout,
             use_rslora=t.use_rslora,
             adapter_dtype=DTYPES[t.adapter_dtype],
+            compute_dtype=dtype,
         )
     except ValueError as exc:
         raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
@@ -77,6 +78,14 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable
+
+
+def set_checkpointing(model: Any, enabled: bool) -> None:
+    """Turn recomputation on or off per batch: a short batch's activations fit anyway, and the long batches,
+    which set the memory peak, still checkpoint."""
+    for module in model.modules():
+        if hasattr(module, "_gradient_checkpointing_func"):
+            module.gradient_checkpointing = enabled
 
 
 def make_optimizer(trainable: list, t: TrainParams) -> torch.optim.Optimizer:
@@ -143,6 +152,8 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
         step_loss = 0.0
         for b in batches:
             b = type(b)(b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
+            if t.gradient_checkpointing:
+                set_checkpointing(model, b.input_ids.numel() >= t.checkpoint_min_tokens)
             try:
                 total, _ = summed_loss(model, b)
                 loss = total / max(n_target, 1)
@@ -248,6 +259,14 @@ def body(ctx: StageContext) -> dict[str, Any]:
         alpha=t.lora_alpha,
         dropout=t.lora_dropout,
         use_rslora=t.use_rslora,
+    )
+    weights = {
+        k.removeprefix("model/"): v
+        for k, v in ctx.parents["prepare"].outputs.items()
+        if k.startswith("model/") and k.endswith(".safetensors")
+    }
+    (ctx.out / "adapter" / "base_model.json").write_text(
+        json.dumps({"base_model": "artifacts/prepare/model", "weights_sha256": weights}, indent=1)
     )
     log = result["log"]
     (ctx.out / "train_log.json").write_text(json.dumps(log, indent=1))

@@ -76,8 +76,10 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[
     sums = json.loads((path / "checksums.json").read_text())
     for name, digest in sums.items():
         if sha256_file(path / name) != digest:
-            raise ValueError(f"checkpoint file {path / name} does not match its checksum; delete {path} to resume "
-                             "from the previous checkpoint")
+            raise ValueError(
+                f"checkpoint file {path / name} does not match its checksum; delete {path} to resume "
+                "from the previous checkpoint"
+            )
     adapter = load_file(str(path / "adapter.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)

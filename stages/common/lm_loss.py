@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels.fused_ce import frozen_head_cross_entropy
 from stages.common.batching import Batch, collate, eval_batches
 from stages.common.formatting import IGNORE_INDEX
 
@@ -22,7 +23,7 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model.get_decoder(), model.get_output_embeddings()
 
 
-def summed_loss(model: Any, batch: Batch, chunk: int = 4096) -> tuple[torch.Tensor, int]:
+def summed_loss(model: Any, batch: Batch, chunk: int = 512) -> tuple[torch.Tensor, int]:
     """Sum of token cross-entropies over labelled positions (fp32), and how many there were."""
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -30,6 +31,9 @@ def summed_loss(model: Any, batch: Batch, chunk: int = 4096) -> tuple[torch.Tens
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]
     y = targets[keep]
+    weight = getattr(head, "weight", None)
+    if weight is not None and not weight.requires_grad and getattr(head, "bias", None) is None:
+        return frozen_head_cross_entropy(h, weight, y, chunk), int(y.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         logits = head(h[s : s + chunk]).float()

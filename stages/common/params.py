@@ -88,6 +88,8 @@ class TrainParams(Section):
     grad_accum: Annotated[int, Field(ge=1)] = 1
     max_steps: Annotated[int, Field(ge=1)] = 60
     gradient_checkpointing: bool = True
+    checkpoint_min_tokens: Annotated[int, Field(ge=0)] = 512
+    """Batches with fewer padded tokens skip recomputation (they fit anyway); 0 = always recompute."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 20
     seed: Annotated[int, Field(ge=0)] = 0
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -108,7 +110,6 @@ class EvaluateParams(Section):
 
 class MergeParams(Section):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    diagnostic_nf4_merge: bool = False
 
 
 class ExportParams(Section):

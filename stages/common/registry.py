@@ -23,14 +23,33 @@ STAGES: dict[str, StageSpec] = {
         "quantize",
         ("prepare",),
         ("quantize",),
-        ("stages/quantize.py", *COMMON_CODE, "kernels/nf4.py", "kernels/dynamic_map.py", "kernels/bnb_format.py",
-         "kernels/checkpoint4bit.py", "kernels/linear4bit.py"),
+        (
+            "stages/quantize.py",
+            *COMMON_CODE,
+            "kernels/nf4.py",
+            "kernels/dynamic_map.py",
+            "kernels/bnb_format.py",
+            "kernels/checkpoint4bit.py",
+            "kernels/linear4bit.py",
+        ),
     ),
     "train": StageSpec(
         "train",
         ("prepare", "quantize"),
         ("train", "evaluate"),
         ("stages/train.py", *COMMON_CODE, "kernels"),
+    ),
+    "merge": StageSpec(
+        "merge",
+        ("prepare", "train"),
+        ("merge",),
+        ("stages/merge.py", *COMMON_CODE, "kernels/peft_format.py", "kernels/lora.py"),
+    ),
+    "evaluate": StageSpec(
+        "evaluate",
+        ("prepare", "quantize", "train", "merge"),
+        ("evaluate",),
+        ("stages/evaluate.py", *COMMON_CODE, "kernels"),
     ),
 }
 

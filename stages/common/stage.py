@@ -66,6 +66,21 @@ def metrics_path(params: Params, stage: str) -> Path:
     return (root if root.is_absolute() else REPO_ROOT / root) / f"{stage}.json"
 
 
+def check_lineage(root: Path, parents: dict[str, Manifest]) -> None:
+    """Each parent must have been built from the grandparent artifacts now on disk, else it is stale.
+
+    Catches, for example, an adapter trained on a base model that a later `prepare` replaced.
+    """
+    for name, manifest in parents.items():
+        for grand, digest in manifest.parents.items():
+            path = root / grand / "manifest.json"
+            if path.exists() and manifest_digest(root / grand) != digest:
+                raise PipelineError(
+                    f"{root / name} was built from a different {grand} artifact than the one now in {root / grand} "
+                    f"(stale lineage); re-run `qlora stage {name}` (or `qlora run`)"
+                )
+
+
 def execute(stage: str, params: Params, body: Callable[[StageContext], dict[str, Any]]) -> Manifest:
     """Run one stage end to end; raise PipelineError (one line) on bad input, leave no partial artifact."""
     set_offline_env()
@@ -73,6 +88,7 @@ def execute(stage: str, params: Params, body: Callable[[StageContext], dict[str,
     root = artifacts_root(params)
     clean_stale_temps(root)
     parents = {p: verify_artifact(root / p, p) for p in spec.parents}
+    check_lineage(root, parents)
     tracker = Tracker(params.tracking)
     section_params = {s: params.section(s) for s in spec.params}
     cv = code_version()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -50,3 +51,27 @@ def test_reply_only_loss_matches_transformers_loss() -> None:
     b = heldout_loss(model, rows, batch_size=3, pad_id=0)
     assert abs(a["loss"] - float(ref.loss)) < 1e-5 and abs(b["loss"] - a["loss"]) < 1e-5
     assert eval_batches([3, 9, 1], 2) == [[1, 0], [2]]
+
+
+def test_frozen_head_cross_entropy_matches_autograd_of_the_plain_loss() -> None:
+    import torch.nn.functional as F
+
+    from kernels.fused_ce import frozen_head_cross_entropy
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        w = torch.randn(300, 24, dtype=dtype)
+        h1 = torch.randn(37, 24, dtype=dtype, requires_grad=True)
+        h2 = h1.detach().clone().requires_grad_(True)
+        y = torch.randint(0, 300, (37,))
+        ours = frozen_head_cross_entropy(h1, w, y, chunk=8)  # several chunks, a ragged last one
+        ref = F.cross_entropy((h2 @ w.t()).float(), y, reduction="sum")
+        assert torch.allclose(ours, ref, rtol=tol)
+        (2.5 * ours).backward()
+        (2.5 * ref).backward()
+        assert torch.allclose(h1.grad.float(), h2.grad.float(), atol=tol * 10, rtol=tol), (
+            (h1.grad - h2.grad).abs().max()
+        )
+    w.requires_grad_(True)
+    with pytest.raises(ValueError, match="needs a frozen projection"):
+        frozen_head_cross_entropy(h1, w, y)

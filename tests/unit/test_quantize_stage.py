@@ -74,7 +74,7 @@ def test_quantize_refuses_a_tampered_prepare_artifact(prepared, tmp_path) -> Non
     data = bytearray(st.read_bytes())
     data[-5] ^= 0xFF
     st.write_bytes(bytes(data))
-    with pytest.raises(InputError, match="model.safetensors does not match its manifest"):
+    with pytest.raises(InputError, match=r"model\.safetensors does not match its manifest"):
         quantize.run(prepared)
     assert not (tmp_path / "artifacts" / "quantize").exists()
 

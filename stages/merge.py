@@ -1,0 +1,142 @@
+"""merge: the adapter folded into the ORIGINAL 16-bit weights, `W16 + s·B·A`, as a plain HF folder.
+
+Merging into dequantized NF4 would bake the quantization error into the served model (the field's
+consensus, and the reason peft warns on 4-bit merges); the adapter was trained to correct the NF4 base, so
+the original weights plus the delta are the closest 16-bit model to what was trained and evaluated.
+Output `artifacts/merge/model/` loads with plain transformers: no peft, no bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from stages.common.errors import InputError
+from stages.common.modelio import TOKENIZER_FILES
+from stages.common.params import Params
+from stages.common.stage import StageContext, execute, stage_main
+
+STAGE = "merge"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict[str, Any]]:
+    """{base weight key: (A, B)} and the scaling, read from a PEFT-format LoRA adapter."""
+    from kernels.peft_format import read_adapter_config, read_adapter_tensors
+
+    try:
+        cfg = read_adapter_config(adapter_dir)
+        tensors = read_adapter_tensors(adapter_dir, cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        raise InputError(f"cannot read the adapter in {adapter_dir}: {exc}") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        which = which.removesuffix(".weight")
+        pairs.setdefault(f"{module}.weight", {})[which] = value
+    deltas = {k: (v["A"], v["B"]) for k, v in pairs.items() if "A" in v and "B" in v}
+    raw = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return deltas, float(cfg.scaling), raw
+
+
+def merge_state_dict(
+    base: dict[str, torch.Tensor],
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+    dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """W + s·B·A in fp32, cast once to `dtype`; returns the new tensors and the relative delta norm per layer."""
+    missing = sorted(set(deltas) - set(base))
+    if missing:
+        raise InputError(
+            f"the adapter targets {missing[0]} but the base model has no such weight; the adapter "
+            "belongs to another model architecture"
+        )
+    out: dict[str, torch.Tensor] = {}
+    rel: dict[str, float] = {}
+    for key, w in base.items():
+        if key in deltas:
+            a, b = deltas[key]
+            if (b.shape[0], a.shape[1]) != tuple(w.shape):
+                raise InputError(
+                    f"adapter shapes for {key} give a {b.shape[0]}×{a.shape[1]} update but the base "
+                    f"weight is {tuple(w.shape)}; the adapter was trained for another base model"
+                )
+            delta = scaling * (b.float() @ a.float())
+            merged = w.float() + delta
+            rel[key] = float(delta.norm() / w.float().norm().clamp(min=1e-12))
+            out[key] = merged.to(dtype).contiguous()
+        else:
+            out[key] = w.to(dtype).contiguous() if w.is_floating_point() else w
+    return out, rel
+
+
+def read_base(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[k] = st.get_tensor(k)
+    return tensors
+
+
+def check_adapter_base(adapter_dir: Path, base_manifest_outputs: dict[str, str]) -> None:
+    """The adapter records the sha256 of the base weights it was trained on; refuse any other base."""
+    record = adapter_dir / "base_model.json"
+    if not record.exists():
+        return
+    trained_on = json.loads(record.read_text()).get("weights_sha256", {})
+    for name, digest in trained_on.items():
+        current = base_manifest_outputs.get(f"model/{name}")
+        if current != digest:
+            raise InputError(
+                f"the adapter in {adapter_dir} was trained on another base model ({name} sha256 {digest[:12]}…, "
+                f"this base has {str(current)[:12]}…); re-run train on this base or point prepare at the right model"
+            )
+
+
+def body(ctx: StageContext) -> dict[str, Any]:
+    m = ctx.params.merge
+    base_dir = ctx.parent_dir("prepare") / "model"
+    adapter_dir = ctx.parent_dir("train") / "adapter"
+    if not any((base_dir / f).exists() for f in TOKENIZER_FILES):
+        raise InputError(f"{base_dir} has no tokenizer; re-run prepare so the merged model can be served")
+    check_adapter_base(adapter_dir, ctx.parents["prepare"].outputs)
+    deltas, scaling, adapter_cfg = adapter_deltas(adapter_dir)
+    merged, rel = merge_state_dict(read_base(base_dir), deltas, scaling, DTYPES[m.dtype])
+    out = ctx.out / "model"
+    out.mkdir()
+    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((base_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = m.dtype
+    config["dtype"] = m.dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for f in sorted(base_dir.iterdir()):
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copyfile(f, out / f.name)
+    ctx.extra["merged_into"] = "original 16-bit weights (artifacts/prepare/model), not dequantized NF4"
+    return {
+        "merged_layers": len(rel),
+        "scaling": scaling,
+        "rank": adapter_cfg.get("r"),
+        "dtype": m.dtype,
+        "mean_relative_update": sum(rel.values()) / max(1, len(rel)),
+        "max_relative_update": max(rel.values(), default=0.0),
+        "base": "original_16bit",
+    }
+
+
+def run(params: Params) -> Any:
+    return execute(STAGE, params, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE, run))

@@ -1,0 +1,168 @@
+"""merge (into the original 16-bit weights) and evaluate (four models, report) on a tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from stages import evaluate, merge, prepare, quantize, train
+from stages.common.errors import InputError, PipelineError
+from stages.common.params import parse_params
+from tests import tiny
+
+TRAIN = {"batch_size": 4, "max_steps": 10, "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "warmup_ratio": 0.0}
+
+
+def _params(tmp_path, model_dir, data, **extra):
+    return parse_params(
+        tiny.params_for(
+            tmp_path,
+            model_dir,
+            data,
+            train=TRAIN,
+            evaluate={"batch_size": 4, "num_generations": 2, "max_new_tokens": 6},
+            **extra,
+        )
+    )
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_llama_dir, qa_jsonl):
+    p = _params(tmp_path, tiny_llama_dir, qa_jsonl)
+    for stage in (prepare, quantize, train):
+        stage.run(p)
+    return tmp_path, p
+
+
+def _base_plus_adapter(tmp_path, dtype=torch.float32):
+    from kernels.lora import inject_lora
+    from kernels.peft_format import load_peft_adapter, read_adapter_config
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "prepare" / "model", dtype=dtype)
+    adapter = tmp_path / "artifacts" / "train" / "adapter"
+    cfg = read_adapter_config(adapter)
+    inject_lora(model, list(cfg.target_modules), cfg.r, cfg.alpha, 0.0, cfg.use_rslora)
+    load_peft_adapter(model, adapter)
+    return model.eval()
+
+
+IDS = torch.tensor([[1, 9, 40, 77, 120, 5, 2, 33, 61, 200]])
+
+
+def test_merge_matches_peft_merge_and_unload(trained) -> None:
+    peft = pytest.importorskip("peft")
+    tmp_path, p = trained
+    m = merge.run(p)
+    assert m.metrics["merged_layers"] == 14 and m.metrics["base"] == "original_16bit"
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "merge" / "model", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "prepare" / "model", dtype=torch.float32)
+    oracle = peft.PeftModel.from_pretrained(base, tmp_path / "artifacts" / "train" / "adapter").merge_and_unload()
+    theirs = oracle.state_dict()
+    for k, v in ours.state_dict().items():
+        ref = theirs[k]
+        # both from the same bf16 base: ours rounds W+ΔW once to bf16, peft's fp32 result is rounded here
+        assert torch.allclose(v, ref.to(torch.bfloat16).float(), atol=0, rtol=2**-7), k
+
+
+def test_merged_logits_match_base_plus_adapter(trained) -> None:
+    tmp_path, p = trained
+    merge.run(p)
+    merged = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "artifacts" / "merge" / "model", dtype=torch.bfloat16
+    ).eval()
+    ref = _base_plus_adapter(tmp_path, torch.bfloat16)
+    with torch.no_grad():
+        a = merged(IDS).logits.float()
+        b = ref(IDS).logits.float()
+    assert (a - b).abs().max() < 0.05, (a - b).abs().max()
+
+
+def test_merged_folder_loads_in_a_fresh_process_with_only_transformers(trained) -> None:
+    tmp_path, p = trained
+    merge.run(p)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["peft"] = None          # importing either now raises ImportError
+        sys.modules["bitsandbytes"] = None
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        d = {str(tmp_path / "artifacts" / "merge" / "model")!r}
+        m = AutoModelForCausalLM.from_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d)
+        assert "quantization_config" not in m.config.to_dict()
+        print(float(m(torch.tensor([{IDS[0].tolist()}])).logits.float().sum()), tok.chat_template is not None)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    total, has_template = out.stdout.split()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "merge" / "model")
+    with torch.no_grad():
+        assert abs(float(total) - float(merged(IDS).logits.float().sum())) < 1e-2
+    assert has_template == "True"
+
+
+def test_merge_refuses_mismatched_adapter_shapes() -> None:
+    base = {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}
+    deltas = {"model.layers.0.self_attn.q_proj.weight": (torch.zeros(4, 32), torch.zeros(64, 4))}
+    with pytest.raises(
+        InputError,
+        match=r"adapter shapes for model.layers.0.self_attn.q_proj.weight give a 64×32 "
+        r"update but the base weight is \(64, 64\)",
+    ):
+        merge.merge_state_dict(base, deltas, 2.0, torch.bfloat16)
+    with pytest.raises(InputError, match="the base model has no such weight"):
+        merge.merge_state_dict({}, deltas, 2.0, torch.bfloat16)
+
+
+def test_merge_refuses_an_adapter_trained_on_another_base(trained, tiny_qwen2_dir) -> None:
+    tmp_path, p = trained
+    adapter = tmp_path / "artifacts" / "train" / "adapter"
+    with pytest.raises(InputError, match="was trained on another base model"):
+        merge.check_adapter_base(adapter, {"model/model.safetensors": "0" * 64})
+    # swapping the base under the pipeline is caught by lineage before anything is merged
+    other = _params(tmp_path, tiny_qwen2_dir, p.data.path)
+    prepare.run(other)
+    with pytest.raises(
+        PipelineError, match=r"was built from a different prepare artifact .*re-run `qlora stage train`"
+    ):
+        merge.run(other)
+    assert not (tmp_path / "artifacts" / "merge").exists()
+
+
+def test_merge_refuses_missing_tokenizer(trained) -> None:
+    tmp_path, p = trained
+    (tmp_path / "artifacts" / "prepare" / "model" / "tokenizer.json").unlink()
+    with pytest.raises(
+        InputError,
+        match=r"tokenizer.json is missing but listed in its manifest; re-run `qlora stage "
+        r"prepare`",
+    ):
+        merge.run(p)
+
+
+def test_evaluate_four_models_report_and_exact_rerun(trained) -> None:
+    tmp_path, p = trained
+    merge.run(p)
+    first = evaluate.run(p)
+    out = tmp_path / "artifacts" / "evaluate"
+    models = first.metrics["models"]
+    assert set(models) == {"base_16bit", "base_nf4", "nf4_adapter", "merged"}
+    assert models["nf4_adapter"]["loss"] < models["base_nf4"]["loss"] - 0.1
+    assert models["merged"]["loss"] < models["base_16bit"]["loss"] - 0.1
+    assert abs(models["merged"]["loss"] - models["nf4_adapter"]["loss"]) < 0.5
+    md = (out / "report.md").read_text()
+    assert "| NF4 base + adapter |" in md and "## Greedy generations" in md
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "data:image/png;base64," in page
+    gens = json.loads((out / "generations.json").read_text())
+    assert len(gens) == 2 and set(gens[0]["outputs"]) == {"base_16bit", "nf4_adapter", "merged"}
+    dvc_metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert dvc_metrics["metrics"]["models"] == models
+    second = evaluate.run(p)
+    assert second.metrics == first.metrics
