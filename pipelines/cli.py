@@ -73,6 +73,60 @@ def stage_cmd(
     )
 
 
+@app.command()
+def verify(bundle: Annotated[Path, typer.Argument(help="a release bundle directory")]) -> None:
+    """Re-hash every file of a release bundle against its lineage.json; exit 1 naming any mismatch."""
+    from stages.common.lineage import verify_bundle
+
+    try:
+        result = verify_bundle(bundle)
+    except PipelineError as exc:
+        typer.echo(f"FAILED: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"OK: {result['files']} files in {bundle} match lineage.json")
+
+
+@app.command()
+def trace(
+    file: Annotated[Path, typer.Argument(help="any served file (a GGUF, a GPTQ or merged safetensors, …)")],
+    search: Annotated[list[Path] | None, typer.Option(help="where to look for bundles")] = None,
+) -> None:
+    """Print the chain behind a served file: export, merge, adapter, training run, base, dataset, params, commit."""
+    from stages.common.lineage import find_bundle_of, trace_chain
+    from stages.common.runtime import REPO_ROOT
+
+    if not file.exists():
+        _fail(PipelineError(f"{file} does not exist"))
+    roots = search or [REPO_ROOT / "releases", REPO_ROOT / "artifacts" / "release"]
+    try:
+        bundle, rel = find_bundle_of(file, roots)
+    except PipelineError as exc:
+        _fail(exc)
+        return
+    for line in trace_chain(bundle, rel):
+        typer.echo(line)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    pool: Annotated[str, typer.Option(help="work pool of the GPU node's worker")] = "gpu-node",
+    cron: Annotated[str, typer.Option(help="retraining schedule (cron, in --timezone)")] = "0 2 * * 1",
+    name: Annotated[str, typer.Option(help="deployment name")] = "scheduled-retrain",
+    params: ParamsOpt = Path("params.yaml"),
+    timezone: Annotated[str, typer.Option()] = "UTC",
+) -> None:
+    """Register the scheduled retraining deployment on a running Prefect server (PREFECT_API_URL)."""
+    try:
+        load_params(params)
+    except PipelineError as exc:
+        _fail(exc)
+    from pipelines.deploy import deploy
+
+    deployment_id = deploy(pool=pool, cron=cron, name=name, params_path=str(params), timezone=timezone)
+    typer.echo(f"deployment qlora_pipeline/{name} ({deployment_id}) on pool {pool}, schedule '{cron}' {timezone}")
+    typer.echo(f"on the GPU node: prefect worker start --pool {pool}")
+
+
 @app.command("check-params")
 def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
     """Validate params.yaml and exit."""

@@ -74,7 +74,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     except ValueError as exc:
         raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable

@@ -123,6 +123,13 @@ class ExportParams(Section):
     gptq_calibration_samples: Annotated[int, Field(ge=1)] = 128
 
 
+class ReleaseParams(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = "qlora-release"
+    allow_dirty: bool = False
+    """Release from a tree with uncommitted code changes (flagged loudly in the model card and lineage)."""
+    publish_dir: str = "releases"
+
+
 class TrackingParams(Section):
     mlflow: bool = True
     mlflow_uri: str = "sqlite:///mlflow.db"
@@ -142,6 +149,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     merge: MergeParams = MergeParams()
     export: ExportParams = ExportParams()
+    release: ReleaseParams = ReleaseParams()
     tracking: TrackingParams = TrackingParams()
 
     def section(self, name: str) -> dict[str, Any]:

@@ -51,6 +51,26 @@ STAGES: dict[str, StageSpec] = {
         ("evaluate",),
         ("stages/evaluate.py", *COMMON_CODE, "kernels"),
     ),
+    "export": StageSpec(
+        "export",
+        ("prepare", "merge"),
+        ("export", "evaluate"),
+        (
+            "stages/export.py",
+            *COMMON_CODE,
+            "kernels/gguf_export.py",
+            "kernels/kquants.py",
+            "kernels/gptq.py",
+            "kernels/gptq_format.py",
+            "kernels/gptq_model.py",
+        ),
+    ),
+    "release": StageSpec(
+        "release",
+        ("prepare", "quantize", "train", "merge", "evaluate", "export"),
+        ("release",),
+        ("stages/release.py", *COMMON_CODE),
+    ),
 }
 
 ORDER: tuple[str, ...] = tuple(STAGES)

@@ -32,6 +32,9 @@ LIBRARIES = (
 )
 
 
+NOT_CODE = ("params.yaml", "dvc.lock", "metrics")
+
+
 def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:
     """git commit and dirty flag of the checkout; an auditor needs both to trust a number."""
 
@@ -43,7 +46,8 @@ def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:
         return out.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # params.yaml, dvc.lock and metrics/ change with every run and are recorded in the lineage themselves
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in NOT_CODE))
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

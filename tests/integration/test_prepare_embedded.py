@@ -31,7 +31,10 @@ def test_prepare_embedded_default(tmp_path: Path) -> None:
     assert m.metrics["records_after_dedupe"] == 1036  # prompts deduped case- and whitespace-insensitively
     splits = m.metrics["splits"]
     assert (splits["train"]["examples"], splits["validation"]["examples"], splits["test"]["examples"]) == (
-        829, 103, 104)
+        829,
+        103,
+        104,
+    )
     out = tmp_path / "a" / "prepare"
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (576, 30, 49152)

@@ -1,0 +1,60 @@
+"""Scheduled retraining: a Prefect deployment of `qlora_pipeline` on a work pool meant for a GPU node.
+
+A team runs `prefect server start` somewhere reachable, `qlora deploy --pool gpu-node-a --cron "0 2 * * 1"`
+once, and `prefect worker start --pool gpu-node-a` on the GPU node. Each scheduled run executes the same flow
+as `qlora run`; its content-hash cache keys re-run only the stages whose inputs changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from stages.common.runtime import REPO_ROOT
+from stages.common.tracking import OFFLINE_ENV
+
+ENTRYPOINT = "pipelines/flow.py:qlora_pipeline"
+
+
+async def _ensure_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(pool)
+        except ObjectNotFound:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+
+
+def deploy(
+    pool: str = "gpu-node",
+    cron: str | None = "0 2 * * 1",
+    name: str = "scheduled-retrain",
+    params_path: str = "params.yaml",
+    stages: list[str] | None = None,
+    timezone: str = "UTC",
+    env: dict[str, str] | None = None,
+) -> Any:
+    """Create or update the deployment (and a `process` work pool if missing); returns the deployment id."""
+    from prefect import flow as prefect_flow  # noqa: F401  (ensures prefect settings load before from_source)
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import Flow
+
+    asyncio.run(_ensure_pool(pool))
+    remote = Flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
+    params: dict[str, Any] = {"params_path": str(Path(params_path).resolve())}
+    if stages:
+        params["stages"] = stages
+    return remote.deploy(
+        name=name,
+        work_pool_name=pool,
+        schedules=[CronSchedule(cron=cron, timezone=timezone)] if cron else None,
+        parameters=params,
+        job_variables={"working_dir": str(REPO_ROOT), "env": {**OFFLINE_ENV, **(env or {})}},
+        build=False,
+        push=False,
+        print_next_steps=False,
+    )

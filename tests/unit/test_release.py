@@ -1,0 +1,116 @@
+"""release bundle, verify and trace on a tiny end-to-end pipeline."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from stages import evaluate, export, merge, prepare, quantize, release, train
+from stages.common import runtime
+from stages.common.errors import InputError
+from stages.common.params import parse_params
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("release")
+    model = tiny.make_model_dir(tmp / "base", "llama", hidden_size=64, intermediate_size=128)
+    data = tiny.write_jsonl(tmp / "data" / "pairs.jsonl", tiny.qa_rows(40))
+    raw = tiny.params_for(
+        tmp,
+        model,
+        data,
+        train={"batch_size": 4, "max_steps": 4, "lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3},
+        evaluate={"batch_size": 4, "num_generations": 1, "max_new_tokens": 4},
+        export={"gguf_types": ["F16", "Q8_0"], "gptq_calibration_samples": 8},
+        release={"allow_dirty": True, "publish_dir": str(tmp / "releases")},
+    )
+    params = parse_params(raw)
+    for stage in (prepare, quantize, train, merge, evaluate, export):
+        stage.run(params)
+    m = release.run(params)
+    bundle = tmp / "artifacts" / "release" / m.metrics["release_id"]
+    return tmp, params, m, bundle
+
+
+def test_bundle_contents_lineage_and_tarball(released) -> None:
+    tmp, _, _, bundle = released
+    for rel in (
+        "model/model.safetensors",
+        "model/config.json",
+        "gguf/model-F16.gguf",
+        "gguf/model-Q8_0.gguf",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "report/report.html",
+        "README.md",
+        "lineage.json",
+        "gptq/config.json",
+    ):
+        assert (bundle / rel).exists(), rel
+    lineage = json.loads((bundle / "lineage.json").read_text())
+    assert set(lineage["stages"]) == {"prepare", "quantize", "train", "merge", "evaluate", "export"}
+    assert lineage["code_version"]["commit"] == runtime.code_version()["commit"]
+    assert lineage["files"]["gguf/model-F16.gguf"]
+    with tarfile.open(bundle.parent / f"{bundle.name}.tar.gz") as tar:
+        names = tar.getnames()
+    assert f"{bundle.name}/lineage.json" in names and f"{bundle.name}/gguf/model-Q8_0.gguf" in names
+    assert (tmp / "releases" / bundle.name / "lineage.json").exists(), "published next to earlier releases"
+    card = (bundle / "README.md").read_text()
+    assert "original 16-bit weights" in card and "| GGUF Q8_0 |" in card
+
+
+def test_verify_passes_then_fails_naming_a_tampered_byte(released, tmp_path) -> None:
+    import shutil
+
+    _, _, _, bundle = released
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", str(copy)])
+    assert ok.exit_code == 0 and "match lineage.json" in ok.output
+    target = copy / "gguf" / "model-Q8_0.gguf"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    bad = runner.invoke(app, ["verify", str(copy)])
+    assert bad.exit_code == 1
+    assert "gguf/model-Q8_0.gguf does not match lineage.json" in bad.output
+
+
+def test_trace_of_the_gguf_reaches_dataset_hash_and_commit(released) -> None:
+    tmp, _, _, bundle = released
+    out = CliRunner().invoke(app, ["trace", str(bundle / "gguf" / "model-Q8_0.gguf"), "--search", str(tmp)])
+    assert out.exit_code == 0, out.output
+    lineage = json.loads((bundle / "lineage.json").read_text())
+    text = out.output
+    assert lineage["dataset_sha256"] in text
+    assert str(lineage["code_version"]["commit"]) in text
+    for stage in ("export", "merge", "train", "quantize", "prepare"):
+        assert f"\n{stage} " in "\n" + text, stage
+    data_sha = next(v for k, v in lineage["stages"]["prepare"]["inputs"].items() if k.startswith("dataset/"))
+    assert data_sha in text
+
+
+def test_trace_of_an_unknown_file_fails(tmp_path) -> None:
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"not released")
+    out = CliRunner().invoke(app, ["trace", str(f), "--search", str(tmp_path)])
+    assert out.exit_code == 2 and "no release bundle lists a file" in out.output
+
+
+def test_dirty_tree_is_refused_unless_allowed(released, monkeypatch) -> None:
+    _, params, _, _ = released
+    monkeypatch.setattr(release, "code_version", lambda: {"commit": "abc", "dirty": True})
+    strict = params.model_copy(update={"release": params.release.model_copy(update={"allow_dirty": False})})
+    with pytest.raises(InputError, match="uncommitted changes"):
+        release.run(strict)
+    m = release.run(params)
+    card = (Path(params.tracking.artifacts_dir) / "release" / m.metrics["release_id"] / "README.md").read_text()
+    assert "WARNING: built from a working tree with uncommitted changes" in card
