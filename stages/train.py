@@ -174,6 +174,13 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
                 ) from None
             step_loss += float(loss)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
+        if not math.isfinite(grad_norm):  # stop before the update: NaN weights must never reach a checkpoint
+            where = latest_checkpoint(ckpt_root)
+            kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
+            raise NonFiniteLoss(
+                f"gradient norm became {grad_norm} at step {step + 1} (lr {lr:.3g}); {kept}; lower "
+                "train.learning_rate or check the data, then run train again to resume"
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0

@@ -180,3 +180,18 @@ def test_adapter_loads_in_peft_on_transformers_4bit_base_with_same_logits(quanti
     lora_effect = (a - plain).abs().max()
     assert lora_effect > 1e-3, "the adapter must change the logits for this comparison to mean anything"
     assert (a - b).abs().max() < 3e-2, (a - b).abs().max()
+
+
+def test_non_finite_gradient_stops_before_the_update(quantized, monkeypatch) -> None:
+    tmp_path, model_dir, data = quantized
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def inf_norm_on_third(params, max_norm):
+        calls["n"] += 1
+        return torch.tensor(float("inf")) if calls["n"] == 3 else real(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_norm_on_third)
+    with pytest.raises(train.NonFiniteLoss, match=r"gradient norm became inf at step 3 .*step-0000002"):
+        train.run(_params(tmp_path, model_dir, data))
+    assert not (tmp_path / "artifacts" / "train").exists()
