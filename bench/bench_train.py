@@ -99,7 +99,7 @@ def _ours(args: argparse.Namespace):
 
     from stages.common.lm_loss import summed_loss
     from stages.common.params import TrainParams
-    from stages.train import build_model, device_and_dtype, make_optimizer
+    from stages.train import build_model, device_and_dtype, make_optimizer, set_checkpointing
 
     t = TrainParams(optimizer=args.optimizer, lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
     device, dtype = device_and_dtype(t)
@@ -108,6 +108,7 @@ def _ours(args: argparse.Namespace):
     model.train()
 
     def step(batch) -> float:
+        set_checkpointing(model, batch.input_ids.numel() >= t.checkpoint_min_tokens)  # as stages/train.py does
         total, n = summed_loss(model, batch)
         loss = total / max(n, 1)
         loss.backward()

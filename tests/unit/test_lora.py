@@ -216,7 +216,8 @@ def test_dropout_only_on_lora_branch() -> None:
     torch.manual_seed(123)
     y = lora(x)
     torch.manual_seed(123)
-    mask_x = nn.functional.dropout(x, 0.5, training=True)
+    mask_x = lora.dropout(x)  # the same generator state gives the same mask
+    assert 0 < float((mask_x == 0).float().mean()) < 1
     torch.testing.assert_close(y, lin(x) + (mask_x @ lora.lora_A.T) @ lora.lora_B.T)
     lora.eval()
     torch.testing.assert_close(lora(x), lin(x) + (x @ lora.lora_A.T) @ lora.lora_B.T)
@@ -278,3 +279,24 @@ def test_gradient_checkpointing_gives_same_lora_grads_with_dropout() -> None:
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
         assert grads[0][k].abs().sum() > 0, k
+
+
+def test_fast_dropout_rate_scale_gradient_and_replay() -> None:
+    from kernels.lora import FastDropout
+
+    d = FastDropout(0.05).train()
+    ones = torch.ones(2_000_003)
+    out = d(ones)
+    rate = float((out == 0).float().mean())
+    assert abs(rate - 3277 / 65536) < 6 * (0.05 * 0.95 / ones.numel()) ** 0.5
+    assert abs(float(out.mean()) - 1.0) < 2e-3  # inverted dropout keeps the expectation
+    x = torch.randn(64, 48, requires_grad=True)
+    torch.manual_seed(7)
+    y = d(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() * d.scale)
+    torch.manual_seed(7)
+    assert torch.equal(d(x), y), "same generator state → same mask (activation checkpointing replays it)"
+    assert torch.equal(d.eval()(x), x)
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
+        FastDropout(1.0)
