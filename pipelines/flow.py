@@ -163,6 +163,14 @@ def qlora_pipeline(
         finally:
             os.environ.pop(PARENT_RUN_ENV, None)
         tracker.set_tags({f"stage.{k}.created_at": v.get("created_at") for k, v in results.items()})
+        # every stage's memory peak and wall time side by side in the pipeline run
+        tracker.log_metrics(
+            {
+                f"{k}.{m}": val
+                for k, v in results.items()
+                for m, val in {**v.get("memory", {}), **v.get("timings", {})}.items()
+            }
+        )
     return results
 
 

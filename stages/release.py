@@ -122,6 +122,19 @@ def body(ctx: StageContext) -> dict[str, Any]:
     with tarfile.open(tar_path, "w:gz", compresslevel=1) as tar:
         tar.add(bundle, arcname=release_id)
     ctx.extra["release_id"] = release_id
+    registered = ctx.tracker.register_external_model(
+        name=r.name,
+        run_id=ctx.tracker.current_run_id(),
+        tags={
+            "release_id": release_id,
+            "git_commit": str(cv.get("commit")),
+            "dataset_sha256": lineage["dataset_sha256"],
+            **{f"sha256.{k}": v for k, v in list(lineage["files"].items())[:60]},
+        },
+        params={"bundle": str(bundle), "files": str(len(lineage["files"]))},
+    )
+    if registered:
+        ctx.extra["mlflow_model"] = registered
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     return {
         "release_id": release_id,

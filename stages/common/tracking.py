@@ -97,6 +97,12 @@ class Tracker:
         with mlflow.start_run(run_name=name, nested=nested, parent_run_id=parent or None, tags=tags or {}) as run:
             yield run.info.run_id
 
+    def current_run_id(self) -> str | None:
+        if not self.enabled:
+            return None
+        run = self._mlflow.active_run()
+        return run.info.run_id if run else None
+
     def log_params(self, params: dict[str, Any]) -> None:
         self._safe(lambda m: m.log_params({k: str(v)[:6000] for k, v in flatten(params).items()}))
 
@@ -112,6 +118,29 @@ class Tracker:
 
     def log_artifact(self, path: Path) -> None:
         self._safe(lambda m: m.log_artifact(str(path)))
+
+    def register_external_model(
+        self, name: str, run_id: str | None, tags: dict[str, str], params: dict[str, str]
+    ) -> dict[str, Any] | None:
+        """Register files kept outside MLflow (the release bundle) as a model version linked to `run_id`."""
+        if not self.enabled:
+            return None
+        try:
+            mlflow = self._mlflow
+            logged = mlflow.create_external_model(
+                name=name,
+                source_run_id=run_id,
+                tags={k[:250]: str(v)[:8000] for k, v in tags.items()},
+                params={k[:250]: str(v)[:6000] for k, v in params.items()},
+                model_type="qlora-release",
+            )
+            version = mlflow.register_model(
+                f"models:/{logged.model_id}", name, tags={"release_id": tags.get("release_id", "")}
+            )
+            return {"model_id": logged.model_id, "registered_name": name, "version": str(version.version)}
+        except Exception as exc:
+            log.warning("MLflow model registration failed: %s", exc)
+            return None
 
     def _safe(self, fn: Any) -> None:
         if not self.enabled:

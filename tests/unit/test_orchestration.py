@@ -123,3 +123,36 @@ def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_ll
     assert "Running stage 'prepare'" in sh("dvc", "repro")
     metrics = json.loads((work / "metrics" / "prepare.json").read_text())
     assert metrics["metrics"]["splits"]["train"]["examples"] == 32
+
+
+@pytest.mark.slow
+def test_flow_reruns_only_train_and_later_when_a_train_param_changes(
+    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch
+) -> None:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flow import qlora_pipeline
+    from stages import merge, quantize, train
+
+    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl, train={"batch_size": 4, "max_steps": 3, "lora_r": 4})
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    calls: list[str] = []
+    for name, module in (("prepare", prepare), ("quantize", quantize), ("train", train), ("merge", merge)):
+        original = module.run
+        monkeypatch.setattr(module, "run", lambda p, _o=original, _n=name: calls.append(_n) or _o(p))
+    stages = ["prepare", "quantize", "train", "merge"]
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}),
+    ):
+        qlora_pipeline(str(f), stages=stages)
+        assert calls == stages
+        calls.clear()
+        qlora_pipeline(str(f), stages=stages)
+        assert calls == [], "unchanged inputs: nothing re-runs"
+        raw["train"]["learning_rate"] = 1e-3
+        f.write_text(yaml.safe_dump(raw))
+        qlora_pipeline(str(f), stages=stages)
+    assert calls == ["train", "merge"]

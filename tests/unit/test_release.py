@@ -31,6 +31,7 @@ def released(tmp_path_factory: pytest.TempPathFactory):
         export={"gguf_types": ["F16", "Q8_0"], "gptq_calibration_samples": 8},
         release={"allow_dirty": True, "publish_dir": str(tmp / "releases")},
     )
+    raw["tracking"]["mlflow"] = True
     params = parse_params(raw)
     for stage in (prepare, quantize, train, merge, evaluate, export):
         stage.run(params)
@@ -114,3 +115,17 @@ def test_dirty_tree_is_refused_unless_allowed(released, monkeypatch) -> None:
     m = release.run(params)
     card = (Path(params.tracking.artifacts_dir) / "release" / m.metrics["release_id"] / "README.md").read_text()
     assert "WARNING: built from a working tree with uncommitted changes" in card
+
+
+def test_release_is_a_registered_model_version_with_sha256_tags(released) -> None:
+    from mlflow.tracking import MlflowClient
+
+    _, params, m, bundle = released
+    client = MlflowClient(params.tracking.mlflow_uri)
+    info = m.extra["mlflow_model"]
+    version = client.get_model_version(params.release.name, info["version"])
+    assert version.tags["release_id"] == bundle.name
+    logged = client.get_logged_model(info["model_id"])
+    lineage = json.loads((bundle / "lineage.json").read_text())
+    assert logged.tags["sha256.gguf/model-Q8_0.gguf"] == lineage["files"]["gguf/model-Q8_0.gguf"]
+    assert logged.source_run_id == m.extra["mlflow_run_id"]
