@@ -20,6 +20,7 @@ import torch
 from stages.common.dataio import Record
 from stages.common.formatting import prompt_text
 from stages.common.lm_loss import heldout_loss
+from stages.common.modelio import cast_parameters
 from stages.common.params import Params
 from stages.common.stage import StageContext, execute, stage_main
 
@@ -43,7 +44,7 @@ def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
         return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("prepare") / "model", dtype=dtype)
     if name == "merged":
         return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("merge") / "model", dtype=dtype)
-    model = load_4bit_model(ctx.parent_dir("quantize") / "model", compute_dtype=dtype).to(dtype)
+    model = cast_parameters(load_4bit_model(ctx.parent_dir("quantize") / "model", compute_dtype=dtype), dtype)
     if name == "nf4_adapter":
         from kernels.lora import inject_lora
         from kernels.peft_format import load_peft_adapter, read_adapter_config

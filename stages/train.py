@@ -22,6 +22,7 @@ from stages.common.batching import batch_stream, collate
 from stages.common.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from stages.common.errors import InputError, PipelineError
 from stages.common.lm_loss import heldout_loss, summed_loss
+from stages.common.modelio import cast_parameters
 from stages.common.params import Params, TrainParams
 from stages.common.stage import StageContext, artifacts_root, execute, stage_main
 
@@ -58,7 +59,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
         model = load_4bit_model(quantized_dir, compute_dtype=dtype)
     except ValueError as exc:
         raise InputError(f"cannot load the 4-bit base {quantized_dir}: {exc}") from None
-    model = model.to(device=device, dtype=dtype)
+    model = cast_parameters(model, dtype, device)
     torch.manual_seed(t.seed)
     try:
         inject_lora(

@@ -178,3 +178,21 @@ def copy_model_dir(src: Path, dst: Path) -> list[str]:
             shutil.copyfile(f, dst / f.name)
             copied.append(f.name)
     return copied
+
+
+def cast_parameters(model: Any, dtype: Any, device: Any = None) -> Any:
+    """Move to `device` and cast floating *parameters* to `dtype`, leaving buffers alone.
+
+    `model.to(bf16)` would also round RoPE's fp32 `inv_freq` buffer, which transformers keeps in fp32 when it
+    loads a bf16 model; training or evaluating with bf16 frequencies would not match the served model.
+    """
+    if device is not None:
+        model.to(device)
+    new: dict[int, Any] = {}  # one replacement per original tensor, so tied weights stay tied
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                if id(p) not in new:
+                    new[id(p)] = type(p)(p.data.to(dtype), requires_grad=p.requires_grad)
+                module._parameters[name] = new[id(p)]
+    return model

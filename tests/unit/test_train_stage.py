@@ -195,3 +195,14 @@ def test_non_finite_gradient_stops_before_the_update(quantized, monkeypatch) -> 
     with pytest.raises(train.NonFiniteLoss, match=r"gradient norm became inf at step 3 .*step-0000002"):
         train.run(_params(tmp_path, model_dir, data))
     assert not (tmp_path / "artifacts" / "train").exists()
+
+
+def test_cast_keeps_rope_buffers_fp32_and_weights_tied(quantized) -> None:
+    from kernels.checkpoint4bit import load_4bit_model
+    from stages.common.modelio import cast_parameters
+
+    tmp_path, _, _ = quantized
+    model = cast_parameters(load_4bit_model(tmp_path / "artifacts" / "quantize" / "model"), torch.float32)
+    assert {b.dtype for n, b in model.named_buffers() if "inv_freq" in n} == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
