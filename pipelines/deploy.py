@@ -48,13 +48,13 @@ def deploy(
     params: dict[str, Any] = {"params_path": str(Path(params_path).resolve())}
     if stages:
         params["stages"] = stages
-    return remote.deploy(
+    # to_deployment + apply registers without Flow.deploy's worker listing, which prefect 3.8.8's server rejects
+    # (limit=None → 422).
+    deployment = remote.to_deployment(
         name=name,
         work_pool_name=pool,
         schedules=[CronSchedule(cron=cron, timezone=timezone)] if cron else None,
         parameters=params,
         job_variables={"working_dir": str(REPO_ROOT), "env": {**OFFLINE_ENV, **(env or {})}},
-        build=False,
-        push=False,
-        print_next_steps=False,
     )
+    return deployment.apply(work_pool_name=pool)

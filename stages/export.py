@@ -121,6 +121,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     table.append(
         {
             "format": "merged bf16 (safetensors)",
+            "key": "merged_bf16",
             "file": "../merge/model",
             "bytes": sum(f.stat().st_size for f in merged.glob("*.safetensors")),
             "loss": merged_loss,
@@ -143,6 +144,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         table.append(
             {
                 "format": f"GGUF {qtype}",
+                "key": f"gguf_{qtype}",
                 "file": f"gguf/{path.name}",
                 "bytes": path.stat().st_size,
                 "loss": gguf_loss(path, rows),
@@ -168,6 +170,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         table.append(
             {
                 "format": f"GPTQ {x.gptq_bits}-bit g{x.gptq_group_size}",
+                "key": "gptq",
                 "file": "gptq/",
                 "bytes": size,
                 "loss": losses["gptq"],
@@ -177,6 +180,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         table.append(
             {
                 "format": f"RTN {x.gptq_bits}-bit g{x.gptq_group_size} (same groups, reference)",
+                "key": "rtn",
                 "file": None,
                 "bytes": size,
                 "loss": losses["rtn"],
@@ -194,7 +198,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(f"| {r['format']} | {r['bytes'] / 2**20:.1f} | {loss} | {ppl} | {secs} |")
     (ctx.out / "export_report.md").write_text("\n".join(lines) + "\n")
-    return {"formats": {r["format"]: {"loss": r["loss"], "mib": round(r["bytes"] / 2**20, 2)} for r in table}}
+    return {"formats": {r["key"]: {"loss": r["loss"], "mib": round(r["bytes"] / 2**20, 2)} for r in table}}
 
 
 def run(params: Params) -> Any:

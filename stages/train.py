@@ -84,8 +84,10 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
 def set_checkpointing(model: Any, enabled: bool) -> None:
     """Turn recomputation on or off per batch: a short batch's activations fit anyway, and the long batches,
     which set the memory peak, still checkpoint."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     for module in model.modules():
-        if hasattr(module, "_gradient_checkpointing_func"):
+        if isinstance(module, GradientCheckpointingLayer) and hasattr(module, "_gradient_checkpointing_func"):
             module.gradient_checkpointing = enabled
 
 

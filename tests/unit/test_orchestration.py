@@ -55,6 +55,7 @@ def test_prepare_logs_params_metrics_and_memory_to_mlflow(tmp_path, tiny_llama_d
 def test_flow_skips_unchanged_stage_on_second_run(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
@@ -69,17 +70,20 @@ def test_flow_skips_unchanged_stage_on_second_run(tmp_path, tiny_llama_dir, qa_j
         prefect_test_harness(server_startup_timeout=120),
         temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}),
     ):
-        first = qlora_pipeline(str(f))
-        second = qlora_pipeline(str(f))
+        first = qlora_pipeline(str(f), stages=["prepare"])
+        second_state = qlora_pipeline(str(f), stages=["prepare"], return_state=True)
+        second = second_state.result()
+        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[second_state.state_details.flow_run_id]))
         with get_client(sync_client=True) as client:
-            states = sorted(tr.state.name for tr in client.read_task_runs(limit=100, sort=TaskRunSort.ID_DESC))
+            runs = client.read_task_runs(flow_run_filter=flow_run, limit=100, sort=TaskRunSort.ID_DESC)
+            states = [tr.state.name for tr in runs]
         # a changed param invalidates the key: the stage runs again
         raw = yaml.safe_load(f.read_text())
         raw["data"]["seed"] = 3
         f.write_text(yaml.safe_dump(raw))
-        third = qlora_pipeline(str(f))
+        third = qlora_pipeline(str(f), stages=["prepare"])
     assert calls == [1, 1]
-    assert states == ["Cached", "Completed"]
+    assert states == ["Cached"], "the second run's prepare task is a Prefect cache hit"
     assert first["prepare"]["created_at"] == second["prepare"]["created_at"]
     assert third["prepare"]["params"]["data"]["seed"] == 3
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -100,6 +104,7 @@ def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_ll
     raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl)
     raw["tracking"].update({"artifacts_dir": "artifacts", "metrics_dir": "metrics"})
     raw["data"]["seed"] = 0
+    raw = parse_params(raw).model_dump(mode="json")  # every section: dvc.yaml lists them all
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
@@ -110,17 +115,17 @@ def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_ll
 
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
-    out1 = sh("dvc", "repro")
+    out1 = sh("dvc", "repro", "prepare")
     assert "Running stage 'prepare'" in out1
     assert (work / "artifacts" / "prepare" / "manifest.json").exists()
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     assert lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["seed"] == 0
-    out2 = sh("dvc", "repro")
+    out2 = sh("dvc", "repro", "prepare")
     assert "Running stage" not in out2 and "didn't change" in out2
     raw["data"]["seed"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     assert "modified:           data" in sh("dvc", "status")
-    assert "Running stage 'prepare'" in sh("dvc", "repro")
+    assert "Running stage 'prepare'" in sh("dvc", "repro", "prepare")
     metrics = json.loads((work / "metrics" / "prepare.json").read_text())
     assert metrics["metrics"]["splits"]["train"]["examples"] == 32
 

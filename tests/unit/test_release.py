@@ -36,7 +36,9 @@ def released(tmp_path_factory: pytest.TempPathFactory):
     for stage in (prepare, quantize, train, merge, evaluate, export):
         stage.run(params)
     m = release.run(params)
-    bundle = tmp / "artifacts" / "release" / m.metrics["release_id"]
+    # the published copy is stable; artifacts/release only holds the latest release
+    bundle = tmp / "releases" / m.metrics["release_id"]
+    assert (tmp / "artifacts" / "release" / m.metrics["release_id"] / "lineage.json").exists()
     return tmp, params, m, bundle
 
 
@@ -59,7 +61,7 @@ def test_bundle_contents_lineage_and_tarball(released) -> None:
     assert set(lineage["stages"]) == {"prepare", "quantize", "train", "merge", "evaluate", "export"}
     assert lineage["code_version"]["commit"] == runtime.code_version()["commit"]
     assert lineage["files"]["gguf/model-F16.gguf"]
-    with tarfile.open(bundle.parent / f"{bundle.name}.tar.gz") as tar:
+    with tarfile.open(tmp / "artifacts" / "release" / f"{bundle.name}.tar.gz") as tar:
         names = tar.getnames()
     assert f"{bundle.name}/lineage.json" in names and f"{bundle.name}/gguf/model-Q8_0.gguf" in names
     assert (tmp / "releases" / bundle.name / "lineage.json").exists(), "published next to earlier releases"

@@ -65,7 +65,9 @@ def test_only_adapters_get_gradients_and_optimizer_state(quantized) -> None:
     )
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(".lora_A" in n or ".lora_B" in n for n in names)
-    layers = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(layers) == 2 and all(m.gradient_checkpointing for m in layers)
     train.set_checkpointing(model, False)
     assert not any(m.gradient_checkpointing for m in layers)
