@@ -34,6 +34,15 @@ class NonFiniteLoss(PipelineError):
     """The loss became NaN or Inf; the last good checkpoint is kept for inspection or resume."""
 
 
+def non_finite(what: str, value: float, step: int, lr: float, ckpt_root: Path) -> NonFiniteLoss:
+    where = latest_checkpoint(ckpt_root)
+    kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
+    return NonFiniteLoss(
+        f"{what} became {value} at step {step + 1} (lr {lr:.3g}); {kept}; lower train.learning_rate or check the "
+        "data, then run train again to resume"
+    )
+
+
 def lr_at(step: int, t: TrainParams) -> float:
     """Linear warmup over warmup_ratio of the steps, then constant (the QLoRA paper's schedule)."""
     warmup = math.ceil(t.warmup_ratio * t.max_steps)
@@ -161,12 +170,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
                 total, _ = summed_loss(model, b)
                 loss = total / max(n_target, 1)
                 if not torch.isfinite(loss):
-                    where = latest_checkpoint(ckpt_root)
-                    kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
-                    raise NonFiniteLoss(
-                        f"training loss became {float(loss)} at step {step + 1} (lr {lr:.3g}); {kept}; "
-                        "lower train.learning_rate or check the data, then run train again to resume"
-                    )
+                    raise non_finite("training loss", float(loss), step, lr, ckpt_root)
                 loss.backward()
             except (torch.OutOfMemoryError, MemoryError):
                 raise PipelineError(
@@ -178,12 +182,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
             step_loss += float(loss)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         if not math.isfinite(grad_norm):  # stop before the update: NaN weights must never reach a checkpoint
-            where = latest_checkpoint(ckpt_root)
-            kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
-            raise NonFiniteLoss(
-                f"gradient norm became {grad_norm} at step {step + 1} (lr {lr:.3g}); {kept}; lower "
-                "train.learning_rate or check the data, then run train again to resume"
-            )
+            raise non_finite("gradient norm", grad_norm, step, lr, ckpt_root)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
