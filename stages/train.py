@@ -179,7 +179,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
                     "data.max_length, or set train.optimizer_page_budget_mb to page optimizer state; the run "
                     "resumes from its last checkpoint"
                 ) from None
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         if not math.isfinite(grad_norm):  # stop before the update: NaN weights must never reach a checkpoint
             raise non_finite("gradient norm", grad_norm, step, lr, ckpt_root)
