@@ -202,6 +202,8 @@ def body(ctx: StageContext) -> dict[str, Any]:
     (ctx.out / "report.html").write_text(render_html(md, ctx.out / "loss_curve.png"))
     (ctx.out / "generations.json").write_text(json.dumps(gens, indent=1, ensure_ascii=False))
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    for name in ("report.html", "report.md"):
+        ctx.tracker.log_artifact(ctx.out / name)
     return metrics
 
 

@@ -170,7 +170,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
                 total, _ = summed_loss(model, b)
                 loss = total / max(n_target, 1)
                 if not torch.isfinite(loss):
-                    raise non_finite("training loss", float(loss), step, lr, ckpt_root)
+                    raise non_finite("training loss", float(loss.detach()), step, lr, ckpt_root)
                 loss.backward()
             except (torch.OutOfMemoryError, MemoryError):
                 raise PipelineError(
@@ -286,6 +286,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     log = result["log"]
     (ctx.out / "train_log.json").write_text(json.dumps(log, indent=1))
     plot_losses(log, ctx.out / "loss_curve.png", f"LoRA r={t.lora_r} on NF4, {t.optimizer}")
+    ctx.tracker.log_artifact(ctx.out / "loss_curve.png")
     timed = log[2:] if len(log) > 4 else log
     metrics = {
         "steps": len(log),

@@ -131,3 +131,15 @@ def test_release_is_a_registered_model_version_with_sha256_tags(released) -> Non
     lineage = json.loads((bundle / "lineage.json").read_text())
     assert logged.tags["sha256.gguf/model-Q8_0.gguf"] == lineage["files"]["gguf/model-Q8_0.gguf"]
     assert logged.source_run_id == m.extra["mlflow_run_id"]
+
+
+def test_mlflow_runs_hold_the_loss_curve_and_the_report(released) -> None:
+    from mlflow.tracking import MlflowClient
+
+    tmp, params, _, _ = released
+    client = MlflowClient(params.tracking.mlflow_uri)
+    for stage, name in (("train", "loss_curve.png"), ("evaluate", "report.html")):
+        manifest = json.loads((tmp / "artifacts" / stage / "manifest.json").read_text())
+        run_id = manifest["extra"]["mlflow_run_id"]
+        assert name in [a.path for a in client.list_artifacts(run_id)], stage
+        assert client.get_run(run_id).data.metrics["memory.peak_rss_mb"] > 0
