@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages import prepare, quantize, train
-from stages.common.errors import InputError, ParamsError
+from stages.common.errors import InputError, ParamsError, PipelineError
 from stages.common.params import parse_params
 from tests import tiny
 
@@ -208,3 +208,20 @@ def test_cast_keeps_rope_buffers_fp32_and_weights_tied(quantized) -> None:
     assert {b.dtype for n, b in model.named_buffers() if "inv_freq" in n} == {torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+
+
+def test_out_of_memory_is_one_line_with_remedies(quantized, monkeypatch) -> None:
+    tmp_path, model_dir, data = quantized
+
+    def oom(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "summed_loss", oom)
+    with pytest.raises(
+        PipelineError,
+        match=r"out of memory at step 1 on a batch of \(4, \d+\) tokens; lower "
+        r"train.batch_size .* optimizer_page_budget_mb",
+    ) as exc:
+        train.run(_params(tmp_path, model_dir, data))
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "artifacts" / "train").exists()
