@@ -220,7 +220,7 @@ def test_out_of_memory_is_one_line_with_remedies(quantized, monkeypatch) -> None
     with pytest.raises(
         PipelineError,
         match=r"out of memory at step 1 on a batch of \(4, \d+\) tokens; lower "
-        r"train.batch_size .* optimizer_page_budget_mb",
+        r"train.batch_size .*train.optimizer_page_budget_mb",
     ) as exc:
         train.run(_params(tmp_path, model_dir, data))
     assert "\n" not in str(exc.value)
