@@ -129,7 +129,8 @@ def dvc_commit(stage: str) -> None:
 def run_stage(stage: str, params: dict[str, Any], force: bool = False) -> dict[str, Any]:
     """Run `stages.<stage>.run` and return its manifest (a small dict; tensors never pass through Prefect).
 
-    An artifact already current on disk (say, made by `dvc repro`) is reused rather than rebuilt.
+    An artifact already current on disk (say, made by `dvc repro`) is reused rather than rebuilt; the flow
+    passes force=True when it has already found the artifact stale, so it is not hashed twice.
     """
     p = Params.model_validate(params)
     if not force and _artifact_is_current(stage, p):
@@ -159,7 +160,7 @@ def qlora_pipeline(
                 # A cached key is only trusted while its artifact is still on disk, intact and current.
                 refresh = force or not _artifact_is_current(name, params)
                 stage_task = run_stage.with_options(refresh_cache=refresh)
-                results[name] = stage_task(name, params.model_dump(mode="json"), force=force)
+                results[name] = stage_task(name, params.model_dump(mode="json"), force=refresh)
         finally:
             os.environ.pop(PARENT_RUN_ENV, None)
         tracker.set_tags({f"stage.{k}.created_at": v.get("created_at") for k, v in results.items()})

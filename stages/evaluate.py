@@ -20,7 +20,7 @@ import torch
 from stages.common.dataio import Record
 from stages.common.formatting import prompt_text
 from stages.common.lm_loss import heldout_loss
-from stages.common.modelio import cast_parameters
+from stages.common.modelio import cast_parameters, pad_token_id
 from stages.common.params import Params
 from stages.common.stage import StageContext, execute, stage_main
 
@@ -158,7 +158,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     torch.manual_seed(0)
     prep = ctx.parent_dir("prepare")
     tok = AutoTokenizer.from_pretrained(prep / "model")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     test = datasets.load_from_disk(str(prep / "data"))["test"]
     if e.max_examples is not None:
         test = test.select(range(min(e.max_examples, len(test))))

@@ -17,6 +17,7 @@ import torch
 
 from stages.common.errors import InputError
 from stages.common.lm_loss import heldout_loss
+from stages.common.modelio import pad_token_id
 from stages.common.params import Params
 from stages.common.runtime import code_version
 from stages.common.stage import StageContext, execute, stage_main
@@ -104,7 +105,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     x = ctx.params.export
     merged = ctx.parent_dir("merge") / "model"
     tok = AutoTokenizer.from_pretrained(merged)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     rows = test_rows(ctx)
     bs = ctx.params.evaluate.batch_size
     lineage = {

@@ -18,12 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stages.common.errors import InputError
-from stages.common.modelio import TOKENIZER_FILES
+from stages.common.modelio import TOKENIZER_FILES, torch_dtype
 from stages.common.params import Params
 from stages.common.stage import StageContext, execute, stage_main
 
 STAGE = "merge"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -110,7 +109,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         raise InputError(f"{base_dir} has no tokenizer; re-run prepare so the merged model can be served")
     check_adapter_base(adapter_dir, ctx.parents["prepare"].outputs)
     deltas, scaling, adapter_cfg = adapter_deltas(adapter_dir)
-    merged, rel = merge_state_dict(read_base(base_dir), deltas, scaling, DTYPES[m.dtype])
+    merged, rel = merge_state_dict(read_base(base_dir), deltas, scaling, torch_dtype(m.dtype))
     out = ctx.out / "model"
     out.mkdir()
     save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})

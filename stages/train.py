@@ -22,12 +22,11 @@ from stages.common.batching import batch_stream, collate
 from stages.common.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from stages.common.errors import InputError, PipelineError
 from stages.common.lm_loss import heldout_loss, summed_loss
-from stages.common.modelio import cast_parameters
+from stages.common.modelio import cast_parameters, pad_token_id, torch_dtype
 from stages.common.params import Params, TrainParams
 from stages.common.stage import StageContext, artifacts_root, execute, stage_main
 
 STAGE = "train"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class NonFiniteLoss(PipelineError):
@@ -55,7 +54,7 @@ def device_and_dtype(t: TrainParams) -> tuple[torch.device, torch.dtype]:
     from kernels.linear4bit import default_compute_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = default_compute_dtype(device) if t.compute_dtype == "auto" else DTYPES[t.compute_dtype]
+    dtype = default_compute_dtype(device) if t.compute_dtype == "auto" else torch_dtype(t.compute_dtype)
     return device, dtype
 
 
@@ -78,7 +77,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
             alpha=t.lora_alpha,
             dropout=t.lora_dropout,
             use_rslora=t.use_rslora,
-            adapter_dtype=DTYPES[t.adapter_dtype],
+            adapter_dtype=torch_dtype(t.adapter_dtype),
             compute_dtype=dtype,
         )
     except ValueError as exc:
@@ -251,7 +250,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     torch.manual_seed(t.seed)
     prep = ctx.parent_dir("prepare")
     tok = AutoTokenizer.from_pretrained(prep / "model")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     data = datasets.load_from_disk(str(prep / "data"))
     rows, val_rows = _rows(data["train"]), _rows(data["validation"])
     if len(rows) < t.batch_size:

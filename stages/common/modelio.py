@@ -196,3 +196,15 @@ def cast_parameters(model: Any, dtype: Any, device: Any = None) -> Any:
                     new[id(p)] = type(p)(p.data.to(dtype), requires_grad=p.requires_grad)
                 module._parameters[name] = new[id(p)]
     return model
+
+
+def torch_dtype(name: str) -> Any:
+    """params.yaml dtype name → torch dtype."""
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with (masked out of attention and loss, so eos serves when pad is unset)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
