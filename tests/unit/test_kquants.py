@@ -10,7 +10,6 @@ Three independent checks:
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
 from kernels.kquants import Fallback, q4_k_m_type_for, quantize_q4_k, quantize_q6_k, use_more_bits
+from tests import llama_oracle
 
 
 def _rel_rmse(y: np.ndarray, x: np.ndarray) -> float:
@@ -198,23 +198,14 @@ def _float32_model_dir(path: Path) -> Path:
     return path
 
 
-def _llama_quantize(llama_cpp, src: Path, dst: Path, ftype: int) -> None:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    assert rc == 0, f"llama_model_quantize failed with {rc}"
-
-
 def test_bytes_equal_llama_cpp_reference_quantizer(tmp_path: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
     from kernels.gguf_export import write_gguf
 
     model_dir = _float32_model_dir(tmp_path / "f32model")
     f32 = tmp_path / "m.F32.gguf"
     write_gguf(model_dir, f32, "F32")
     ref_path = tmp_path / "m.Q4_K_M.llama.gguf"
-    _llama_quantize(llama_cpp, f32, ref_path, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)
+    llama_oracle.quantize(f32, ref_path, "Q4_K_M")
 
     src = {t.name: np.array(t.data) for t in GGUFReader(f32).tensors}
     stats: dict[str, list[int]] = {"Q4_K": [0, 0, 0, 0], "Q6_K": [0, 0, 0, 0]}  # equal blocks, blocks, bytes eq, bytes

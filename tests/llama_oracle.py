@@ -1,0 +1,67 @@
+"""llama.cpp as a test oracle, always in a child process (stages.common.isolation), never in the pytest process.
+
+A llama.cpp build that faults on this CPU then fails the tests that use it with one line naming the signal,
+and the rest of the suite still runs and reports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stages.common.isolation import Reader, call_reader
+
+ORACLE = Reader(name="llama.cpp (llama-cpp-python, test oracle)", fix="rebuild it with `make reader`")
+TIMEOUT_S = 300.0
+
+
+def require() -> None:
+    """Skip when llama-cpp-python is not installed at all (CI installs it through `make setup`)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (make reader)")
+
+
+def read(path: Path, text: str, ids: list[int], n_generate: int = 4) -> dict[str, Any]:
+    """Tokenize `text`, detokenize `ids`, logits of `ids` and a short greedy generation, from one load of `path`."""
+    require()
+    payload = {"path": str(path), "text": text, "ids": ids, "n_generate": n_generate}
+    return call_reader(ORACLE, f"{__name__}:_read", payload, path, TIMEOUT_S)
+
+
+def quantize(src: Path, dst: Path, qtype: str) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`) from an F32 GGUF to `qtype`, one thread."""
+    require()
+    out = call_reader(
+        ORACLE, f"{__name__}:_quantize", {"src": str(src), "dst": str(dst), "qtype": qtype}, src, TIMEOUT_S
+    )
+    assert out["rc"] == 0, f"llama_model_quantize failed with {out['rc']}"
+
+
+def _read(payload: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=payload["path"], logits_all=True, n_ctx=128, n_threads=2, verbose=False, seed=0)
+    ids = payload["ids"]
+    tokens = llm.tokenize(payload["text"].encode(), add_bos=False, special=False)
+    detok = llm.detokenize(ids).decode()
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.reset()
+    generated = llm("Hello", max_tokens=payload["n_generate"], temperature=0.0)["choices"][0]["text"]
+    return {"tokens": tokens, "detok": detok, "logits": logits, "generated": generated, "n_tokens": llm.n_tokens}
+
+
+def _quantize(payload: dict[str, Any]) -> dict[str, Any]:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{payload['qtype']}")
+    params.nthread = 1
+    rc = llama_cpp.llama_model_quantize(payload["src"].encode(), payload["dst"].encode(), ctypes.byref(params))
+    return {"rc": int(rc)}
