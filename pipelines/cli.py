@@ -35,10 +35,13 @@ def run(
     from rich.table import Table
 
     try:
-        load_params(params)  # fail fast, before Prefect starts its server
+        p = load_params(params)  # fail fast, before Prefect starts its server
         for s in stage or []:
             if s not in ORDER:
                 raise PipelineError(f"unknown stage '{s}'; stages: {', '.join(ORDER)}")
+        from stages.common.preflight import preflight_run
+
+        preflight_run(p, list(stage or ORDER))
         from pipelines.flow import results_summary, run_pipeline
 
         results = run_pipeline(params, stages=stage, force=force)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from stages.common.errors import InputError
+from stages.common.llama_reader import gguf_reply_loss
 from stages.common.lm_loss import heldout_loss
 from stages.common.modelio import pad_token_id
 from stages.common.params import Params
@@ -23,6 +24,7 @@ from stages.common.runtime import code_version
 from stages.common.stage import StageContext, execute, stage_main
 
 STAGE = "export"
+NOT_SCORED = "not scored"
 
 
 def test_rows(ctx: StageContext) -> list[tuple[list[int], list[int]]]:
@@ -41,30 +43,15 @@ def calibration_ids(ctx: StageContext, n: int) -> list[torch.Tensor]:
     return [torch.tensor(train[i]["input_ids"]).unsqueeze(0) for i in range(n)]
 
 
-def gguf_loss(path: Path, rows: list[tuple[list[int], list[int]]]) -> float | None:
-    """Token-weighted reply loss computed from llama.cpp's own logits (None if llama-cpp-python is absent)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    n_ctx = max(len(ids) for ids, _ in rows) + 8
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=torch.get_num_threads())
-    total, count = 0.0, 0
-    for ids, labels in rows:
-        llm.reset()
-        llm.eval(ids)
-        logits = torch.tensor(llm.scores[: len(ids)], dtype=torch.float32)
-        logp = torch.log_softmax(logits[:-1], dim=-1)
-        target = torch.tensor(labels[1:])
-        keep = target != -100
-        total += float(-logp[keep].gather(1, target[keep].unsqueeze(1)).sum())
-        count += int(keep.sum())
-    del llm
-    return total / max(count, 1)
-
-
 def gptq_losses(
-    gptq_dir: Path, merged_dir: Path, rows: list, pad: int, group_size: int, bits: int, batch_size: int
+    gptq_dir: Path,
+    merged_dir: Path,
+    rows: list,
+    pad: int,
+    group_size: int,
+    bits: int,
+    batch_size: int,
+    device: torch.device,
 ) -> dict[str, float]:
     """Loss of the GPTQ checkpoint (decoded by our independent spec-based unpacker) and of round-to-nearest
     on the same groups, each loaded into the merged model's architecture."""
@@ -80,14 +67,14 @@ def gptq_losses(
     modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")})
     out = {}
     for kind in ("gptq", "rtn"):
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval().to(device)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for m in modules:
                 w = params[f"{m}.weight"]
                 if kind == "gptq":
                     sub = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == m}
-                    deq = unpack_gptq_v1(sub)
+                    deq = unpack_gptq_v1({k: v.to(device) for k, v in sub.items()})
                 else:
                     deq = rtn_quantize(w.float(), bits=bits, group_size=group_size).dequantized
                 w.copy_(deq.to(w.dtype).reshape(w.shape))
@@ -116,7 +103,8 @@ def body(ctx: StageContext) -> dict[str, Any]:
         ),
     }
     table: list[dict[str, Any]] = []
-    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval()
+    device = torch.device(ctx.device)
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval().to(device)
     merged_loss = heldout_loss(merged_model, rows, bs, pad)["loss"]
     del merged_model
     table.append(
@@ -142,13 +130,15 @@ def body(ctx: StageContext) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         if stats.get("fallbacks"):
             fallbacks[qtype] = stats["fallbacks"]
+        scored = gguf_reply_loss(path, rows, x.reader_timeout_s)["loss"] if x.score_gguf else None
         table.append(
             {
                 "format": f"GGUF {qtype}",
                 "key": f"gguf_{qtype}",
                 "file": f"gguf/{path.name}",
                 "bytes": path.stat().st_size,
-                "loss": gguf_loss(path, rows),
+                "loss": scored,
+                "scored_by": "llama.cpp" if x.score_gguf else NOT_SCORED,
                 "seconds": dt,
             }
         )
@@ -162,11 +152,12 @@ def body(ctx: StageContext) -> dict[str, Any]:
                 bits=x.gptq_bits,
                 group_size=x.gptq_group_size,
                 damp_percent=x.gptq_damp_percent,
+                device=device,
             )
         except ValueError as exc:
             raise InputError(f"GPTQ export failed: {exc}; fix export.* in params.yaml") from None
         dt = time.perf_counter() - t0
-        losses = gptq_losses(ctx.out / "gptq", merged, rows, pad, x.gptq_group_size, x.gptq_bits, bs)
+        losses = gptq_losses(ctx.out / "gptq", merged, rows, pad, x.gptq_group_size, x.gptq_bits, bs, device)
         size = sum(f.stat().st_size for f in (ctx.out / "gptq").glob("*.safetensors"))
         table.append(
             {
@@ -190,16 +181,28 @@ def body(ctx: StageContext) -> dict[str, Any]:
         )
     for row in table:
         row["perplexity"] = None if row["loss"] is None else math.exp(row["loss"])
-    report = {"rows": table, "k_quant_fallbacks": fallbacks, "test_examples": len(rows)}
+    report = {
+        "rows": table,
+        "k_quant_fallbacks": fallbacks,
+        "test_examples": len(rows),
+        "device": ctx.device,
+        "gguf_scored": x.score_gguf,
+    }
     (ctx.out / "export_report.json").write_text(json.dumps(report, indent=1))
     lines = ["| format | size MiB | test loss | perplexity | export s |", "|---|---|---|---|---|"]
     for r in table:
-        loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
-        ppl = "n/a" if r["perplexity"] is None else f"{r['perplexity']:.2f}"
+        loss = NOT_SCORED if r["loss"] is None else f"{r['loss']:.4f}"
+        ppl = NOT_SCORED if r["perplexity"] is None else f"{r['perplexity']:.2f}"
         secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(f"| {r['format']} | {r['bytes'] / 2**20:.1f} | {loss} | {ppl} | {secs} |")
-    (ctx.out / "export_report.md").write_text("\n".join(lines) + "\n")
-    return {"formats": {r["key"]: {"loss": r["loss"], "mib": round(r["bytes"] / 2**20, 2)} for r in table}}
+    notes = [
+        f"Scored on the test split ({len(rows)} rows): torch models on {ctx.device}, GGUF by llama.cpp on the CPU."
+    ]
+    if not x.score_gguf:
+        notes.append(f"GGUF files were {NOT_SCORED}: export.score_gguf is false in params.yaml.")
+    (ctx.out / "export_report.md").write_text("\n".join([*lines, "", *notes]) + "\n")
+    formats = {r["key"]: {"loss": r["loss"], "mib": round(r["bytes"] / 2**20, 2)} for r in table}
+    return {"formats": formats, "gguf_scored": x.score_gguf}
 
 
 def run(params: Params) -> Any:

@@ -121,6 +121,10 @@ class ExportParams(Section):
     gptq_group_size: Annotated[int, Field(ge=16)] = 64
     gptq_damp_percent: Annotated[float, Field(gt=0, lt=1)] = 0.01
     gptq_calibration_samples: Annotated[int, Field(ge=1)] = 128
+    score_gguf: bool = True
+    """Score every GGUF on the test split with llama.cpp (in a child process); false: the report says 'not scored'."""
+    reader_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    """Longest a reader may take for one file before it is killed and the stage fails with one line."""
 
 
 class ReleaseParams(Section):
@@ -141,6 +145,14 @@ class TrackingParams(Section):
     """After a stage runs under the Prefect flow, record it in dvc.lock with `dvc commit` (lineage)."""
 
 
+class RuntimeParams(Section):
+    """Where the stages that compute (train, evaluate, export) run."""
+
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|[a-z][a-z0-9_]*(:[0-9]+)?)$")] = "auto"
+    """`auto` (cuda:0 if torch sees a GPU, else cpu), `cpu`, `cuda` or `cuda:N`. A device torch cannot use is an
+    error before any work starts, never a silent fall back to the CPU."""
+
+
 class Params(Section):
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
@@ -151,6 +163,7 @@ class Params(Section):
     export: ExportParams = ExportParams()
     release: ReleaseParams = ReleaseParams()
     tracking: TrackingParams = TrackingParams()
+    runtime: RuntimeParams = RuntimeParams()
 
     def section(self, name: str) -> dict[str, Any]:
         return getattr(self, name).model_dump(mode="json")
