@@ -165,6 +165,7 @@ def quantize_model_gptq(
     damp_percent: float = 0.01,
     progress: bool = True,
     true_sequential: bool = True,
+    device: torch.device | str | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """GPTQ every decoder-block linear of a HF Llama/Qwen2 causal LM, layer by layer.
 
@@ -174,14 +175,20 @@ def quantize_model_gptq(
     unchanged (tied duplicates dropped, as ``save_pretrained`` does). The model is modified in place: its quantized
     linears hold their dequantized weights afterwards, so it can be evaluated as the quantized model. ``stats`` gives
     per-module output errors (mean over calibration tokens of ``||W x - Q x||²``) for GPTQ and for RTN on the same
-    inputs, damping used, and time. Pass an fp32 model: in bf16 the dequantized weights written back lose mantissa
-    bits, so later layers would calibrate on activations slightly different from those the checkpoint produces.
+    inputs, damping used, and time. ``device`` (default: where the model is) is where calibration computes: the
+    embeddings, rotary tables and head move there once, each decoder block only while it is quantized, so a model
+    larger than the device still calibrates one block at a time; the model is back where it was at the end. Pass an
+    fp32 model: in bf16 the dequantized weights written back lose mantissa bits, so later layers would calibrate on
+    activations slightly different from those the checkpoint produces.
     """
     from tqdm.auto import tqdm
 
     layers = _decoder_layers(model)
     _validate_shapes(layers, bits, group_size)
-    device = next(model.parameters()).device
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    if device != home:
+        _move_all_but_layers(model, layers, device)
     batches = _as_batches(calibration_input_ids, model.config.vocab_size, device)
     t_start = time.perf_counter()
     was_training = model.training
@@ -195,6 +202,7 @@ def quantize_model_gptq(
 
     for i, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress)):
         t_layer = time.perf_counter()
+        layer.to(device)
         module_stats: dict[str, dict[str, Any]] = {}
         for stage in stages:
             hessians = _collect_hessians(layer, stage, inputs)
@@ -223,9 +231,11 @@ def quantize_model_gptq(
                     }
                 del hessians[s]
         inputs = [(_run_layer(layer, h, kw).detach(), kw) for h, kw in inputs]
+        layer.to(home)
         layer_stats.append({"layer": i, "seconds": time.perf_counter() - t_layer, "modules": module_stats})
 
     model.train(was_training)
+    model.to(home)
     state_dict = _gptq_state_dict(model, packed)
     gptq_total = sum(m["gptq_error"] for ls in layer_stats for m in ls["modules"].values())
     rtn_total = sum(m["rtn_error"] for ls in layer_stats for m in ls["modules"].values())
@@ -247,18 +257,29 @@ def quantize_model_gptq(
     return state_dict, stats
 
 
+def _move_all_but_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    """Everything but the decoder blocks to ``device`` (the blocks follow one at a time)."""
+    held = list(layers)
+    for i in range(len(layers)):
+        layers[i] = nn.Identity()
+    try:
+        model.to(device)
+    finally:
+        for i, layer in enumerate(held):
+            layers[i] = layer
+
+
 def _gptq_state_dict(model: nn.Module, packed: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
     """The model's tensors with each quantized linear's weight/bias replaced by its packed v1 tensors."""
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
-    for key, tensor in model.state_dict().items():
+    for key, tensor in model.state_dict(keep_vars=True).items():
         module, _, leaf = key.rpartition(".")
         if module in packed and leaf in ("weight", "bias"):
             continue
-        ptr = tensor.data_ptr()
-        if ptr in seen:  # tied weights (lm_head ↔ embed_tokens): safetensors refuses shared storage
+        if id(tensor) in seen:  # tied weights (lm_head ↔ embed_tokens) are one Parameter; safetensors refuses both
             continue
-        seen.add(ptr)
+        seen.add(id(tensor))
         out[key] = tensor.detach().cpu()
     for module, tensors in packed.items():
         for leaf, tensor in tensors.items():
@@ -291,6 +312,7 @@ def write_gptq_checkpoint(
     damp_percent: float = 0.01,
     true_sequential: bool = True,
     progress: bool = False,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Quantize a 16-bit HF folder with GPTQ and write a v1 GPTQ checkpoint folder; returns the stats.
 
@@ -318,7 +340,14 @@ def write_gptq_checkpoint(
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     state_dict, stats = quantize_model_gptq(
-        model, calibration_input_ids, bits, group_size, damp_percent, progress=progress, true_sequential=true_sequential
+        model,
+        calibration_input_ids,
+        bits,
+        group_size,
+        damp_percent,
+        progress=progress,
+        true_sequential=true_sequential,
+        device=device,
     )
     del model
     # Unquantized tensors go back to the source dtype; packed tensors keep the dtypes the format fixes (fp16 scales

@@ -122,9 +122,10 @@ class LoraLinear(nn.Module):
     def reset_lora_parameters(self) -> None:
         """peft's default init: A kaiming-uniform(a=sqrt(5)) from torch's global RNG, B zeros, so y == base(x).
 
-        Drawn in fp32 then cast, so a seed gives the same A (up to rounding) whatever the adapter dtype.
+        Drawn in fp32 on the CPU then cast and moved, so a seed gives the same A (up to rounding) whatever the
+        adapter dtype and device (CUDA's generator would draw other numbers).
         """
-        a = torch.empty(self.lora_A.shape, device=self.lora_A.device, dtype=torch.float32)
+        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_A.copy_(a)
         self.lora_B.zero_()

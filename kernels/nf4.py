@@ -56,6 +56,21 @@ def nf4_table(device: torch.device | str | None = None) -> torch.Tensor:
     return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
 
 
+_SHARED: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def shared_table(kind: str, device: torch.device) -> torch.Tensor:
+    """A read-only lookup table kept per device for the dequant hot path: building one with ``torch.tensor`` on an
+    accelerator is a blocking host-to-device copy, once per projection and pass otherwise. ``kind``: 'nf4' (16
+    values) or 'pairs' (the 256x2 byte table)."""
+    key = (kind, torch.device(device))
+    table = _SHARED.get(key)
+    if table is None:
+        table = nf4_table() if kind == "nf4" else _byte_pair_table(torch.device("cpu"))
+        table = _SHARED[key] = table.to(key[1])
+    return table
+
+
 def _nf4_midpoints(device: torch.device) -> torch.Tensor:
     """Decision thresholds: fp32 means of neighbouring codes (the same fp32 values bnb uses)."""
     code = nf4_table(device)
@@ -156,7 +171,7 @@ def dequantize_absmax(nf4: NF4Weight) -> torch.Tensor:
         return nf4.absmax.float()
     assert nf4.nested_absmax is not None and nf4.nested_code is not None and nf4.offset is not None
     scale = dequantize_blockwise(nf4.absmax, nf4.nested_absmax, nf4.nested_code, nf4.nested_blocksize)
-    return scale + torch.tensor(nf4.offset, dtype=torch.float32, device=scale.device)
+    return scale + nf4.offset  # the float scalar is rounded to fp32 first: the same add as with an fp32 tensor
 
 
 def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -180,7 +195,7 @@ def dequantize_nf4(nf4: NF4Weight, dtype: torch.dtype | None = None) -> torch.Te
     """
     n, bs = nf4.numel, nf4.blocksize
     absmax = dequantize_absmax(nf4)
-    pairs = _byte_pair_table(nf4.device)
+    pairs = shared_table("pairs", nf4.device)
     vals = torch.index_select(pairs, 0, nf4.packed.reshape(-1).to(torch.int32)).view(-1)[:n]
     full = n - n % bs
     vals[:full].view(-1, bs).mul_(absmax[: full // bs].unsqueeze(1))

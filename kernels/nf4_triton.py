@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nf4 import NF4Weight, nf4_table
+from kernels.nf4 import NF4Weight, shared_table
 
 # Bytes per program. The interpreter pays per program, so it gets a big block (stack-notes §2: 1M values
 # take 6.1 s with 1024 per program and 0.42 s with 16384); on a GPU 1024 bytes (2048 outputs) per program
@@ -82,7 +82,7 @@ def dequantize_nf4_triton(nf4: NF4Weight, dtype: torch.dtype | None = None) -> t
     n_bytes = packed.numel()
     kernel_dtype = torch.float32 if interp else dtype
     out = torch.empty(n_out, dtype=kernel_dtype, device=device)
-    table = nf4_table(device)
+    table = shared_table("nf4", device)
     if nf4.double_quant:
         assert nf4.nested_absmax is not None and nf4.nested_code is not None and nf4.offset is not None
         absmax2, code2, offset = nf4.nested_absmax.float(), nf4.nested_code.float(), float(nf4.offset)

@@ -19,7 +19,7 @@ import torch
 
 from stages.common.dataio import Record
 from stages.common.formatting import prompt_text
-from stages.common.lm_loss import heldout_loss
+from stages.common.lm_loss import heldout_loss, model_device
 from stages.common.modelio import cast_parameters, pad_token_id
 from stages.common.params import Params
 from stages.common.stage import StageContext, execute, stage_main
@@ -35,16 +35,19 @@ LABELS = {
 
 
 def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
-    """Each model as it is served or trained: plain transformers for 16-bit folders, our loader for NF4."""
+    """Each model as it is served or trained (plain transformers for 16-bit folders, our loader for NF4), on the
+    stage's device."""
     from transformers import AutoModelForCausalLM
 
     from kernels.checkpoint4bit import load_4bit_model
 
+    device = torch.device(ctx.device)
     if name == "base_16bit":
-        return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("prepare") / "model", dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("prepare") / "model", dtype=dtype).to(device)
     if name == "merged":
-        return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("merge") / "model", dtype=dtype)
-    model = cast_parameters(load_4bit_model(ctx.parent_dir("quantize") / "model", compute_dtype=dtype), dtype)
+        return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("merge") / "model", dtype=dtype).to(device)
+    nf4 = load_4bit_model(ctx.parent_dir("quantize") / "model", compute_dtype=dtype)
+    model = cast_parameters(nf4, dtype, device)
     if name == "nf4_adapter":
         from kernels.lora import inject_lora
         from kernels.peft_format import load_peft_adapter, read_adapter_config
@@ -59,8 +62,9 @@ def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
     outs = []
+    device = model_device(model)
     for p in prompts:
-        ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)
+        ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).to(device)
         gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return outs
@@ -69,7 +73,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
 def stage_table(ctx: StageContext) -> list[dict[str, Any]]:
     rows = []
     for name, manifest in ctx.parents.items():
-        rows.append({"stage": name, "wall_s": manifest.timings.get("wall_s"), **manifest.memory})
+        wall = manifest.timings.get("wall_s")
+        rows.append({"stage": name, "device": manifest.device, "wall_s": wall, **manifest.memory})
     return rows
 
 
@@ -77,7 +82,7 @@ def render_markdown(metrics: dict[str, Any], gens: list[dict[str, Any]], stages:
     lines = [
         "# Evaluation report",
         "",
-        "Held-out test split, token-weighted over reply tokens.",
+        f"Held-out test split, token-weighted over reply tokens; computed on {metrics['device']}.",
         "",
         "| model | loss | perplexity |",
         "|---|---|---|",
@@ -94,11 +99,15 @@ def render_markdown(metrics: dict[str, Any], gens: list[dict[str, Any]], stages:
         "",
         "## Stages: wall time and peak memory",
         "",
-        "| stage | wall s | peak RSS MiB |",
-        "|---|---|---|",
+        "| stage | device | wall s | peak RSS MiB | peak GPU allocated MiB |",
+        "|---|---|---|---|---|",
     ]
     for r in stages:
-        lines.append(f"| {r['stage']} | {r.get('wall_s') or 0:.1f} | {r.get('peak_rss_mb') or 0:.0f} |")
+        gpu = r.get("cuda_max_allocated_mb")
+        lines.append(
+            f"| {r['stage']} | {r.get('device', 'cpu')} | {r.get('wall_s') or 0:.1f} | {r.get('peak_rss_mb') or 0:.0f} "
+            f"| {'–' if gpu is None else f'{gpu:.0f}'} |"
+        )
     lines += ["", "## Greedy generations", ""]
     for g in gens:
         lines += [f"**Prompt:** {g['prompt']}", "", f"- reference: {g['reference']}"]
@@ -189,6 +198,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
             k: {"loss": round(v["loss"], 6), "perplexity": round(v["perplexity"], 4)} for k, v in results.items()
         },
         "test_examples": len(rows),
+        "device": ctx.device,
         "test_tokens": int(results["base_16bit"]["tokens"]),
         "nf4_loss_delta": round(results["base_nf4"]["loss"] - results["base_16bit"]["loss"], 6),
         "finetune_gain_vs_16bit": round(results["base_16bit"]["loss"] - results["nf4_adapter"]["loss"], 6),

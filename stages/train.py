@@ -50,12 +50,10 @@ def lr_at(step: int, t: TrainParams) -> float:
     return t.learning_rate
 
 
-def device_and_dtype(t: TrainParams) -> tuple[torch.device, torch.dtype]:
+def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
     from kernels.linear4bit import default_compute_dtype
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = default_compute_dtype(device) if t.compute_dtype == "auto" else torch_dtype(t.compute_dtype)
-    return device, dtype
+    return default_compute_dtype(device) if t.compute_dtype == "auto" else torch_dtype(t.compute_dtype)
 
 
 def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype: torch.dtype) -> tuple[Any, list]:
@@ -160,16 +158,14 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
         t0 = time.perf_counter()
         batches = [collate([rows[i] for i in next(stream)], pad_id) for _ in range(t.grad_accum)]
         n_target = sum(b.n_target_tokens for b in batches)
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float32, device=device)
         for b in batches:
-            b = type(b)(b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
+            b = b.to(device)
             if t.gradient_checkpointing:
                 set_checkpointing(model, b.input_ids.numel() >= t.checkpoint_min_tokens)
             try:
                 total, _ = summed_loss(model, b)
                 loss = total / max(n_target, 1)
-                if not torch.isfinite(loss):
-                    raise non_finite("training loss", float(loss.detach()), step, lr, ckpt_root)
                 loss.backward()
             except (torch.OutOfMemoryError, MemoryError):
                 raise PipelineError(
@@ -178,18 +174,23 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
                     "data.max_length, or set train.optimizer_page_budget_mb to page optimizer state; the run "
                     "resumes from its last checkpoint"
                 ) from None
-            step_loss += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
-        if not math.isfinite(grad_norm):  # stop before the update: NaN weights must never reach a checkpoint
+            step_loss += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+        # The step's one read back to the host (for the log and the checks); everything before it stays queued.
+        step_value, grad_norm = torch.stack([step_loss, norm.float()]).tolist()
+        # Both checks come before the update, so NaN weights never reach a checkpoint.
+        if not math.isfinite(step_value):
+            raise non_finite("training loss", step_value, step, lr, ckpt_root)
+        if not math.isfinite(grad_norm):
             raise non_finite("gradient norm", grad_norm, step, lr, ckpt_root)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tokens = sum(b.n_tokens for b in batches)
-        losses.append(step_loss)
+        losses.append(step_value)
         entry = {
             "step": step + 1,
-            "loss": step_loss,
+            "loss": step_value,
             "lr": lr,
             "grad_norm": grad_norm,
             "seconds": dt,
@@ -200,7 +201,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
         log.append(entry)
         ctx.tracker.log_metrics(
             {
-                "train.loss": step_loss,
+                "train.loss": step_value,
                 "train.lr": lr,
                 "train.grad_norm": grad_norm,
                 "train.tokens_per_s": tokens / dt,
@@ -208,7 +209,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
             },
             step=step + 1,
         )
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / dt:.0f}")
+        bar.set_postfix(loss=f"{step_value:.3f}", tok_s=f"{tokens / dt:.0f}")
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
             save_checkpoint(ckpt_root, step + 1, adapter_tensors(model), opt, losses, {"log": log})
     ctx.extra["checkpoint_dir"] = str(ckpt_root)
@@ -257,7 +258,8 @@ def body(ctx: StageContext) -> dict[str, Any]:
         raise InputError(
             f"train.batch_size={t.batch_size} is larger than the {len(rows)} training examples; lower train.batch_size"
         )
-    device, dtype = device_and_dtype(t)
+    device = torch.device(ctx.device)
+    dtype = compute_dtype(t, device)
     model, trainable = build_model(ctx.parent_dir("quantize") / "model", t, device, dtype)
     n_trainable = sum(p.numel() for p in trainable)
     before = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
@@ -295,7 +297,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "median_step_s": sorted(e["seconds"] for e in timed)[len(timed) // 2] if timed else None,
         "tokens_per_s": sum(e["tokens"] for e in timed) / max(1e-9, sum(e["seconds"] for e in timed)),
         "compute_dtype": str(dtype).removeprefix("torch."),
-        "device": device.type,
+        "device": str(device),
         "val_loss_before": before["loss"] if before else None,
         "val_loss_after": after["loss"] if after else None,
     }

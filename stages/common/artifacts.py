@@ -67,6 +67,8 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    """Where the stage computed (`runtime.device` resolved), e.g. 'cuda:0' or 'cpu'."""
     libraries: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

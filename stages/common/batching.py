@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,21 +20,49 @@ MEGABATCH_FACTOR = 16
 
 @dataclass(frozen=True)
 class Batch:
+    """One padded batch plus what the loss needs, all computed on the CPU when the batch is made.
+
+    ``target_positions`` are flat indices into ``hidden[:, :-1]`` of the positions whose next token is labelled,
+    and ``targets`` those next tokens: the loss gathers them with ``index_select`` instead of a boolean mask,
+    whose output size the host would have to read back from an accelerator (a sync per batch). The token counts
+    are plain ints for the same reason.
+    """
+
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    target_positions: torch.Tensor
+    targets: torch.Tensor
+    n_tokens: int
+    n_target_tokens: int
 
     @property
-    def n_target_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+    def device(self) -> torch.device:
+        return self.input_ids.device
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on `device`. To CUDA the host tensors are pinned first so the copies are asynchronous
+        (a copy from pageable memory waits for the device to drain: a host sync)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        pin = device.type == "cuda" and self.device.type == "cpu"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            labels=move(self.labels),
+            target_positions=move(self.target_positions),
+            targets=move(self.targets),
+        )
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
-    """Right-pad ids with pad_id and labels with IGNORE_INDEX to the longest row."""
+    """Right-pad ids with pad_id and labels with IGNORE_INDEX to the longest row (on the CPU)."""
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -43,7 +71,16 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
         ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         labels[i, : len(y)] = torch.tensor(y, dtype=torch.long)
         mask[i, : len(x)] = 1
-    return Batch(ids, mask, labels)
+    row, col = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # row-major, as a boolean mask orders them
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        target_positions=row * width + col,
+        targets=labels[row, col + 1],
+        n_tokens=sum(len(x) for x, _ in rows),
+        n_target_tokens=int(row.numel()),
+    )
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

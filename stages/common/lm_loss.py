@@ -7,6 +7,7 @@ lm_head, so memory and time scale with the reply tokens, not the padded batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 
 from kernels.fused_ce import frozen_head_cross_entropy
 from stages.common.batching import Batch, collate, eval_batches
-from stages.common.formatting import IGNORE_INDEX
 
 
 def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -23,38 +23,76 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model.get_decoder(), model.get_output_embeddings()
 
 
+def attention_mask_for(model: Any, batch: Batch) -> torch.Tensor:
+    """The mask to hand the decoder: the 2-D padding mask on the CPU, a ready 4-D mask on an accelerator.
+
+    transformers decides whether it may skip the mask (and use SDPA's causal kernel) by reading the padding mask
+    or the position ids (`.all()`), which on an accelerator is a host sync per forward pass. A 4-D mask is taken
+    as given, so on a device we build it there: causal and key-padding, the same mask transformers builds for a
+    padded batch (boolean for SDPA, additive for eager attention). On the CPU a read costs nothing, so
+    transformers keeps its own choice.
+    """
+    mask = batch.attention_mask
+    impl = getattr(model.config, "_attn_implementation", None)
+    if mask.device.type == "cpu" or impl not in ("sdpa", "eager"):
+        return mask
+    width = mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril_()
+    keep = causal[None, None] & mask[:, None, None, :].bool()
+    if impl == "sdpa":
+        return keep
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
 def summed_loss(model: Any, batch: Batch, chunk: int = 512) -> tuple[torch.Tensor, int]:
-    """Sum of token cross-entropies over labelled positions (fp32), and how many there were."""
+    """Sum of token cross-entropies over labelled positions (fp32, on the model's device), and their count.
+
+    Reads nothing back to the host: positions and counts were computed on the CPU when the batch was made.
+    """
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    targets = batch.labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    h = hidden[:, :-1][keep]
-    y = targets[keep]
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch), use_cache=False
+    ).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_positions)
+    y = batch.targets
     weight = getattr(head, "weight", None)
     if weight is not None and not weight.requires_grad and getattr(head, "bias", None) is None:
-        return frozen_head_cross_entropy(h, weight, y, chunk), int(y.numel())
+        return frozen_head_cross_entropy(h, weight, y, chunk), batch.n_target_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         logits = head(h[s : s + chunk]).float()
         total = total + F.cross_entropy(logits, y[s : s + chunk], reduction="sum")
-    return total, int(y.numel())
+    return total, batch.n_target_tokens
+
+
+def model_device(model: Any) -> torch.device:
+    """Where the model computes (its first parameter, else buffer)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 @torch.no_grad()
 def heldout_loss(
     model: Any, rows: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int
 ) -> dict[str, float]:
-    """Token-weighted mean loss over every labelled token of the rows, and its perplexity."""
+    """Token-weighted mean loss over every labelled token of the rows, and its perplexity.
+
+    Batches are made on the CPU and moved to the model's device; the sum stays there until one read at the end.
+    """
     was_training = model.training
     model.eval()
+    device = model_device(model)
     lengths = [len(ids) for ids, _ in rows]
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for idx in eval_batches(lengths, batch_size):
-        batch = collate([rows[i] for i in idx], pad_id)
-        s, n = summed_loss(model, batch)
-        total += float(s)
+        s, n = summed_loss(model, collate([rows[i] for i in idx], pad_id).to(device))
+        total += s.double()
         count += n
     model.train(was_training)
-    mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": float(torch.exp(torch.tensor(mean))), "tokens": count}
+    mean = total.item() / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}

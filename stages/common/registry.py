@@ -13,6 +13,9 @@ class StageSpec:
     params: tuple[str, ...]
     code: tuple[str, ...]
     """Source paths (relative to the repo root) whose change must re-run the stage."""
+    uses_device: bool = False
+    """Computes on `runtime.device` (the others run on the CPU by design: quantize's bytes are defined by CPU
+    arithmetic, merge is one fp32 matmul per layer, prepare and release only move bytes)."""
 
 
 COMMON_CODE = ("stages/common",)
@@ -36,8 +39,9 @@ STAGES: dict[str, StageSpec] = {
     "train": StageSpec(
         "train",
         ("prepare", "quantize"),
-        ("train", "evaluate"),
+        ("runtime", "train", "evaluate"),
         ("stages/train.py", *COMMON_CODE, "kernels"),
+        uses_device=True,
     ),
     "merge": StageSpec(
         "merge",
@@ -48,13 +52,14 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec(
         "evaluate",
         ("prepare", "quantize", "train", "merge"),
-        ("evaluate",),
+        ("runtime", "evaluate"),
         ("stages/evaluate.py", *COMMON_CODE, "kernels"),
+        uses_device=True,
     ),
     "export": StageSpec(
         "export",
         ("prepare", "merge"),
-        ("export", "evaluate"),
+        ("runtime", "export", "evaluate"),
         (
             "stages/export.py",
             *COMMON_CODE,
@@ -64,6 +69,7 @@ STAGES: dict[str, StageSpec] = {
             "kernels/gptq_format.py",
             "kernels/gptq_model.py",
         ),
+        uses_device=True,
     ),
     "release": StageSpec(
         "release",

@@ -101,8 +101,9 @@ class StageMeter:
 
 
 @contextlib.contextmanager
-def measure(interval_s: float = 0.05) -> Iterator[StageMeter]:
-    """Sample RSS in a thread while the block runs; ru_maxrss would give the process peak, not the stage's."""
+def measure(device: str = "cpu", interval_s: float = 0.05) -> Iterator[StageMeter]:
+    """Sample RSS in a thread while the block runs (ru_maxrss would give the process peak, not the stage's);
+    on a CUDA device also the allocator's peaks over the block."""
     meter = StageMeter()
     start_rss = _rss_bytes()
     peak = [start_rss]
@@ -112,11 +113,11 @@ def measure(interval_s: float = 0.05) -> Iterator[StageMeter]:
         while not stop.wait(interval_s):
             peak[0] = max(peak[0], _rss_bytes())
 
-    cuda = _cuda_available()
-    if cuda:
-        import torch
+    on_device = device != "cpu"
+    if on_device:
+        from stages.common.device import reset_peak_memory
 
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(device)
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     t0 = time.perf_counter()
@@ -129,21 +130,10 @@ def measure(interval_s: float = 0.05) -> Iterator[StageMeter]:
         peak[0] = max(peak[0], _rss_bytes())
         meter.peak_rss_mb = peak[0] / 2**20
         meter.start_rss_mb = start_rss / 2**20
-        if cuda:
-            import torch
+        if on_device:
+            from stages.common.device import peak_memory_mb
 
-            meter.cuda = {
-                "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
-                "cuda_max_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
-            }
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+            meter.cuda = peak_memory_mb(device)
 
 
 def utc_now() -> str:

@@ -25,6 +25,7 @@ from stages.common.artifacts import (
 )
 from stages.common.errors import PipelineError
 from stages.common.params import Params, load_params
+from stages.common.preflight import preflight
 from stages.common.registry import STAGES
 from stages.common.runtime import REPO_ROOT, code_hash, code_version, library_versions, measure, utc_now
 from stages.common.tracking import Tracker, set_offline_env
@@ -40,6 +41,8 @@ class StageContext:
     artifacts_root: Path
     parents: dict[str, Manifest]
     tracker: Tracker
+    device: str = "cpu"
+    """Where this stage computes: `runtime.device` resolved for train/evaluate/export, 'cpu' for the others."""
     inputs: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +88,7 @@ def execute(stage: str, params: Params, body: Callable[[StageContext], dict[str,
     """Run one stage end to end; raise PipelineError (one line) on bad input, leave no partial artifact."""
     set_offline_env()
     spec = STAGES[stage]
+    device = preflight(params, stage, spec.uses_device)
     root = artifacts_root(params)
     clean_stale_temps(root)
     parents = {p: verify_artifact(root / p, p) for p in spec.parents}
@@ -93,9 +97,9 @@ def execute(stage: str, params: Params, body: Callable[[StageContext], dict[str,
     section_params = {s: params.section(s) for s in spec.params}
     cv = code_version()
     with tracker.run(stage, tags={"stage": stage}) as run_id, atomic_output_dir(root / stage) as tmp:
-        ctx = StageContext(stage, params, tmp, root, parents, tracker)
+        ctx = StageContext(stage, params, tmp, root, parents, tracker, device)
         tracker.log_params(section_params)
-        with measure() as meter:
+        with measure(device) as meter:
             metrics = body(ctx)
         manifest = Manifest(
             stage=stage,
@@ -106,6 +110,7 @@ def execute(stage: str, params: Params, body: Callable[[StageContext], dict[str,
             metrics=metrics,
             timings={"wall_s": round(meter.wall_s, 3)},
             memory=meter.as_memory(),
+            device=device,
             libraries=library_versions(),
             created_at=utc_now(),
             extra={"mlflow_run_id": run_id, "code_hash": code_hash(list(spec.code)), **ctx.extra},
@@ -115,6 +120,7 @@ def execute(stage: str, params: Params, body: Callable[[StageContext], dict[str,
         tracker.log_metrics({"wall_s": meter.wall_s, **{f"memory.{k}": v for k, v in manifest.memory.items()}})
         tracker.set_tags(
             {
+                "device": device,
                 "git_commit": cv.get("commit"),
                 "git_dirty": cv.get("dirty"),
                 "manifest_outputs": len(manifest.outputs),
