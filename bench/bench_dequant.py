@@ -1,12 +1,15 @@
 """Dequant time and effective bandwidth of NF4 + double quant -> bf16: ours vs bitsandbytes, same run.
 
 On CUDA: a 4096x14336 weight (a 7B/8B MLP projection), Triton one-launch kernel vs the torch reference vs bnb
-(if installed). On CPU there is no Triton (only its slow interpreter) and the torch reference is the CPU
-path, so it compares the torch reference with bnb's CPU kernel on a 1024x3584 weight (1/16 of the size) and
-says so. Effective bandwidth = (bytes read + bytes written) / time: packed codes, uint8 absmax, nested absmax
-and both code tables read once, the bf16 output written once. Writes bench/results/dequant.json.
+(if installed), the L2 cache flushed before every timed call (a 256 MiB write, more than the H200's 60 MB L2),
+and the device's copy bandwidth measured in the same run (a 1 GiB device-to-device copy, bytes read + written),
+so each kernel's bandwidth is also given as a share of what the memory really delivers. On CPU there is no Triton
+(only its slow interpreter) and the torch reference is the CPU path, so it compares the torch reference with
+bnb's CPU kernel on a 1024x3584 weight (1/16 of the size) and says so. Effective bandwidth = (bytes read + bytes
+written) / time: packed codes, uint8 absmax, nested absmax and both code tables read once, the bf16 output
+written once. Writes bench/results/dequant.json (CPU) or bench/results/gpu-dequant.json (CUDA), or --out.
 
-    python bench/bench_dequant.py [--repeats 50]
+    python bench/bench_dequant.py [--repeats 50] [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -38,15 +41,23 @@ def traffic_bytes(nf4: NF4Weight, out_dtype: torch.dtype) -> int:
     return read + nf4.numel * torch.empty(0, dtype=out_dtype).element_size()
 
 
+L2_FLUSH_BYTES = 256 * 2**20
+COPY_BYTES = 2**30
+
+
 def time_all(fns: dict[str, Callable[[], torch.Tensor]], repeats: int, cuda: bool) -> dict[str, float]:
-    """Median ms per call of each function; calls alternate between them so background load hits all alike."""
+    """Median ms per call of each function; calls alternate between them so background load hits all alike.
+    On CUDA the L2 is flushed before each timed call, so every kernel reads its inputs from device memory."""
     for fn in fns.values():
         for _ in range(3):
             fn()
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if cuda else None
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             if cuda:
+                assert flush is not None
+                flush.zero_()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
@@ -58,6 +69,14 @@ def time_all(fns: dict[str, Callable[[], torch.Tensor]], repeats: int, cuda: boo
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1000)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def copy_bandwidth_gb_s(repeats: int = 10) -> float:
+    """Device-to-device copy of 1 GiB, (bytes read + bytes written) / median time: the memory's real ceiling."""
+    src = torch.empty(COPY_BYTES // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_all({"copy": lambda: dst.copy_(src)}, repeats, cuda=True)["copy"]
+    return 2 * src.numel() * src.element_size() / (ms / 1000) / 1e9
 
 
 def bnb_dequant(nf4: NF4Weight) -> Callable[[], torch.Tensor] | None:
@@ -75,11 +94,17 @@ def bnb_dequant(nf4: NF4Weight) -> Callable[[], torch.Tensor] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dequant.json")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    from stages.common.device import resolve_device
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / ("gpu-dequant.json" if cuda else "dequant.json")
     shape = GPU_SHAPE if cuda else CPU_SHAPE
     out_dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -98,15 +123,19 @@ def main() -> None:
         candidates["bnb"] = bnb_fn
 
     results: dict[str, dict] = {}
+    copy_gb_s = copy_bandwidth_gb_s() if cuda else None
     for name, ms in time_all(candidates, args.repeats, cuda).items():
         fn = candidates[name]
         same = torch.equal(fn().view(torch.int16), ref_out.view(torch.int16))
-        results[name] = {"ms": ms, "GB_per_s": moved / (ms / 1000) / 1e9, "bit_exact_vs_reference": same}
+        gb_s = moved / (ms / 1000) / 1e9
+        results[name] = {"ms": ms, "us": ms * 1000, "GB_per_s": gb_s, "bit_exact_vs_reference": same}
+        if copy_gb_s:
+            results[name]["percent_of_copy_bandwidth"] = 100 * gb_s / copy_gb_s
     base = "bnb" if "bnb" in results else "torch_reference"
     for r in results.values():
         r[f"speedup_vs_{base}"] = results[base]["ms"] / r["ms"]
 
-    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     note = (
         "CUDA: Triton one-launch kernel vs torch reference vs bnb"
         if cuda
@@ -120,14 +149,19 @@ def main() -> None:
         "blocksize": 64,
         "double_quant": True,
         "bytes_moved": moved,
+        "l2_flushed_between_runs": cuda,
+        "copy_bandwidth_GB_per_s": copy_gb_s,
         "note": note,
         "results": results,
         "torch": torch.__version__,
     }
     print(note)
+    if copy_gb_s:
+        print(f"device copy bandwidth: {copy_gb_s:.0f} GB/s (1 GiB copy, read + write)")
     for name, r in results.items():
+        share = f"  {r['percent_of_copy_bandwidth']:5.1f}% of copy" if "percent_of_copy_bandwidth" in r else ""
         print(
-            f"{name:>16}: {r['ms']:8.3f} ms  {r['GB_per_s']:8.1f} GB/s  "
+            f"{name:>16}: {r['us']:9.1f} us  {r['GB_per_s']:8.1f} GB/s{share}  "
             f"x{r[f'speedup_vs_{base}']:.2f} vs {base}  bit-exact={r['bit_exact_vs_reference']}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

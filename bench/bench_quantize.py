@@ -45,7 +45,7 @@ def time_bnb(weights: dict[str, torch.Tensor], blocksize: int) -> float | None:
     return time.perf_counter() - t0
 
 
-def heldout_losses(artifacts: Path, batch_size: int) -> dict[str, float]:
+def heldout_losses(artifacts: Path, batch_size: int, device: torch.device) -> dict[str, float]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,14 +58,14 @@ def heldout_losses(artifacts: Path, batch_size: int) -> dict[str, float]:
     rows = list(zip(test["input_ids"], test["labels"], strict=True))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = {}
-    bf16 = AutoModelForCausalLM.from_pretrained(prep / "model", dtype=torch.bfloat16)
+    bf16 = AutoModelForCausalLM.from_pretrained(prep / "model", dtype=torch.bfloat16).to(device)
     t0 = time.perf_counter()
     out["bf16"] = heldout_loss(bf16, rows, batch_size, pad)["loss"]
     out["bf16_eval_s"] = time.perf_counter() - t0
     del bf16
     qdir = artifacts / "quantize" / "model"
     if qdir.exists():
-        nf4 = load_4bit_model(qdir, compute_dtype=torch.bfloat16)
+        nf4 = load_4bit_model(qdir, compute_dtype=torch.bfloat16).to(device)
         t0 = time.perf_counter()
         out["nf4_ours"] = heldout_loss(nf4, rows, batch_size, pad)["loss"]
         out["nf4_eval_s"] = time.perf_counter() - t0
@@ -78,17 +78,21 @@ def main() -> None:
     ap.add_argument("--blocksize", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="where the held-out losses are computed (quantizing is CPU)")
     args = ap.parse_args()
+    from stages.common.device import resolve_device
+
+    device = resolve_device(args.device)
 
     weights = linear_weights(args.artifacts / "prepare" / "model")
     n = sum(w.numel() for w in weights.values())
     ours = min(time_ours(weights, args.blocksize) for _ in range(args.repeats))
     bnb = [time_bnb(weights, args.blocksize) for _ in range(args.repeats)]
     bnb_s = min(b for b in bnb if b is not None) if any(b is not None for b in bnb) else None
-    losses = heldout_losses(args.artifacts, args.batch_size)
+    losses = heldout_losses(args.artifacts, args.batch_size, device)
     result = {
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-        "device": "cpu",
+        "device": "cpu (quantize), " + str(device) + " (losses)",
         "n_weights": len(weights),
         "n_params": n,
         "ours_quantize_s": round(ours, 3),

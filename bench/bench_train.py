@@ -1,13 +1,18 @@
 """QLoRA training step time, tokens/s, peak memory and held-out loss: ours vs transformers+bitsandbytes+peft.
 
-    .venv/bin/python bench/bench_train.py [--steps 20] [--same-batches]
+    .venv/bin/python bench/bench_train.py [--steps 20] [--same-batches] [--device auto|cpu|cuda]
+                                          [--model smollm2|llama3-8b-shape] [--layers 2] [--out FILE]
 
-Same model (SmolLM2-135M-Instruct bf16 → NF4+DQ), same data (artifacts/prepare), batch 8, seq ≤ 256,
-LoRA r=16 α=32 dropout 0.05 on all 7 projections, gradient checkpointing, lr 2e-4 constant, clip 0.3.
-Each configuration runs in its own subprocess so peak RSS is its own; all run in this one invocation.
+Same model, same data (artifacts/prepare), batch 8, seq ≤ 256, LoRA r=16 α=32 dropout 0.05 on all 7
+projections, gradient checkpointing, lr 2e-4 constant, clip 0.3. `smollm2` is SmolLM2-135M-Instruct as prepare
+and quantize left it; `llama3-8b-shape` is a random model with Llama-3-8B's layer shapes (hidden 4096, FFN 14336,
+32 heads / 8 KV heads, vocab 128256, untied head) cut to `--layers` decoder blocks, quantized by our NF4 code.
+Each configuration runs in its own subprocess so its peak memory is its own (peak RSS on the CPU,
+`torch.cuda.max_memory_allocated` on a GPU); all run in this one invocation. On a GPU the bnb+peft baseline
+runs under bf16 autocast, as HF Trainer with `bf16=True` runs it (`--no-bnb-autocast` turns that off).
 By default each stack batches as it does out of the box (bnb+peft: random batches padded to the longest
 row, as HF Trainer; ours: length-grouped); `--same-batches` feeds both the identical batches.
-Writes bench/results/train.json.
+Writes bench/results/train.json (CPU) or bench/results/gpu-train-<model>.json (GPU), or --out.
 """
 
 from __future__ import annotations
@@ -46,41 +51,93 @@ def load_rows(artifacts: Path, split: str) -> list[tuple[list[int], list[int]]]:
     return list(zip(ds["input_ids"], ds["labels"], strict=True))
 
 
+def llama3_8b_shape(out: Path, layers: int, tokenizer_dir: Path) -> Path:
+    """A random bf16 model with Llama-3-8B's layer shapes and `layers` decoder blocks, plus our NF4 copy of it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kernels.checkpoint4bit import save_4bit_checkpoint
+
+    bf16, nf4 = out / "bf16", out / "nf4"
+    if (nf4 / "config.json").exists():
+        return out
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(bf16, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(bf16)
+    save_4bit_checkpoint(bf16, nf4, blocksize=64, compute_dtype="bfloat16")
+    return out
+
+
+def model_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(16-bit folder for bnb+peft, our NF4 folder) of the benchmarked model."""
+    if args.model == "smollm2":
+        return args.artifacts / "prepare" / "model", args.artifacts / "quantize" / "model"
+    root = args.artifacts.parent / ".bench" / f"llama3-8b-shape-{args.layers}l"
+    return root / "bf16", root / "nf4"
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One configuration, in this process: train `steps` steps, then held-out loss on the test split."""
     import torch
 
     from stages.common.batching import batch_stream, collate
+    from stages.common.device import peak_memory_mb, reset_peak_memory, resolve_device
     from stages.common.lm_loss import heldout_loss
 
     torch.manual_seed(0)
+    device = resolve_device(args.device)
     rows = load_rows(args.artifacts, "train")
-    test = load_rows(args.artifacts, "test")
+    test = load_rows(args.artifacts, "test")[: args.eval_rows]
     pad = 2
     if args.batching == "grouped":
         stream = batch_stream([len(r[0]) for r in rows], 8, seed=0)
         order = [next(stream) for _ in range(args.steps)]
     else:
         order = random_batches(len(rows), 8, 0, args.steps)
+    bf16_dir, nf4_dir = model_dirs(args)
+    reset_peak_memory(device)
     if args.stack == "ours":
-        model, trainable, step_fn = _ours(args)
+        model, trainable, step_fn = _ours(args, nf4_dir, device)
     else:
-        model, trainable, step_fn = _bnb(args)
+        model, trainable, step_fn = _bnb(args, bf16_dir, device)
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_model = peak_memory_mb(device)
     times, tokens, losses = [], [], []
     for idx in order:
-        batch = collate([rows[i] for i in idx], pad)
+        batch = collate([rows[i] for i in idx], pad).to(device)
         t0 = time.perf_counter()
-        loss = step_fn(batch)
+        loss = step_fn(batch)  # returns a float: the step has finished on the device
         times.append(time.perf_counter() - t0)
         tokens.append(batch.n_tokens)
         losses.append(loss)
+    gpu_train = peak_memory_mb(device)
     timed = slice(2, None) if len(times) > 4 else slice(None)
     held = heldout_loss(model, test, 8, pad)["loss"] if args.eval else None
     return {
         "stack": args.stack,
+        "model": args.model,
+        "device": str(device),
         "optimizer": args.optimizer,
         "batching": args.batching,
+        "bnb_autocast": args.bnb_autocast if args.stack == "bnb+peft" else None,
+        "peak_gpu_allocated_mb": gpu_train.get("cuda_max_allocated_mb"),
+        "peak_gpu_reserved_mb": gpu_train.get("cuda_max_reserved_mb"),
+        "gpu_allocated_after_load_mb": gpu_model.get("cuda_max_allocated_mb"),
         "steps": len(times),
         "median_step_s": statistics.median(times[timed]),
         "tokens_per_s": sum(tokens[timed]) / sum(times[timed]),
@@ -94,16 +151,15 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
-def _ours(args: argparse.Namespace):
+def _ours(args: argparse.Namespace, nf4_dir: Path, device):
     import torch
 
     from stages.common.lm_loss import summed_loss
     from stages.common.params import TrainParams
-    from stages.train import build_model, device_and_dtype, make_optimizer, set_checkpointing
+    from stages.train import build_model, compute_dtype, make_optimizer, set_checkpointing
 
     t = TrainParams(optimizer=args.optimizer, lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
-    device, dtype = device_and_dtype(t)
-    model, trainable = build_model(args.artifacts / "quantize" / "model", t, device, dtype)
+    model, trainable = build_model(nf4_dir, t, device, compute_dtype(t, device))
     opt = make_optimizer(trainable, t)
     model.train()
 
@@ -120,7 +176,9 @@ def _ours(args: argparse.Namespace):
     return model, trainable, step
 
 
-def _bnb(args: argparse.Namespace):
+def _bnb(args: argparse.Namespace, bf16_dir: Path, device):
+    import contextlib
+
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -133,7 +191,7 @@ def _bnb(args: argparse.Namespace):
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        args.artifacts / "prepare" / "model", quantization_config=qc, dtype=torch.bfloat16, device_map="cpu"
+        bf16_dir, quantization_config=qc, dtype=torch.bfloat16, device_map={"": str(device)}
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(
@@ -144,8 +202,14 @@ def _bnb(args: argparse.Namespace):
     opt = cls(trainable, lr=2e-4, weight_decay=0.0)
     model.train()
 
+    def autocast():
+        if not args.bnb_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # HF Trainer's bf16=True
+
     def step(batch) -> float:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        with autocast():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 0.3)
         opt.step()
@@ -155,65 +219,92 @@ def _bnb(args: argparse.Namespace):
     return model, trainable, step
 
 
+def run_worker(args: argparse.Namespace, stack: str, bits: str, batching: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--optimizer", f"paged_adamw_{bits}"]
+    cmd += ["--batching", batching, "--steps", str(args.steps), "--artifacts", str(args.artifacts)]
+    cmd += ["--device", args.device, "--model", args.model, "--layers", str(args.layers)]
+    cmd += [] if args.eval_rows is None else ["--eval-rows", str(args.eval_rows)]
+    cmd += [] if args.eval else ["--no-eval"]
+    cmd += ["--bnb-autocast" if args.bnb_autocast else "--no-bnb-autocast"]
+    print(f"running {stack} paged_adamw_{bits} on {args.model} ({batching} batches, {args.steps} steps)", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stderr[-3000:])
+        raise SystemExit(f"{stack} failed")
+    res = json.loads(line[len("RESULT ") :])
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--same-batches", action="store_true")
     ap.add_argument("--no-eval", dest="eval", action="store_false")
+    ap.add_argument("--eval-rows", type=int, default=None, help="score only the first N test rows")
     ap.add_argument("--optimizers", default="32bit,8bit")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (as runtime.device)")
+    ap.add_argument("--model", choices=("smollm2", "llama3-8b-shape"), default="smollm2")
+    ap.add_argument("--layers", type=int, default=2, help="decoder blocks of the llama3-8b-shape model")
+    ap.add_argument("--bnb-autocast", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stack", default="ours")
     ap.add_argument("--optimizer", default="paged_adamw_32bit")
     ap.add_argument("--batching", default="grouped")
     args = ap.parse_args()
+    from stages.common.device import describe, resolve_device
+
+    device = resolve_device(args.device)
+    if args.bnb_autocast is None:
+        args.bnb_autocast = device.type == "cuda"
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return
+    if args.model == "llama3-8b-shape":
+        llama3_8b_shape(model_dirs(args)[0].parent, args.layers, args.artifacts / "prepare" / "model")
     results = []
     for bits in args.optimizers.split(","):
         for stack in ("bnb+peft", "ours"):
             batching = "random" if (stack == "bnb+peft" or args.same_batches) else "grouped"
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                "--stack",
-                stack,
-                "--optimizer",
-                f"paged_adamw_{bits}",
-                "--batching",
-                batching,
-                "--steps",
-                str(args.steps),
-                "--artifacts",
-                str(args.artifacts),
-            ]
-            if not args.eval:
-                cmd.append("--no-eval")
-            print(f"running {stack} paged_adamw_{bits} ({batching} batches, {args.steps} steps) ...", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(proc.stderr[-3000:])
-                raise SystemExit(f"{stack} failed")
-            res = json.loads(line[len("RESULT ") :])
-            print(json.dumps(res), flush=True)
-            results.append(res)
+            results.append(run_worker(args, stack, bits, batching))
     ratios = {}
     for bits in args.optimizers.split(","):
         base = next(r for r in results if r["stack"] == "bnb+peft" and r["optimizer"].endswith(bits))
         ours = next(r for r in results if r["stack"] == "ours" and r["optimizer"].endswith(bits))
         ratios[f"paged_adamw_{bits}"] = {
-            "step_time_ratio_ours_over_bnb": round(ours["median_step_s"] / base["median_step_s"], 3),
-            "tokens_per_s_ratio_ours_over_bnb": round(ours["tokens_per_s"] / base["tokens_per_s"], 3),
-            "peak_rss_ratio_ours_over_bnb": round(ours["peak_rss_mb"] / base["peak_rss_mb"], 3),
+            "step_time_ratio_ours_over_bnb": ratio(ours["median_step_s"], base["median_step_s"]),
+            "tokens_per_s_ratio_ours_over_bnb": ratio(ours["tokens_per_s"], base["tokens_per_s"]),
+            "peak_rss_ratio_ours_over_bnb": ratio(ours["peak_rss_mb"], base["peak_rss_mb"]),
+            "peak_gpu_allocated_ratio_ours_over_bnb": ratio(
+                ours["peak_gpu_allocated_mb"], base["peak_gpu_allocated_mb"]
+            ),
             "heldout_loss_bnb": base["heldout_loss"],
             "heldout_loss_ours": ours["heldout_loss"],
         }
-    summary = {"steps": args.steps, "same_batches": args.same_batches, "results": results, "ratios": ratios}
+    summary = {
+        "device": describe(device),
+        "model": args.model,
+        "layers": args.layers if args.model != "smollm2" else None,
+        "steps": args.steps,
+        "same_batches": args.same_batches,
+        "bnb_autocast": args.bnb_autocast,
+        "results": results,
+        "ratios": ratios,
+    }
     print(json.dumps(ratios, indent=1))
-    out = ROOT / "bench" / "results" / ("train_same_batches.json" if args.same_batches else "train.json")
+    if args.out is not None:
+        out = args.out
+    elif device.type == "cuda":
+        out = ROOT / "bench" / "results" / f"gpu-train-{args.model}.json"
+    else:
+        out = ROOT / "bench" / "results" / ("train_same_batches.json" if args.same_batches else "train.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
 

@@ -19,7 +19,7 @@ def render() -> str:
         spec = STAGES[name]
         deps = [*spec.code, *EXTRA_DEPS.get(name, []), *(f"artifacts/{p}" for p in spec.parents)]
         stages[name] = {
-            "cmd": f"python -m stages.{name}",
+            "cmd": f"sh pipelines/dvc_stage.sh {name}",
             "deps": deps,
             "params": list(spec.params),
             "outs": [f"artifacts/{name}"],

@@ -106,7 +106,12 @@ def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_ll
     raw["data"]["seed"] = 0
     raw = parse_params(raw).model_dump(mode="json")  # every section: dvc.yaml lists them all
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # As the README runs it: the checkout's .venv/bin/dvc, no venv activated, the venv's bin not on the PATH.
+    venv_bin = Path(sys.executable).parent
+    (work / ".venv").symlink_to(venv_bin.parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != venv_bin)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path, "VIRTUAL_ENV": ""}
+    dvc = str(work / ".venv" / "bin" / "dvc")
 
     def sh(*cmd: str) -> str:
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
@@ -114,18 +119,19 @@ def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_ll
         return proc.stdout + proc.stderr
 
     sh("git", "init", "-q")
-    sh("dvc", "init", "-q")
-    out1 = sh("dvc", "repro", "prepare")
+    (work / ".gitignore").write_text(".venv\n")
+    sh(dvc, "init", "-q")
+    out1 = sh(dvc, "repro", "prepare")
     assert "Running stage 'prepare'" in out1
     assert (work / "artifacts" / "prepare" / "manifest.json").exists()
     lock = yaml.safe_load((work / "dvc.lock").read_text())
     assert lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["seed"] == 0
-    out2 = sh("dvc", "repro", "prepare")
+    out2 = sh(dvc, "repro", "prepare")
     assert "Running stage" not in out2 and "didn't change" in out2
     raw["data"]["seed"] = 1
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
-    assert "modified:           data" in sh("dvc", "status")
-    assert "Running stage 'prepare'" in sh("dvc", "repro", "prepare")
+    assert "modified:           data" in sh(dvc, "status")
+    assert "Running stage 'prepare'" in sh(dvc, "repro", "prepare")
     metrics = json.loads((work / "metrics" / "prepare.json").read_text())
     assert metrics["metrics"]["splits"]["train"]["examples"] == 32
 
