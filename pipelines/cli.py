@@ -127,7 +127,7 @@ def deploy_cmd(
 
     deployment_id = deploy(pool=pool, cron=cron, name=name, params_path=str(params), timezone=timezone)
     typer.echo(f"deployment qlora_pipeline/{name} ({deployment_id}) on pool {pool}, schedule '{cron}' {timezone}")
-    typer.echo(f"on the GPU node: prefect worker start --pool {pool}")
+    typer.echo(f"on the GPU node, from this checkout: .venv/bin/prefect worker start --pool {pool}")
 
 
 @app.command("check-params")

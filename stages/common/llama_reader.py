@@ -2,8 +2,8 @@
 
 The parent-side functions (``gguf_reply_loss``, ``smoke_check``) never import ``llama_cpp``: they hand a
 payload to :mod:`stages.common.isolation`, which runs the child-side functions below (``_reply_loss``,
-``_smoke``) in a separate process with a time limit. A reader built for the wrong CPU then costs one line
-naming the file and the signal, not the pipeline.
+``_smoke``) in a subprocess (``sys.executable -m stages.common.isolation``) with a time limit. A reader built
+for the wrong CPU then costs one line naming the file and the signal, not the pipeline.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from stages.common.device import resolve_device
 from stages.common.errors import InputError, PipelineError
 from stages.common.params import Params
 
+
 def preflight(params: Params, stage: str, uses_device: bool) -> str:
     """Run the checks for `stage`; return the device it computes on ('cpu' for stages that never use another)."""
     device = str(resolve_device(params.runtime.device))

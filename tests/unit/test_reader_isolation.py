@@ -97,6 +97,20 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return tmp, raw
 
 
+def _cli_stage(stage: str, raw: dict, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`qlora stage STAGE -p params.yaml` in a fresh process, with the stand-in reader for its children."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "stage", stage, "-p", str(params_file)],
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def _no_export_left(tmp: Path) -> None:
     root = tmp / "artifacts"
     assert not (root / "export").exists()
@@ -105,17 +119,7 @@ def _no_export_left(tmp: Path) -> None:
 
 def test_cli_export_with_a_segfaulting_reader_is_one_line_exit_2(merged, tmp_path: Path) -> None:
     tmp, raw = merged
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, **_fake_env("segv")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "stage", "export", "-p", str(params_file)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _cli_stage("export", raw, tmp_path, _fake_env("segv"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -157,17 +161,7 @@ def test_prepare_refuses_a_crashing_reader_before_any_work(merged, tmp_path: Pat
     """The smoke load at prepare catches the reader that would crash at export, before training."""
     _, raw = merged
     raw = {**raw, "tracking": {**raw["tracking"], "artifacts_dir": str(tmp_path / "artifacts")}}
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, **_fake_env("segv"), "QLORA_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "stage", "prepare", "-p", str(params_file)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _cli_stage("prepare", raw, tmp_path, {**_fake_env("segv"), "QLORA_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "crashed with SIGSEGV" in errors[0] and "SmolLM2" in errors[0], proc.stderr[-2000:]
