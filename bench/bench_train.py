@@ -54,7 +54,7 @@ def load_rows(artifacts: Path, split: str) -> list[tuple[list[int], list[int]]]:
 def llama3_8b_shape(out: Path, layers: int, tokenizer_dir: Path) -> Path:
     """A random bf16 model with Llama-3-8B's layer shapes and `layers` decoder blocks, plus our NF4 copy of it."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from kernels.checkpoint4bit import save_4bit_checkpoint
 
@@ -75,8 +75,7 @@ def llama3_8b_shape(out: Path, layers: int, tokenizer_dir: Path) -> Path:
         eos_token_id=2,
     )
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)  # initialised in bf16: half the memory
     model.save_pretrained(bf16, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(bf16)
     save_4bit_checkpoint(bf16, nf4, blocksize=64, compute_dtype="bfloat16")

@@ -1,6 +1,6 @@
 """bitsandbytes 4-bit checkpoint layout: NF4Weight <-> state-dict tensors, and whole-state-dict quantization.
 
-A transformers bnb 4-bit checkpoint stores per quantized linear (nf4-format.md §1.7-1.8):
+A transformers bnb 4-bit checkpoint stores per quantized linear (docs/formats.md, bitsandbytes checkpoint keys):
 
     {p}weight                                   uint8 [(n + 1) // 2, 1]   packed codes
     {p}weight.absmax                            uint8 [blocks] (fp32 without double quant)

@@ -2,7 +2,7 @@
 
 Why not llama.cpp's converter: the `gguf` wheel does not ship `convert_hf_to_gguf.py`, and K-quants need the C
 `llama-quantize`. So this module does both jobs with `gguf.GGUFWriter`, copying the converter's conventions
-(export-formats.md §1):
+(docs/formats.md, GGUF):
 
 * tensor names `token_embd`, `output_norm`, `output`, `blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,ffn_norm,
   ffn_gate,ffn_up,ffn_down}` (`.weight`, plus `.bias` for Qwen2's q/k/v);

@@ -9,7 +9,7 @@ what serving stacks (vLLM, transformers + gptqmodel) expect.
 Choices made here, and why:
 
 * **Symmetric 4-bit, zero = 2^(bits-1)** (8 for 4-bit): the v1 checkpoint stores ``zero - 1``, and an asymmetric zero
-  of 0 underflows (export-formats.md §2.3, pitfall 7); vLLM's Marlin path only takes symmetric weights.
+  of 0 underflows (docs/formats.md, GPTQ v1 checkpoint); vLLM's Marlin path only takes symmetric weights.
 * **Scales are rounded to fp16 when fitted**, before any column is quantized: the checkpoint stores fp16 scales, so
   the error that GPTQ feeds back, the ``dequantized`` weight we return, and what a reader rebuilds from the packed
   file are then bit-identical (no silent fp32→fp16 drift between "what we optimised" and "what we ship").

@@ -1,7 +1,7 @@
 """The GPTQ v1 checkpoint format (``checkpoint_format: "gptq"``): packing, an independent unpacker, and the config.
 
 Layout per quantized ``nn.Linear`` with ``in = K``, ``out = N``, ``b`` bits and ``p = 32 / b`` codes per int32 word
-(export-formats.md §2.2/§2.3; AutoGPTQ ``qlinear_cuda_old``, GPT-QModel ``PackableQuantLinear``, vLLM
+(docs/formats.md, GPTQ v1 checkpoint; AutoGPTQ ``qlinear_cuda_old``, GPT-QModel ``PackableQuantLinear``, vLLM
 ``GPTQLinearMethod.create_weights``, llama.cpp ``dequant_gptq``):
 
 * ``qweight`` int32 ``[K/p, N]``: packed along the **input** dim; input ``r·p + j`` of output ``n`` sits in bits

@@ -8,9 +8,9 @@ will actually produce (errors do not compound unseen). With ``true_sequential`` 
 quantized earlier sets. Members of a set see the same input, so they share one Hessian (3 instead of 7 Hessians per
 block, and the q/k/v and gate/up GEMMs of ``x·xᵀ`` are not repeated).
 
-Embeddings, norms and ``lm_head`` stay 16-bit (export-formats.md §2.2). ``write_gptq_checkpoint`` is the only
-function here that touches files; it writes into a hidden temporary sibling and renames it into place at the end, so
-a failure never leaves a partial folder.
+Embeddings, norms and ``lm_head`` stay 16-bit (docs/formats.md, GPTQ v1 checkpoint). ``write_gptq_checkpoint``
+is the only function here that touches files; it writes into a hidden temporary sibling and renames it into place at
+the end, so a failure never leaves a partial folder.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The weight is frozen, so backward needs only ``dL/dx = dL/dy @ dequant(W)``. Not
 between forward and backward: the autograd node holds a reference to the (already resident) packed weight
 and dequantizes it again, trading one cheap dequant for ``out*in`` 16-bit bytes per layer of activation
 memory. The module's state never depends on what ran before (no eval-time repacking as in bnb 0.50.2 on
-AVX512-BF16 CPUs, see nf4-format.md §7), so eval-then-train gives the same gradients as train alone.
+AVX512-BF16 CPUs, see docs/formats.md, bitsandbytes CPU quirks), so eval-then-train gives the same gradients as
+train alone.
 
 CPU compute dtype, measured on the 2-core AVX512-BF16 dev machine (torch 2.13.0+cpu, 2 threads, other jobs
 running), one SmolLM2-sized layer 576 -> 1536, input 8x256 tokens in the compute dtype, forward + backward

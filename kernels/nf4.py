@@ -1,6 +1,6 @@
 """NF4 4-bit weights with double-quantized absmax: the torch reference, byte-compatible with bitsandbytes.
 
-Format (see shared/reference/nf4-format.md §1): one fp32 absmax per ``blocksize`` consecutive elements of
+Format (see docs/formats.md, NF4 layout): one fp32 absmax per ``blocksize`` consecutive elements of
 the flattened weight; each element becomes the index of a 16-entry table (the literal NF4 values below),
 two per byte with the even element in the high nibble, stored as uint8 ``[(n + 1) // 2, 1]``. With double
 quantization the absmax vector is centred on its mean (``offset``) and quantized to 8 bits with the signed

@@ -9,8 +9,8 @@ Bit-exactness with :func:`kernels.nf4.dequantize_nf4`:
   ``enable_fp_fusion=False`` so the multiply-add is not contracted into an FMA (one rounding, other bits).
 - out = ``fp32(table[nibble] * absmax)``, then one round-to-nearest-even cast to the output dtype.
 - Under ``TRITON_INTERPRET=1`` (CPU) the interpreter truncates fp32 -> bf16 instead of rounding
-  (stack-notes §2), so there the kernel always writes fp32 and torch does the final cast. On CUDA the
-  kernel casts in registers and writes 16-bit directly (half the store traffic).
+  (docs/formats.md, Triton interpreter), so there the kernel always writes fp32 and torch does the final
+  cast. On CUDA the kernel casts in registers and writes 16-bit directly (half the store traffic).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import triton.language as tl
 
 from kernels.nf4 import NF4Weight, shared_table
 
-# Bytes per program. The interpreter pays per program, so it gets a big block (stack-notes §2: 1M values
-# take 6.1 s with 1024 per program and 0.42 s with 16384); on a GPU 1024 bytes (2048 outputs) per program
-# with 4 warps keeps loads coalesced and gives enough programs for a 4096x14336 weight (28672 programs).
+# Bytes per program. The interpreter pays per program, so it gets a big block (docs/formats.md, Triton interpreter:
+# 1M values take 6.1 s with 1024 per program and 0.42 s with 16384); on a GPU 1024 bytes (2048 outputs) per
+# program with 4 warps keeps loads coalesced and gives enough programs for a 4096x14336 weight (28672 programs).
 _BYTES_PER_PROGRAM_GPU = 1024
 _BYTES_PER_PROGRAM_INTERPRETER = 32768
 

@@ -1,9 +1,9 @@
 """GPTQ kernel, v1 packing and the layer-wise driver, checked against numbers, the format spec and RTN.
 
-The oracle for the file format is ``unpack_gptq_v1`` (written from export-formats.md §2.2/§2.3, the same arithmetic
-as AutoGPTQ ``qlinear_cuda_old.forward``, GPT-QModel ``dequantize_weight`` and llama.cpp ``dequant_gptq``) plus a
-hand-built example whose words are spelled out in hex below. Out of this suite (a throwaway venv with gptqmodel 7.6.0
-+ optimum 2.3.0) the same checkpoint loaded through transformers and through GPTQModel.load with the torch kernel
+The oracle for the file format is ``unpack_gptq_v1`` (written from docs/formats.md, GPTQ v1 checkpoint, the same
+arithmetic as AutoGPTQ ``qlinear_cuda_old.forward``, GPT-QModel ``dequantize_weight`` and llama.cpp ``dequant_gptq``)
+plus a hand-built example whose words are spelled out in hex below. Out of this suite (a throwaway venv with gptqmodel
+7.6.0 + optimum 2.3.0) the same checkpoint loaded through transformers and through GPTQModel.load with the torch kernel
 dequantized bit-identically (in fp16) to ``unpack_gptq_v1``.
 """
 

@@ -1,4 +1,4 @@
-"""The torch NF4 reference on its own: format facts from nf4-format.md §1, no oracle needed."""
+"""The torch NF4 reference on its own: format facts (docs/formats.md, NF4 layout), no oracle needed."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_table_is_the_literal_bnb_table() -> None:
     t = nf4_table()
     assert t.dtype == torch.float32 and t.numel() == 16
     assert t[7].item() == 0.0 and t[0].item() == -1.0 and t[15].item() == 1.0
-    # entries a normal-quantile recomputation gets wrong in the last bit (nf4-format.md §1.1)
+    # entries a normal-quantile recomputation gets wrong in the last bit (docs/formats.md, NF4 layout)
     assert t[4].item() == pytest.approx(-0.28444138169288635, abs=0) and t[4].item() != -0.2844412922859192
     assert torch.all(t[1:] > t[:-1])
     assert NF4_VALUES[8] == 0.07958029955625534
@@ -110,7 +110,7 @@ def test_round_trip_error_and_dtypes(dtype: torch.dtype) -> None:
     out = dequantize_nf4(nf4)
     assert out.dtype == dtype and out.shape == w.shape
     rel = nf4_error_stats(w, nf4)["rel_error"]
-    assert 0.085 < rel < 0.10  # NF4 on Gaussian weights: ~0.092 (nf4-format.md §7 measured 0.0936)
+    assert 0.085 < rel < 0.10  # NF4 on Gaussian weights: ~0.092 (docs/formats.md, NF4 round-trip error: 0.0936)
     assert torch.equal(dequantize_nf4(nf4, torch.float32).to(dtype), out)
     assert torch.equal(dequantize(nf4), out)  # CPU dispatcher = reference
 
