@@ -28,8 +28,8 @@ def _has_linear_shape(module: nn.Module) -> bool:
     )
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    """Where the base lives (parameters or buffers: Linear4bit keeps its packed weight in buffers)."""
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module lives (parameters, else buffers: Linear4bit keeps its packed weight in buffers)."""
     for t in module.parameters():
         return t.device
     for t in module.buffers():
@@ -113,7 +113,7 @@ class LoraLinear(nn.Module):
         self.compute_dtype = compute_dtype
         # nn.Identity when p == 0 (as peft does): no RNG draw, no extra kernel.
         self.dropout: nn.Module = FastDropout(dropout) if dropout > 0 else nn.Identity()
-        device = _module_device(base)
+        device = module_device(base)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=adapter_dtype))
         self.reset_lora_parameters()

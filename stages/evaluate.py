@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from kernels.lora import module_device
 from stages.common.dataio import Record
 from stages.common.formatting import prompt_text
-from stages.common.lm_loss import heldout_loss, model_device
+from stages.common.lm_loss import heldout_loss
 from stages.common.modelio import cast_parameters, pad_token_id
 from stages.common.params import Params
 from stages.common.stage import StageContext, execute, stage_main
@@ -62,7 +63,7 @@ def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
     outs = []
-    device = model_device(model)
+    device = module_device(model)
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).to(device)
         gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)

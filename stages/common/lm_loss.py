@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.fused_ce import frozen_head_cross_entropy
+from kernels.lora import module_device
 from stages.common.batching import Batch, collate, eval_batches
 
 
@@ -66,15 +67,6 @@ def summed_loss(model: Any, batch: Batch, chunk: int = 512) -> tuple[torch.Tenso
     return total, batch.n_target_tokens
 
 
-def model_device(model: Any) -> torch.device:
-    """Where the model computes (its first parameter, else buffer)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def heldout_loss(
     model: Any, rows: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int
@@ -85,7 +77,7 @@ def heldout_loss(
     """
     was_training = model.training
     model.eval()
-    device = model_device(model)
+    device = module_device(model)
     lengths = [len(ids) for ids, _ in rows]
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0

@@ -63,6 +63,8 @@ STAGES: dict[str, StageSpec] = {
         (
             "stages/export.py",
             *COMMON_CODE,
+            "kernels/fused_ce.py",  # the held-out loss (stages/common/lm_loss.py) runs through these two
+            "kernels/lora.py",
             "kernels/gguf_export.py",
             "kernels/kquants.py",
             "kernels/gptq.py",
