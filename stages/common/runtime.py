@@ -33,10 +33,17 @@ LIBRARIES = (
 
 
 NOT_CODE = ("params.yaml", "dvc.lock", "metrics")
+CODE_DIRS = ("stages", "kernels", "pipelines")
+"""Where a file git does not track yet is code that would ship unrecorded (a new module imported by a stage)."""
 
 
-def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """git commit and dirty flag of the checkout; an auditor needs both to trust a number."""
+def code_version(root: Path | None = None) -> dict[str, Any]:
+    """git commit and dirty flag of the checkout; an auditor needs both to trust a number.
+
+    Dirty: a tracked file differs from the commit (params.yaml, dvc.lock and metrics/ excepted: they change with
+    every run and the lineage records them itself), or an untracked, unignored file sits in a code folder.
+    """
+    root = REPO_ROOT if root is None else root
 
     def git(*args: str) -> str | None:
         try:
@@ -46,9 +53,14 @@ def code_version(root: Path = REPO_ROOT) -> dict[str, Any]:
         return out.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    # params.yaml, dvc.lock and metrics/ change with every run and are recorded in the lineage themselves
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in NOT_CODE))
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    status = git("status", "--porcelain", "--untracked-files=all", "--", ".", *(f":!{p}" for p in NOT_CODE))
+    if status is None:
+        return {"commit": commit, "dirty": None}
+    changed = [ln for ln in status.splitlines() if ln.strip()]
+    dirty = any(
+        not ln.startswith("??") or ln[3:].strip('"').startswith(tuple(f"{d}/" for d in CODE_DIRS)) for ln in changed
+    )
+    return {"commit": commit, "dirty": dirty}
 
 
 def code_hash(paths: list[str], root: Path = REPO_ROOT) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -59,7 +61,8 @@ def test_bundle_contents_lineage_and_tarball(released) -> None:
         assert (bundle / rel).exists(), rel
     lineage = json.loads((bundle / "lineage.json").read_text())
     assert set(lineage["stages"]) == {"prepare", "quantize", "train", "merge", "evaluate", "export"}
-    assert lineage["code_version"]["commit"] == runtime.code_version()["commit"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=runtime.REPO_ROOT, capture_output=True, text=True)
+    assert lineage["code_version"]["commit"] == head.stdout.strip()
     assert lineage["files"]["gguf/model-F16.gguf"]
     with tarfile.open(tmp / "artifacts" / "release" / f"{bundle.name}.tar.gz") as tar:
         names = tar.getnames()
@@ -67,6 +70,34 @@ def test_bundle_contents_lineage_and_tarball(released) -> None:
     assert (tmp / "releases" / bundle.name / "lineage.json").exists(), "published next to earlier releases"
     card = (bundle / "README.md").read_text()
     assert "original 16-bit weights" in card and "| GGUF Q8_0 |" in card
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lineage_hashes_are_the_sha256_of_the_real_bytes(released) -> None:
+    """One chain, hashed here with hashlib, not with the product's hashing: served GGUF → export manifest →
+    merged weights → adapter → training data file."""
+    tmp, params, _, bundle = released
+    lineage = json.loads((bundle / "lineage.json").read_text())
+    art = tmp / "artifacts"
+    gguf = _sha256(bundle / "gguf" / "model-Q8_0.gguf")
+    assert lineage["files"]["gguf/model-Q8_0.gguf"] == gguf
+    assert (
+        lineage["stages"]["export"]["outputs"]["gguf/model-Q8_0.gguf"]
+        == gguf
+        == _sha256(art / "export" / "gguf" / "model-Q8_0.gguf")
+    )
+    merged = _sha256(art / "merge" / "model" / "model.safetensors")
+    assert lineage["stages"]["merge"]["outputs"]["model/model.safetensors"] == merged
+    assert lineage["files"]["model/model.safetensors"] == merged
+    adapter = _sha256(art / "train" / "adapter" / "adapter_model.safetensors")
+    assert lineage["stages"]["train"]["outputs"]["adapter/adapter_model.safetensors"] == adapter
+    data = Path(params.data.path)
+    (recorded,) = [v for k, v in lineage["stages"]["prepare"]["inputs"].items() if k.endswith(data.name)]
+    assert recorded == _sha256(data)
+    assert lineage["stages"]["export"] == json.loads((art / "export" / "manifest.json").read_text())
 
 
 def test_verify_passes_then_fails_naming_a_tampered_byte(released, tmp_path) -> None:

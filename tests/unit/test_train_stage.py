@@ -179,24 +179,58 @@ def test_adapter_loads_in_peft_on_transformers_4bit_base_with_same_logits(quanti
         b = theirs(ids).logits.float()
         with theirs.disable_adapter():
             plain = theirs(ids).logits.float()
-    lora_effect = (a - plain).abs().max()
-    assert lora_effect > 1e-3, "the adapter must change the logits for this comparison to mean anything"
-    assert (a - b).abs().max() < 3e-2, (a - b).abs().max()
+    # Measured (2-core CPU, torch 2.13, bnb 0.50.2, 2026-12-03): the trained adapter moves the logits by 0.92 at most
+    # (they span about ±0.7), and ours vs peft-on-bnb differ by 0.0039: bf16 rounding of two kernels over the same
+    # NF4 bytes. An adapter that is ignored, mis-scaled by 2 % or more, or barely trained fails one of these.
+    lora_effect = float((a - plain).abs().max())
+    gap = float((a - b).abs().max())
+    assert lora_effect > 0.5, f"the adapter must move the logits for the comparison to mean anything: {lora_effect}"
+    assert gap < 0.01 * lora_effect, (gap, lora_effect)
 
 
-def test_non_finite_gradient_stops_before_the_update(quantized, monkeypatch) -> None:
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def test_non_finite_gradients_stop_before_the_update(quantized, monkeypatch) -> None:
+    """Step 3's gradients are NaN (its loss is finite): the run stops naming the gradient norm, and the adapter
+    weights are still exactly those of the step-2 checkpoint, so the update never ran."""
+    from safetensors.torch import load_file
+
+    from kernels.lora import lora_state_dict
+
     tmp_path, model_dir, data = quantized
-    real = torch.nn.utils.clip_grad_norm_
-    calls = {"n": 0}
+    real_loss, real_build = train.summed_loss, train.build_model
+    calls, built = {"n": 0}, {}
 
-    def inf_norm_on_third(params, max_norm):
+    def nan_gradients_on_third(model, batch):
         calls["n"] += 1
-        return torch.tensor(float("inf")) if calls["n"] == 3 else real(params, max_norm)
+        total, n = real_loss(model, batch)
+        return (_NanGradient.apply(total), n) if calls["n"] == 3 else (total, n)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_norm_on_third)
-    with pytest.raises(train.NonFiniteLoss, match=r"gradient norm became inf at step 3 .*step-0000002"):
+    def keep_model(*args, **kwargs):
+        built["model"], trainable = real_build(*args, **kwargs)
+        return built["model"], trainable
+
+    monkeypatch.setattr(train, "summed_loss", nan_gradients_on_third)
+    monkeypatch.setattr(train, "build_model", keep_model)
+    with pytest.raises(train.NonFiniteLoss, match=r"gradient norm became nan at step 3 .*step-0000002"):
         train.run(_params(tmp_path, model_dir, data))
     assert not (tmp_path / "artifacts" / "train").exists()
+    (ckpt,) = (tmp_path / "artifacts" / ".checkpoints").glob("*/step-0000002")
+    saved = load_file(ckpt / "adapter.safetensors")
+    now = lora_state_dict(built["model"])
+    assert saved.keys() == now.keys()
+    for k, v in now.items():
+        assert torch.isfinite(v).all() and torch.equal(v, saved[k]), k
 
 
 def test_cast_keeps_rope_buffers_fp32_and_weights_tied(quantized) -> None:
