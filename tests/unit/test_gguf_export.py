@@ -375,10 +375,28 @@ def test_pre_tokenizer_detection(llama_dir: Path, qwen2_dir: Path, tmp_path: Pat
 # ---------------------------------------------------------------------------------------------------- llama.cpp
 
 
+# What the quantized weights themselves cost (transformers' load of the GGUF vs the 16-bit source), measured
+# 2026-12-03 on these tiny models (llama / qwen2): Q8_0 0.014 / 0.013, Q4_0 0.196 / 0.198, Q4_K_M 0.121 / 0.133.
+# The bytes of every quantized tensor are checked against llama.cpp's own quantizer in
+# test_llama_cpp_quantizer_agrees_with_ours; these bounds only document the format's cost.
+QUANT_COST = {"F16": 1e-6, "Q8_0": 0.02, "Q4_0": 0.25, "Q4_K_M": 0.17}
+# llama.cpp vs transformers on the same GGUF file: llama.cpp quantizes activations to 8 bits for quantized
+# matmuls. Measured 2026-12-03: F16 0.0005, Q8_0 0.0094, Q4_0 0.012, Q4_K_M 0.015 (both architectures).
+READER_GAP = {"F16": 0.002, "Q8_0": 0.03, "Q4_0": 0.03, "Q4_K_M": 0.03}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.mark.parametrize(("arch", "qtype"), [(a, q) for a in ("llama", "qwen2") for q in QTYPES])
 def test_llama_cpp_loads_tokenizes_and_matches_logits(
     arch: str, qtype: str, llama_dir: Path, qwen2_dir: Path, tmp_path: Path
 ) -> None:
+    """Two readers of one file agree (llama.cpp in a child process, transformers' GGUF loader, which undoes the
+    Q/K permutation itself); F16 is lossless, so there transformers' load must equal the 16-bit source."""
+    from transformers import AutoModelForCausalLM
+
     d = llama_dir if arch == "llama" else qwen2_dir
     out = tmp_path / f"m.{qtype}.gguf"
     write_gguf(d, out, qtype)
@@ -389,11 +407,13 @@ def test_llama_cpp_loads_tokenizes_and_matches_logits(
     got = torch.from_numpy(read["logits"])
     with torch.no_grad():
         ref = _hf_model(d)(ids).logits[0]
-    rel = float((got - ref).norm() / ref.norm())
+        from_gguf = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+        hf_gguf = from_gguf.eval()(ids).logits[0]
+    reader_gap, cost = _rel(got, hf_gguf), _rel(hf_gguf, ref)
     top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    print(f"{arch} {qtype}: relative logits error {rel:.4f}, top-1 agreement {top1:.2f}")
-    bound = {"F16": 0.01, "Q8_0": 0.03, "Q4_K_M": 0.2, "Q4_0": 0.3}[qtype]
-    assert rel < bound
+    print(f"{arch} {qtype}: llama.cpp vs transformers {reader_gap:.4f}, weights vs 16-bit {cost:.4f}, top-1 {top1:.2f}")
+    assert reader_gap < READER_GAP[qtype]
+    assert cost < QUANT_COST[qtype]
     if qtype in ("F16", "Q8_0"):
         assert top1 == 1.0
     assert read["n_tokens"] > 1 and isinstance(read["generated"], str)

@@ -71,6 +71,9 @@ def test_merge_matches_peft_merge_and_unload(trained) -> None:
 
 
 def test_merged_logits_match_base_plus_adapter(trained) -> None:
+    """Measured 2026-12-03 on this tiny model: the adapter moves logits by up to 1.06 (they span ±1.1); merged
+    vs unmerged differ by 2.7e-7 in fp32 (summation order) and by 0.0059 in bf16 (W+ΔW rounded once to bf16).
+    Leaving out one layer's q_proj delta moves them by 0.0198."""
     tmp_path, p = trained
     merge.run(p)
     merged = AutoModelForCausalLM.from_pretrained(
@@ -80,7 +83,13 @@ def test_merged_logits_match_base_plus_adapter(trained) -> None:
     with torch.no_grad():
         a = merged(IDS).logits.float()
         b = ref(IDS).logits.float()
-    assert (a - b).abs().max() < 0.05, (a - b).abs().max()
+    assert (a - b).abs().max() < 0.012, (a - b).abs().max()
+    p32 = p.model_copy(update={"merge": p.merge.model_copy(update={"dtype": "float32"})})
+    merge.run(p32)
+    merged32 = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "merge" / "model", dtype=torch.float32)
+    with torch.no_grad():
+        gap = (merged32.eval()(IDS).logits - _base_plus_adapter(tmp_path, torch.float32)(IDS).logits).abs().max()
+    assert gap < 1e-5, gap
 
 
 def test_merged_folder_loads_in_a_fresh_process_with_only_transformers(trained) -> None:
@@ -155,7 +164,9 @@ def test_evaluate_four_models_report_and_exact_rerun(trained) -> None:
     assert set(models) == {"base_16bit", "base_nf4", "nf4_adapter", "merged"}
     assert models["nf4_adapter"]["loss"] < models["base_nf4"]["loss"] - 0.1
     assert models["merged"]["loss"] < models["base_16bit"]["loss"] - 0.1
-    assert abs(models["merged"]["loss"] - models["nf4_adapter"]["loss"]) < 0.5
+    # Merged (original 16-bit W + ΔW) and NF4 + adapter differ by the NF4 rounding of W only: measured 2026-12-03
+    # 0.0045 nats here, with the NF4 base itself 0.0018 from the 16-bit base. A merge at half the scaling is 0.16 off.
+    assert abs(models["merged"]["loss"] - models["nf4_adapter"]["loss"]) < 0.02
     md = (out / "report.md").read_text()
     assert "| NF4 base + adapter |" in md and "## Greedy generations" in md
     page = (out / "report.html").read_text()

@@ -66,7 +66,9 @@ def test_quantized_artifact_loads_in_transformers_with_bnb_and_in_ours(prepared,
     with torch.no_grad():
         a = hf(ids).logits.float()
         b = ours(ids).logits.float()
-    assert torch.allclose(a, b, atol=3e-2, rtol=0), (a - b).abs().max()
+    # Same NF4 bytes, two bf16 kernels: measured 2026-12-03, max |Δ| 0.0034 with logits spanning ±1.1 (ours in fp32
+    # compute is 0.0034 from bnb too: the gap is bf16 rounding of activations). NF4 itself moves them by 0.073.
+    assert torch.allclose(a, b, atol=0.01, rtol=0), (a - b).abs().max()
 
 
 def test_quantize_refuses_a_tampered_prepare_artifact(prepared, tmp_path) -> None:
