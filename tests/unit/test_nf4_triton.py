@@ -61,9 +61,30 @@ def test_triton_keeps_two_roundings_and_zero_blocks() -> None:
     assert not torch.equal(fused, two_step)
 
 
-def test_dispatcher_on_this_device() -> None:
-    nf4 = quantize_nf4(torch.randn(64, 96)).to(DEVICE)
-    assert torch.equal(_bits(dequantize(nf4, torch.bfloat16)), _bits(dequantize_nf4(nf4, torch.bfloat16)))
+class _ReportsCuda(torch.Tensor):
+    """A CPU tensor that says it lives on CUDA, to see which way the dispatcher turns without a GPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_dispatcher_sends_cuda_to_triton_and_the_rest_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import kernels.nf4_triton as nf4_triton
+
+    calls: list[str] = []
+    monkeypatch.setattr(nf4_triton, "dequantize_nf4_triton", lambda nf4, dtype: calls.append("triton") or "triton")
+    nf4 = quantize_nf4(torch.randn(64, 96))
+    out = dequantize(nf4, torch.bfloat16)
+    assert calls == [] and torch.equal(_bits(out), _bits(dequantize_nf4(nf4, torch.bfloat16)))
+    on_cuda = dataclasses.replace(nf4, packed=nf4.packed.as_subclass(_ReportsCuda))
+    assert dequantize(on_cuda, torch.bfloat16) == "triton" and calls == ["triton"]
+    if torch.cuda.is_available():  # and on a real GPU the routed kernel gives the reference's bits
+        monkeypatch.undo()
+        got = dequantize(nf4.to("cuda"), torch.bfloat16)
+        assert torch.equal(_bits(got.cpu()), _bits(dequantize_nf4(nf4, torch.bfloat16)))
 
 
 _PTX_PROBE = """
