@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup reader pipeline test lint bench clean
+.PHONY: setup reader gptq-oracle pipeline test lint bench clean
 
 setup: $(VENV)/.installed $(VENV)/.reader
 
@@ -32,6 +32,18 @@ $(VENV)/.reader: $(VENV)/.installed pipelines/reader_install.py
 reader: $(VENV)/.installed
 	$(PY) -m pipelines.reader_install --force
 	touch $(VENV)/.reader
+
+# A real GPTQ reader for the tests (transformers + gptqmodel). gptqmodel 7.6.0 pins numpy 2.2.6, which our pins
+# do not allow, so it gets a venv of its own; tests/unit/test_gptq_real_loader.py reads our checkpoints with it.
+GPTQ_VENV ?= .venv-gptq
+gptq-oracle: $(GPTQ_VENV)/.installed
+
+$(GPTQ_VENV)/.installed:
+	python3 -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(GPTQ_VENV)/bin/python -m pip install -q --disable-pip-version-check transformers==5.23.0 gptqmodel==7.6.0 \
+		optimum==2.3.0 accelerate==1.15.0 safetensors==0.8.0
+	touch $@
 
 pipeline: setup
 	$(VENV)/bin/qlora run

@@ -1,8 +1,9 @@
 """GPTQ kernel, v1 packing and the layer-wise driver, checked against numbers, the format spec and RTN.
 
-The oracle for the file format is ``unpack_gptq_v1`` (written from docs/formats.md, GPTQ v1 checkpoint, the same
-arithmetic as AutoGPTQ ``qlinear_cuda_old.forward``, GPT-QModel ``dequantize_weight`` and llama.cpp ``dequant_gptq``)
-plus a hand-built example whose words are spelled out in hex below. Out of this suite (a throwaway venv with gptqmodel
+The oracle for the file format is ``tests/gptq_reader.read_gptq_v1``, written from docs/formats.md (GPTQ v1
+checkpoint) and sharing no code with the product's packer and unpacker, plus a hand-built example whose words are
+spelled out in hex below; the product's own ``unpack_gptq_v1`` (the export stage scores with it) is checked
+against that reader. Out of this suite (a throwaway venv with gptqmodel
 7.6.0 + optimum 2.3.0) the same checkpoint loaded through transformers and through GPTQModel.load with the torch kernel
 dequantized bit-identically (in fp16) to ``unpack_gptq_v1``.
 """
@@ -20,6 +21,7 @@ from kernels.gptq import GPTQResult, Hessian, gptq_quantize, output_error, rtn_q
 from kernels.gptq_format import gptq_quantization_config, pack_gptq_v1, unpack_gptq_v1
 from kernels.gptq_model import LINEAR_SETS, quantize_model_gptq, write_gptq_checkpoint
 from tests import tiny
+from tests.gptq_reader import read_gptq_v1
 
 LINEARS = [name for s in LINEAR_SETS for name in s]
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
@@ -168,7 +170,22 @@ def test_pack_unpack_round_trip_is_exact(bits: int, group_size: int) -> None:
         "g_idx": ((128,), torch.int32),
         "bias": ((96,), torch.float16),
     }
-    assert torch.equal(unpack_gptq_v1(packed), res.dequantized)
+    assert torch.equal(read_gptq_v1(packed), res.dequantized)
+
+
+def test_product_unpacker_agrees_with_the_independent_reader() -> None:
+    """export scores GPTQ through kernels.gptq_format.unpack_gptq_v1: it must read arbitrary words (negative
+    int32s, every nibble value) exactly as the spec-based reader in tests/ does."""
+    gen = torch.Generator().manual_seed(3)
+    for bits, k, n, g in ((4, 128, 64, 32), (8, 64, 32, 16), (2, 64, 48, 64)):
+        words = lambda *shape: torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int64).int()  # noqa: E731
+        tensors = {
+            "qweight": words(k * bits // 32, n),
+            "qzeros": words(k // g, n * bits // 32),
+            "scales": (torch.rand(k // g, n, generator=gen) + 0.1).half(),
+            "g_idx": (torch.arange(k) // g).int(),
+        }
+        assert torch.equal(unpack_gptq_v1(tensors), read_gptq_v1(tensors)), bits
 
 
 def test_packed_layout_matches_spec_on_a_hand_built_example() -> None:
@@ -196,7 +213,7 @@ def test_packed_layout_matches_spec_on_a_hand_built_example() -> None:
     assert z[0, 0].item() == 0x77777777  # symmetric zero 8 is stored as 8 − 1 = 7 in every nibble
     assert z[1, 0].item() == 0x76543210  # zeros 1..8 for outputs 0..7 → stored 0..7, output 0 in the lowest bits
     assert packed["g_idx"].tolist() == [0] * 8 + [1] * 8
-    assert torch.equal(unpack_gptq_v1(packed), deq)
+    assert torch.equal(read_gptq_v1(packed), deq)
 
 
 def test_v1_refuses_a_zero_point_of_zero() -> None:
@@ -365,7 +382,7 @@ def test_unpacked_checkpoint_matches_in_memory_gptq_and_beats_rtn_on_held_out_lo
     for layer in range(2):
         for name in LINEARS:
             prefix = f"model.layers.{layer}.{name}"
-            w = unpack_gptq_v1({k: sd[f"{prefix}.{k}"] for k in PACKED})
+            w = read_gptq_v1({k: sd[f"{prefix}.{k}"] for k in PACKED})
             from_file.get_submodule(prefix).weight.data = w
             r = rtn.get_submodule(prefix)
             r.weight.data = rtn_quantize(r.weight.data, bits=4, group_size=64, name=prefix).dequantized
@@ -403,7 +420,7 @@ def test_qwen2_biases_are_kept_in_fp16(tiny_qwen2_dir: Path, tmp_path: Path) -> 
         prefix = f"model.layers.0.self_attn.{name}"
         assert sd[f"{prefix}.bias"].dtype == torch.float16
         assert torch.equal(sd[f"{prefix}.bias"], src[f"{prefix}.bias"].half())
-        w = unpack_gptq_v1({k: sd[f"{prefix}.{k}"] for k in PACKED})
+        w = read_gptq_v1({k: sd[f"{prefix}.{k}"] for k in PACKED})
         rel = (w - src[f"{prefix}.weight"].float()).norm() / src[f"{prefix}.weight"].float().norm()
         assert 0.0 < float(rel) < 0.2  # 4-bit g32: measured ≈ 0.1
 
