@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from stages.common.artifacts import sha256_json
+from stages.common.artifacts import clean_stale_temps, sha256_json
 from stages.common.batching import batch_stream, collate
 from stages.common.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from stages.common.errors import InputError, PipelineError
@@ -141,6 +141,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
     losses: list[float] = []
     log: list[dict[str, float]] = []
     start = 0
+    clean_stale_temps(ckpt_root)  # a checkpoint a killed run was still writing
     last = latest_checkpoint(ckpt_root)
     if last is not None:
         tensors, state = load_checkpoint(last, opt)

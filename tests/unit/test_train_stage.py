@@ -117,6 +117,54 @@ def test_kill_and_resume_gives_the_same_loss_curve(tmp_path, tiny_llama_dir, qa_
     assert [e["loss"] for e in _log(run_dir)] == reference
 
 
+@pytest.mark.parametrize(
+    ("mode", "at", "resumes_from"),
+    [("step", 5, 4), ("checkpoint-write", 3, 2)],
+    ids=["between-checkpoints", "during-a-checkpoint-write"],
+)
+def test_sigkill_of_a_training_process_then_resume_gives_the_same_curve(
+    tmp_path, tiny_llama_dir, qa_jsonl, mode, at, resumes_from
+):
+    """A real SIGKILL of a child process: after step 5 of 7 (step 5 is lost and replayed), or inside the write of
+    the step-4 checkpoint (its optimizer file; the half-written checkpoint must be ignored and cleaned up)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from stages.common.runtime import REPO_ROOT
+
+    over = {"optimizer": "paged_adamw_8bit", "optimizer_page_budget_mb": 0.01, "lora_r": 32, "max_steps": 7}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    for d in (ref_dir, run_dir):
+        p = _params(d, tiny_llama_dir, qa_jsonl, **over)
+        prepare.run(p)
+        quantize.run(p)
+    train.run(_params(ref_dir, tiny_llama_dir, qa_jsonl, **over))
+    reference = [e["loss"] for e in _log(ref_dir)]
+
+    raw = tiny.params_for(run_dir, tiny_llama_dir, qa_jsonl, train={**FAST, **over}, evaluate={"batch_size": 4})
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kill_runner", mode, str(at), str(run_dir / "params.yaml")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (run_dir / "artifacts" / "train").exists()
+    ckpt_root = next((run_dir / "artifacts" / ".checkpoints").iterdir())
+    complete = sorted(p.name for p in ckpt_root.glob("step-*"))
+    assert complete == [f"step-{s:07d}" for s in range(2, resumes_from + 1, 2)]
+    partial = [p.name for p in ckpt_root.iterdir() if ".tmp-" in p.name]
+    assert bool(partial) is (mode == "checkpoint-write")
+
+    m = train.run(_params(run_dir, tiny_llama_dir, qa_jsonl, **over))
+    assert m.extra["resumed_from_step"] == resumes_from
+    assert [e["loss"] for e in _log(run_dir)] == reference
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_checkpoint(quantized, monkeypatch) -> None:
     tmp_path, model_dir, data = quantized
     real = train.summed_loss
