@@ -38,8 +38,15 @@ from stages.common.tracking import PARENT_RUN_ENV, Tracker  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+def external_inputs(stage: str, params: Params) -> dict[str, str]:
+    """What a stage reads from outside the artifact tree (prepare: the dataset bytes), from the stage module's own
+    `external_inputs(params)`; {} for stages that read only their parents."""
+    fn = getattr(importlib.import_module(f"stages.{stage}"), "external_inputs", None)
+    return fn(params) if fn is not None else {}
+
+
 def _artifact_is_current(stage: str, params: Params) -> bool:
-    """The on-disk artifact verifies and was made from these params and this code."""
+    """The on-disk artifact verifies and was made from these params, this code and these external inputs."""
     root = artifacts_root(params)
     try:
         manifest = verify_artifact(root / stage, stage)
@@ -49,6 +56,8 @@ def _artifact_is_current(stage: str, params: Params) -> bool:
     wanted = {s: params.section(s) for s in spec.params}
     if manifest.params != wanted:
         return False
+    if any(manifest.inputs.get(k) != v for k, v in external_inputs(stage, params).items()):
+        return False  # new data
     for parent, digest in manifest.parents.items():  # built from the parents now on disk?
         if not (root / parent / "manifest.json").exists() or manifest_digest(root / parent) != digest:
             return False
@@ -57,7 +66,7 @@ def _artifact_is_current(stage: str, params: Params) -> bool:
 
 
 def stage_cache_key(params: Params, stage: str) -> str:
-    """Content key: stage, its params section, its code, and the manifests of its parents."""
+    """Content key: stage, its params section, its code, its external inputs and the manifests of its parents."""
     spec = STAGES[stage]
     root = artifacts_root(params)
     parents = {}
@@ -72,6 +81,7 @@ def stage_cache_key(params: Params, stage: str) -> str:
             "params": {s: params.section(s) for s in spec.params},
             "code": code_hash(list(spec.code)),
             "parents": parents,
+            "inputs": external_inputs(stage, params),
         }
     )
 

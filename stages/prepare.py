@@ -28,13 +28,29 @@ def resolve_model_dir(params: Params) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def _user_data_path(params: Params) -> Path:
+    path = Path(params.data.path or "")
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def load_records(params: Params) -> dataio.RawData:
     d = params.data
     if d.source == "embedded":
         return dataio.load_chatterbot()
-    path = Path(d.path or "")
-    path = path if path.is_absolute() else REPO_ROOT / path
-    return dataio.load_user_data(path, d.prompt_field, d.response_field, d.system_field)
+    return dataio.load_user_data(_user_data_path(params), d.prompt_field, d.response_field, d.system_field)
+
+
+def external_inputs(params: Params) -> dict[str, str]:
+    """The dataset bytes this stage reads from outside the artifact tree, as its manifest records them
+    (`dataset/<label>`: sha256). The flow compares them with the manifest, so new data re-runs prepare."""
+    if params.data.source == "embedded":
+        hashes = dataio.chatterbot_hashes()
+    else:
+        path = _user_data_path(params)
+        if not path.exists():
+            return {"dataset/": "missing"}  # never current; the stage itself says what is wrong
+        hashes = dataio.user_data_hashes(path)
+    return {f"dataset/{label}": digest for label, digest in hashes.items()}
 
 
 def _token_stats(lengths: list[int]) -> dict[str, float]:

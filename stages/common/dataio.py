@@ -51,15 +51,27 @@ def load_chatterbot(root: Path | None = None) -> RawData:
     if not files:
         raise InputError(f"no *.yml files under {root}; reinstall chatterbot-corpus==1.3.3")
     records: list[Record] = []
-    hashes: dict[str, str] = {}
+    hashes = chatterbot_hashes(root)
     for f in files:
-        hashes[f"chatterbot_corpus/english/{f.name}"] = sha256_file(f)
         doc = yaml.safe_load(f.read_text()) or {}
         for conv in doc.get("conversations", []):
             turns = [str(t).strip() for t in conv]
             for a, b in itertools.pairwise(turns):
                 records.append(Record(prompt=a, response=b, category=f.stem))
     return RawData(records=records, source_files=hashes, n_read=len(records))
+
+
+def chatterbot_hashes(root: Path | None = None) -> dict[str, str]:
+    """sha256 of each corpus file, labelled as manifests record them."""
+    root = root or chatterbot_dir()
+    return {f"chatterbot_corpus/english/{f.name}": sha256_file(f) for f in sorted(root.glob("*.yml"))}
+
+
+def user_data_hashes(path: Path) -> dict[str, str]:
+    """sha256 of the file, or of every file of a datasets folder, labelled as manifests record them."""
+    if path.is_dir():
+        return {str(p): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    return {str(path): sha256_file(path)}
 
 
 def load_user_data(path: Path, prompt_field: str, response_field: str, system_field: str | None) -> RawData:
@@ -78,7 +90,6 @@ def load_user_data(path: Path, prompt_field: str, response_field: str, system_fi
         if isinstance(ds, datasets.DatasetDict):
             split = "train" if "train" in ds else next(iter(ds))
             ds = ds[split]
-        hashes = {str(p): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
     else:
         kind = USER_FORMATS.get(path.suffix.lower())
         if kind is None:
@@ -90,7 +101,7 @@ def load_user_data(path: Path, prompt_field: str, response_field: str, system_fi
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as exc:
             raise InputError(f"could not read {path} as {kind} ({str(exc).splitlines()[0]}); check the file") from None
-        hashes = {str(path): sha256_file(path)}
+    hashes = user_data_hashes(path)
     found = list(ds.column_names)
     for name, field in (
         ("data.prompt_field", prompt_field),

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,57 @@ def test_flow_reruns_only_train_and_later_when_a_train_param_changes(
         f.write_text(yaml.safe_dump(raw))
         qlora_pipeline(str(f), stages=stages)
     assert calls == ["train", "merge"]
+
+
+@pytest.mark.slow
+def test_flow_reruns_a_stage_whose_artifact_code_or_data_changed(
+    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, request
+) -> None:
+    """Tampered artifact → that stage; deleted artifact → it and its children; a changed code file of a stage →
+    that stage; new rows in the data → everything from prepare. Nothing changed → nothing."""
+    import dataclasses
+
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flow import qlora_pipeline
+    from stages import quantize
+    from stages.common.registry import STAGES
+
+    # a code file of the quantize stage (code deps are paths inside the checkout, so it lives there for the test)
+    rel = f"tests/_quantize_code_probe_{uuid.uuid4().hex[:8]}.py"
+    extra_code = REPO / rel
+    extra_code.write_text("BLOCK = 64\n")
+    request.addfinalizer(lambda: extra_code.unlink(missing_ok=True))
+    spec = STAGES["quantize"]
+    monkeypatch.setitem(STAGES, "quantize", dataclasses.replace(spec, code=(*spec.code, rel)))
+    f = _params_file(tmp_path, tiny_llama_dir, qa_jsonl)
+    calls: list[str] = []
+    for name, module in (("prepare", prepare), ("quantize", quantize)):
+        original = module.run
+        monkeypatch.setattr(module, "run", lambda p, _o=original, _n=name: calls.append(_n) or _o(p))
+    stages = ["prepare", "quantize"]
+    art = tmp_path / "artifacts"
+
+    def run() -> list[str]:
+        calls.clear()
+        qlora_pipeline(str(f), stages=stages)
+        return list(calls)
+
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}),
+    ):
+        assert run() == stages
+        assert run() == []
+        report = art / "quantize" / "layer_errors.json"
+        report.write_text(report.read_text() + " ")
+        assert run() == ["quantize"], "tampered artifact"
+        shutil.rmtree(art / "prepare")
+        assert run() == ["prepare", "quantize"], "deleted artifact, and the child built from it"
+        extra_code.write_text("BLOCK = 128\n")
+        assert run() == ["quantize"], "the stage's code changed"
+        with qa_jsonl.open("a") as fh:
+            fh.write(json.dumps({"instruction": "A brand new question?", "response": "A brand new answer."}) + "\n")
+        assert run() == ["prepare", "quantize"], "new data"
+        assert run() == []

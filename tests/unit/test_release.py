@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,26 @@ def test_mlflow_runs_hold_the_loss_curve_and_the_report(released) -> None:
         run_id = manifest["extra"]["mlflow_run_id"]
         assert name in [a.path for a in client.list_artifacts(run_id)], stage
         assert client.get_run(run_id).data.metrics["memory.peak_rss_mb"] > 0
+
+
+def test_second_release_lands_next_to_the_first_with_dvc_lock_in_its_lineage(released, tmp_path, monkeypatch) -> None:
+    """README: "Each run that reaches `release` adds a new bundle next to the earlier ones" and lineage.json holds
+    "the `dvc.lock` of the run"."""
+    tmp, params, first, first_bundle = released
+    before = {p.name for p in (tmp / "releases").iterdir()}
+    first_files = json.loads((first_bundle / "lineage.json").read_text())["files"]
+    project = tmp_path / "checkout"
+    project.mkdir()
+    lock = "schema: '2.0'\nstages:\n  prepare:\n    cmd: sh pipelines/dvc_stage.sh prepare\n"
+    (project / "dvc.lock").write_text(lock)
+    monkeypatch.setattr(release, "REPO_ROOT", project)
+    time.sleep(1.1)  # release ids carry the UTC second: two releases of the same parents need distinct seconds
+    second = release.run(params)
+    bundle = tmp / "releases" / second.metrics["release_id"]
+    assert second.metrics["release_id"] != first.metrics["release_id"]
+    assert {p.name for p in (tmp / "releases").iterdir()} == before | {bundle.name}
+    lineage = json.loads((bundle / "lineage.json").read_text())
+    assert lineage["dvc_lock"] == lock
+    assert lineage["dvc_lock_sha256"] == hashlib.sha256(lock.encode()).hexdigest()
+    for rel, digest in first_files.items():  # the earlier bundle is untouched
+        assert _sha256(first_bundle / rel) == digest, rel

@@ -1,0 +1,140 @@
+"""Training behaviour the README and params.yaml promise: gradient accumulation, warmup, clipping, which runs resume,
+and Qwen2 end to end through train, merge and evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import evaluate, merge, prepare, quantize, train
+from stages.common.params import parse_params
+from tests import tiny
+
+BASE = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 5e-3, "warmup_ratio": 0.0}
+
+
+def _params(tmp: Path, model_dir: Path, data: Path, **train_over: object):
+    return parse_params(
+        tiny.params_for(
+            tmp,
+            model_dir,
+            data,
+            train={**BASE, **train_over},
+            evaluate={"batch_size": 4, "num_generations": 1, "max_new_tokens": 4},
+        )
+    )
+
+
+@pytest.fixture
+def quantized(tmp_path: Path, tiny_llama_dir: Path, qa_jsonl: Path) -> tuple[Path, Path, Path]:
+    p = _params(tmp_path, tiny_llama_dir, qa_jsonl)
+    prepare.run(p)
+    quantize.run(p)
+    return tmp_path, tiny_llama_dir, qa_jsonl
+
+
+def _log(tmp: Path) -> list[dict]:
+    return json.loads((tmp / "artifacts" / "train" / "train_log.json").read_text())
+
+
+def test_grad_accum_gives_the_update_of_the_larger_batch(quantized, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two micro-batches of 4 with grad_accum 2 = one batch of the same 8 rows: same loss, same gradient norm
+    (the loss is normalised over the step's reply tokens, not each micro-batch's), same adapter after the step."""
+    tmp, model, data = quantized
+    rows = list(range(8))
+
+    def fixed(lengths, batch_size, seed, start=0):
+        while True:
+            yield from ([rows] if batch_size == 8 else [rows[:4], rows[4:]])
+
+    monkeypatch.setattr(train, "batch_stream", fixed)
+    logs, adapters = {}, {}
+    for bs, ga in ((8, 1), (4, 2)):
+        p = _params(tmp, model, data, batch_size=bs, grad_accum=ga, max_steps=1, compute_dtype="float32")
+        train.run(p)
+        logs[ga] = _log(tmp)[0]
+        from safetensors.torch import load_file
+
+        adapters[ga] = load_file(tmp / "artifacts" / "train" / "adapter" / "adapter_model.safetensors")
+    assert logs[2]["loss"] == pytest.approx(logs[1]["loss"], rel=1e-5)
+    assert logs[2]["grad_norm"] == pytest.approx(logs[1]["grad_norm"], rel=1e-4)
+    assert logs[2]["target_tokens"] == logs[1]["target_tokens"]
+    for k, v in adapters[1].items():
+        torch.testing.assert_close(adapters[2][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_warmup_is_linear_then_constant(quantized) -> None:
+    tmp, model, data = quantized
+    train.run(_params(tmp, model, data, batch_size=4, max_steps=8, warmup_ratio=0.3))  # ceil(2.4) = 3 steps
+    lrs = [e["lr"] for e in _log(tmp)]
+    assert lrs == pytest.approx([5e-3 / 3, 2 * 5e-3 / 3, 5e-3, 5e-3, 5e-3, 5e-3, 5e-3, 5e-3])
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_each_update(quantized, monkeypatch) -> None:
+    tmp, model, data = quantized
+    seen: list[float] = []
+    real_make = train.make_optimizer
+
+    def recording_optimizer(trainable, t):
+        opt = real_make(trainable, t)
+        real_step = opt.step
+
+        def step(*a, **kw):
+            seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable]))))
+            return real_step(*a, **kw)
+
+        opt.step = step
+        return opt
+
+    monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
+    train.run(_params(tmp, model, data, batch_size=4, max_steps=4, max_grad_norm=0.01))
+    logged = [e["grad_norm"] for e in _log(tmp)]
+    assert len(seen) == 4 and all(n > 0.01 for n in logged), "the raw norms exceed the limit, so clipping acts"
+    assert all(s <= 0.01 * (1 + 1e-4) for s in seen), seen
+
+
+def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, monkeypatch) -> None:
+    tmp, model, data = quantized
+    over = {"batch_size": 4, "max_steps": 6, "checkpoint_every": 2}
+    real_lr_at = train.lr_at
+
+    def kill_at_step_5() -> None:
+        def killed(step, t):
+            if step == 4:
+                raise KeyboardInterrupt("killed")
+            return real_lr_at(step, t)
+
+        monkeypatch.setattr(train, "lr_at", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(_params(tmp, model, data, **over))
+        monkeypatch.setattr(train, "lr_at", real_lr_at)
+
+    kill_at_step_5()
+    other = train.run(_params(tmp, model, data, **over, learning_rate=1e-3))  # other params: starts over
+    assert "resumed_from_step" not in other.extra and len(_log(tmp)) == 6
+    same = train.run(_params(tmp, model, data, **over))  # the interrupted run itself: resumes
+    assert same.extra["resumed_from_step"] == 4
+
+    kill_at_step_5()
+    quantize.run(parse_params({**_params(tmp, model, data, **over).model_dump(), "quantize": {"blocksize": 128}}))
+    rebuilt = train.run(_params(tmp, model, data, **over))  # same params, another quantized base: starts over
+    assert "resumed_from_step" not in rebuilt.extra
+
+
+def test_qwen2_trains_merges_and_evaluates(tmp_path: Path, tiny_qwen2_dir: Path, qa_jsonl: Path) -> None:
+    """Qwen2 (q/k/v biases, its own rope layout) through every stage that touches weights."""
+    p = _params(tmp_path, tiny_qwen2_dir, qa_jsonl, batch_size=4, max_steps=10, learning_rate=1e-2)
+    for stage in (prepare, quantize):
+        stage.run(p)
+    t = train.run(p)
+    assert t.metrics["val_loss_after"] < t.metrics["val_loss_before"] - 0.05
+    merge.run(p)
+    models = evaluate.run(p).metrics["models"]
+    assert models["nf4_adapter"]["loss"] < models["base_nf4"]["loss"] - 0.05
+    assert models["merged"]["loss"] < models["base_16bit"]["loss"] - 0.05
+    assert abs(models["merged"]["loss"] - models["nf4_adapter"]["loss"]) < 0.02
+    assert all(math.isfinite(v["loss"]) for v in models.values())
