@@ -128,3 +128,18 @@ def params_for(tmp: Path, model_dir: Path, data_path: Path, **sections: dict[str
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return raw
+
+
+def whole_run_params(tmp: Path, model_dir: Path, data_path: Path, gguf_types: list[str]) -> dict[str, Any]:
+    """params_for with every stage sized for seconds, MLflow on, and releases published under tmp."""
+    raw = params_for(
+        tmp,
+        model_dir,
+        data_path,
+        train={"batch_size": 4, "max_steps": 4, "lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3},
+        evaluate={"batch_size": 4, "num_generations": 1, "max_new_tokens": 4},
+        export={"gguf_types": gguf_types, "gptq_calibration_samples": 8},
+        release={"allow_dirty": True, "publish_dir": str(tmp / "releases")},
+    )
+    raw["tracking"]["mlflow"] = True
+    return raw

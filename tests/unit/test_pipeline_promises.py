@@ -30,20 +30,6 @@ from tests import tiny
 GUARD = REPO_ROOT / "tests" / "guard"
 
 
-def _raw(tmp: Path, model: Path, data: Path) -> dict:
-    raw = tiny.params_for(
-        tmp,
-        model,
-        data,
-        train={"batch_size": 4, "max_steps": 4, "lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3},
-        evaluate={"batch_size": 4, "num_generations": 1, "max_new_tokens": 4},
-        export={"gguf_types": ["F16"], "gptq_calibration_samples": 8},
-        release={"allow_dirty": True, "publish_dir": str(tmp / "releases")},
-    )
-    raw["tracking"]["mlflow"] = True
-    return raw
-
-
 def _qlora(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *args],
@@ -61,7 +47,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     model = tiny.make_model_dir(tmp / "base", "llama")
     data = tiny.write_jsonl(tmp / "data" / "pairs.jsonl", tiny.qa_rows(40))
     params = tmp / "params.yaml"
-    params.write_text(yaml.safe_dump(_raw(tmp, model, data)))
+    params.write_text(yaml.safe_dump(tiny.whole_run_params(tmp, model, data, ["F16"])))
     log = tmp / "guard.log"
     log.touch()
     env = {

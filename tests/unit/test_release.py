@@ -25,17 +25,7 @@ def released(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("release")
     model = tiny.make_model_dir(tmp / "base", "llama", hidden_size=64, intermediate_size=128)
     data = tiny.write_jsonl(tmp / "data" / "pairs.jsonl", tiny.qa_rows(40))
-    raw = tiny.params_for(
-        tmp,
-        model,
-        data,
-        train={"batch_size": 4, "max_steps": 4, "lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3},
-        evaluate={"batch_size": 4, "num_generations": 1, "max_new_tokens": 4},
-        export={"gguf_types": ["F16", "Q8_0"], "gptq_calibration_samples": 8},
-        release={"allow_dirty": True, "publish_dir": str(tmp / "releases")},
-    )
-    raw["tracking"]["mlflow"] = True
-    params = parse_params(raw)
+    params = parse_params(tiny.whole_run_params(tmp, model, data, ["F16", "Q8_0"]))
     for stage in (prepare, quantize, train, merge, evaluate, export):
         stage.run(params)
     m = release.run(params)

@@ -97,29 +97,16 @@ def test_gradients_are_clipped_to_max_grad_norm_before_each_update(quantized, mo
     assert all(s <= 0.01 * (1 + 1e-4) for s in seen), seen
 
 
-def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, monkeypatch) -> None:
+def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, interrupt_training) -> None:
     tmp, model, data = quantized
     over = {"batch_size": 4, "max_steps": 6, "checkpoint_every": 2}
-    real_lr_at = train.lr_at
-
-    def kill_at_step_5() -> None:
-        def killed(step, t):
-            if step == 4:
-                raise KeyboardInterrupt("killed")
-            return real_lr_at(step, t)
-
-        monkeypatch.setattr(train, "lr_at", killed)
-        with pytest.raises(KeyboardInterrupt):
-            train.run(_params(tmp, model, data, **over))
-        monkeypatch.setattr(train, "lr_at", real_lr_at)
-
-    kill_at_step_5()
+    interrupt_training(_params(tmp, model, data, **over), 4)
     other = train.run(_params(tmp, model, data, **over, learning_rate=1e-3))  # other params: starts over
     assert "resumed_from_step" not in other.extra and len(_log(tmp)) == 6
     same = train.run(_params(tmp, model, data, **over))  # the interrupted run itself: resumes
     assert same.extra["resumed_from_step"] == 4
 
-    kill_at_step_5()
+    interrupt_training(_params(tmp, model, data, **over), 4)
     quantize.run(parse_params({**_params(tmp, model, data, **over).model_dump(), "quantize": {"blocksize": 128}}))
     rebuilt = train.run(_params(tmp, model, data, **over))  # same params, another quantized base: starts over
     assert "resumed_from_step" not in rebuilt.extra

@@ -86,32 +86,26 @@ def test_only_adapters_get_gradients_and_optimizer_state(quantized) -> None:
     assert len(opt.state) == len(trainable)
 
 
-@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit"])
-def test_kill_and_resume_gives_the_same_loss_curve(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, optimizer):
-    # 8-bit state needs tensors ≥ 4096 elements to be 8-bit at all: r=32 on the 128-wide MLP gives 4096
-    over = {"optimizer": optimizer, "optimizer_page_budget_mb": 0.01, "lora_r": 32, "max_steps": 7}
+def _reference_curve_and_fresh_run(tmp_path, model_dir, data, over) -> tuple[list[float], object]:
+    """The loss curve of an uninterrupted run, and a second prepared+quantized project that has not trained."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     for d in (ref_dir, run_dir):
-        p = _params(d, tiny_llama_dir, qa_jsonl, **over)
+        p = _params(d, model_dir, data, **over)
         prepare.run(p)
         quantize.run(p)
-    train.run(_params(ref_dir, tiny_llama_dir, qa_jsonl, **over))
-    reference = [e["loss"] for e in _log(ref_dir)]
+    train.run(_params(ref_dir, model_dir, data, **over))
+    return [e["loss"] for e in _log(ref_dir)], run_dir
 
-    real_lr_at = train.lr_at
 
-    def killed_at_step_5(step, t):
-        if step == 4:
-            raise KeyboardInterrupt("killed")
-        return real_lr_at(step, t)
-
-    monkeypatch.setattr(train, "lr_at", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(_params(run_dir, tiny_llama_dir, qa_jsonl, **over))
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit"])
+def test_kill_and_resume_gives_the_same_loss_curve(tmp_path, tiny_llama_dir, qa_jsonl, interrupt_training, optimizer):
+    # 8-bit state needs tensors ≥ 4096 elements to be 8-bit at all: r=32 on the 128-wide MLP gives 4096
+    over = {"optimizer": optimizer, "optimizer_page_budget_mb": 0.01, "lora_r": 32, "max_steps": 7}
+    reference, run_dir = _reference_curve_and_fresh_run(tmp_path, tiny_llama_dir, qa_jsonl, over)
+    interrupt_training(_params(run_dir, tiny_llama_dir, qa_jsonl, **over), 4)
     assert not (run_dir / "artifacts" / "train").exists()
     ckpts = sorted(p.name for p in (run_dir / "artifacts" / ".checkpoints").glob("*/step-*"))
     assert ckpts == ["step-0000002", "step-0000004"]
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
     m = train.run(_params(run_dir, tiny_llama_dir, qa_jsonl, **over))
     assert m.extra["resumed_from_step"] == 4
     assert [e["loss"] for e in _log(run_dir)] == reference
@@ -135,14 +129,7 @@ def test_sigkill_of_a_training_process_then_resume_gives_the_same_curve(
     from stages.common.runtime import REPO_ROOT
 
     over = {"optimizer": "paged_adamw_8bit", "optimizer_page_budget_mb": 0.01, "lora_r": 32, "max_steps": 7}
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    for d in (ref_dir, run_dir):
-        p = _params(d, tiny_llama_dir, qa_jsonl, **over)
-        prepare.run(p)
-        quantize.run(p)
-    train.run(_params(ref_dir, tiny_llama_dir, qa_jsonl, **over))
-    reference = [e["loss"] for e in _log(ref_dir)]
-
+    reference, run_dir = _reference_curve_and_fresh_run(tmp_path, tiny_llama_dir, qa_jsonl, over)
     raw = tiny.params_for(run_dir, tiny_llama_dir, qa_jsonl, train={**FAST, **over}, evaluate={"batch_size": 4})
     (run_dir / "params.yaml").write_text(yaml.safe_dump(raw))
     proc = subprocess.run(
