@@ -26,11 +26,11 @@ $(VENV)/.installed: pyproject.toml
 # The GGUF reader, built for this CPU (no AMX; QLORA_READER_CPU=x86-64-v3 etc. for a portable level) and smoke-
 # checked in a child process; setup is not done until it has loaded a model here. QLORA_READER=off skips it.
 $(VENV)/.reader: $(VENV)/.installed pipelines/reader_install.py
-	$(PY) -m pipelines.reader_install
+	$(PY) -m qlora_pipeline.pipelines.reader_install
 	touch $@
 
 reader: $(VENV)/.installed
-	$(PY) -m pipelines.reader_install --force
+	$(PY) -m qlora_pipeline.pipelines.reader_install --force
 	touch $(VENV)/.reader
 
 # A real GPTQ reader for the tests (transformers + gptqmodel). gptqmodel 7.6.0 pins numpy 2.2.6, which our pins

@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from checkout import ensure_importable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ensure_importable()
 
-from kernels.bnb_format import nf4_to_state_dict
-from kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from qlora_pipeline.kernels.formats.bnb_folder import nf4_to_state_dict  # noqa: E402
+from qlora_pipeline.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4  # noqa: E402
 
 GPU_SHAPE = (4096, 14336)
 CPU_SHAPE = (1024, 3584)
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from stages.common.device import resolve_device
+    from qlora_pipeline.stages.contract.device import resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -115,7 +115,7 @@ def main() -> None:
 
     candidates: dict[str, Callable[[], torch.Tensor]] = {"torch_reference": lambda: dequantize_nf4(nf4, out_dtype)}
     if cuda:
-        from kernels.nf4_triton import dequantize_nf4_triton
+        from qlora_pipeline.kernels.nf4_triton import dequantize_nf4_triton
 
         candidates["triton"] = lambda: dequantize_nf4_triton(nf4, out_dtype)
     bnb_fn = bnb_dequant(nf4)

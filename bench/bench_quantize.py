@@ -26,7 +26,7 @@ def linear_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def time_ours(weights: dict[str, torch.Tensor], blocksize: int) -> float:
-    from kernels.nf4 import quantize_nf4
+    from qlora_pipeline.kernels.nf4 import quantize_nf4
 
     t0 = time.perf_counter()
     for w in weights.values():
@@ -49,13 +49,14 @@ def heldout_losses(artifacts: Path, batch_size: int, device: torch.device) -> di
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kernels.checkpoint4bit import load_4bit_model
-    from stages.common.lm_loss import heldout_loss
+    from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
+    from qlora_pipeline.stages.lm.batching import token_rows
+    from qlora_pipeline.stages.lm.lm_loss import heldout_loss
 
     prep = artifacts / "prepare"
     tok = AutoTokenizer.from_pretrained(prep / "model")
     test = datasets.load_from_disk(str(prep / "data"))["test"]
-    rows = list(zip(test["input_ids"], test["labels"], strict=True))
+    rows = token_rows(test)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = {}
     bf16 = AutoModelForCausalLM.from_pretrained(prep / "model", dtype=torch.bfloat16).to(device)
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu", help="where the held-out losses are computed (quantizing is CPU)")
     args = ap.parse_args()
-    from stages.common.device import resolve_device
+    from qlora_pipeline.stages.contract.device import resolve_device
 
     device = resolve_device(args.device)
 

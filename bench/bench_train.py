@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from checkout import ensure_importable  # noqa: E402
+
+ensure_importable()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -47,8 +49,10 @@ def random_batches(n_rows: int, batch_size: int, seed: int, steps: int) -> list[
 def load_rows(artifacts: Path, split: str) -> list[tuple[list[int], list[int]]]:
     import datasets
 
+    from qlora_pipeline.stages.lm.batching import token_rows
+
     ds = datasets.load_from_disk(str(artifacts / "prepare" / "data"))[split]
-    return list(zip(ds["input_ids"], ds["labels"], strict=True))
+    return token_rows(ds)
 
 
 def llama3_8b_shape(out: Path, layers: int, tokenizer_dir: Path) -> Path:
@@ -56,7 +60,7 @@ def llama3_8b_shape(out: Path, layers: int, tokenizer_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from kernels.checkpoint4bit import save_4bit_checkpoint
+    from qlora_pipeline.kernels.formats.bnb_loader import save_4bit_checkpoint
 
     bf16, nf4 = out / "bf16", out / "nf4"
     if (nf4 / "config.json").exists():
@@ -94,9 +98,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One configuration, in this process: train `steps` steps, then held-out loss on the test split."""
     import torch
 
-    from stages.common.batching import batch_stream, collate
-    from stages.common.device import peak_memory_mb, reset_peak_memory, resolve_device
-    from stages.common.lm_loss import heldout_loss
+    from qlora_pipeline.stages.contract.device import peak_memory_mb, reset_peak_memory, resolve_device
+    from qlora_pipeline.stages.lm.batching import batch_stream, collate
+    from qlora_pipeline.stages.lm.lm_loss import heldout_loss
 
     torch.manual_seed(0)
     device = resolve_device(args.device)
@@ -153,9 +157,9 @@ def worker(args: argparse.Namespace) -> dict:
 def _ours(args: argparse.Namespace, nf4_dir: Path, device):
     import torch
 
-    from stages.common.lm_loss import summed_loss
-    from stages.common.params import TrainParams
-    from stages.train import build_model, compute_dtype, make_optimizer, set_checkpointing
+    from qlora_pipeline.stages.contract.params import TrainParams
+    from qlora_pipeline.stages.lm.lm_loss import summed_loss
+    from qlora_pipeline.stages.train import build_model, compute_dtype, make_optimizer, set_checkpointing
 
     t = TrainParams(optimizer=args.optimizer, lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
     model, trainable = build_model(nf4_dir, t, device, compute_dtype(t, device))
@@ -258,7 +262,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="paged_adamw_32bit")
     ap.add_argument("--batching", default="grouped")
     args = ap.parse_args()
-    from stages.common.device import describe, resolve_device
+    from qlora_pipeline.stages.contract.device import describe, resolve_device
 
     device = resolve_device(args.device)
     if args.bnb_autocast is None:

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from checkout import ensure_importable  # noqa: E402
+
+ensure_importable()
 RESULTS = ROOT / "bench" / "results"
 CPU_REFERENCE = RESULTS / "gpu-acceptance-cpu.json"
 # bf16 rounding of the same computation on another device: measured differences on SmolLM2 stay well under this.
@@ -68,8 +70,8 @@ def pipeline_params(device: str, work: Path) -> dict[str, Any]:
 
 def run_pipeline(device: str, work: Path) -> dict[str, Any]:
     """prepare → quantize → train → merge → evaluate → export (GPTQ) in this process; losses, times, peaks."""
-    from stages import evaluate, export, merge, prepare, quantize, train
-    from stages.common.params import parse_params
+    from qlora_pipeline.stages import evaluate, export, merge, prepare, quantize, train
+    from qlora_pipeline.stages.contract.params import parse_params
 
     params = parse_params(pipeline_params(device, work))
     stages: dict[str, Any] = {}
@@ -111,7 +113,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from stages.common.device import describe, resolve_device
+    from qlora_pipeline.stages.contract.device import describe, resolve_device
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"

@@ -18,7 +18,7 @@ OUT=.carry
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 rm -rf "$OUT" && mkdir -p "$OUT/a/gguf" "$OUT/b/gguf" "$OUT/b/whl"
 
-GGUF=$("$PY" -c "from stages.common.modelio import embedded_gguf_path; print(embedded_gguf_path())")
+GGUF=$("$PY" -c "from qlora_pipeline.stages.lm.modelio import embedded_gguf_path; print(embedded_gguf_path())")
 NAME=$(basename "$GGUF")
 split -b 60M -a 2 "$GGUF" "$OUT/a/gguf/$NAME.part-"
 mv "$OUT/a/gguf/$NAME.part-ab" "$OUT/b/gguf/"

@@ -2,8 +2,8 @@
 
     python bench/kernel_checks.py --device cuda [--out bench/results/gpu-kernels.json]
 
-- NF4 + double-quant dequant (one launch) to fp32, bf16 and fp16 against ``kernels.nf4.dequantize_nf4`` run on
-  the CPU, on weight shapes up to 4096x14336 with a ragged tail;
+- NF4 + double-quant dequant (one launch) to fp32, bf16 and fp16 against
+  ``qlora_pipeline.kernels.nf4.dequantize_nf4`` run on the CPU, on weight shapes up to 4096x14336 with a ragged tail;
 - the 8-bit AdamW step over several steps against ``adamw8bit_update_reference`` on the CPU (params, state codes
   and absmax compared as bits);
 - our AdamW (32- and 8-bit state) paged under a byte budget smaller than its state against the same optimizer
@@ -26,14 +26,17 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first @triton.jit
 
 import torch
+from checkout import ensure_importable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ensure_importable()
 
-from kernels.nf4 import dequantize_nf4, quantize_nf4
-from kernels.nf4_triton import dequantize_nf4_triton
-from kernels.optim.adam8bit_triton import AdamScalars, adamw8bit_update_triton
-from kernels.optim.adamw import AdamW, QuantMaps, adamw8bit_update_reference, requantize_blockwise
-from kernels.optim.paging import PagingConfig
+from qlora_pipeline.kernels.dynamic_map import requantize_blockwise  # noqa: E402
+from qlora_pipeline.kernels.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
+from qlora_pipeline.kernels.nf4_triton import dequantize_nf4_triton  # noqa: E402
+from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton  # noqa: E402
+from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars  # noqa: E402
+from qlora_pipeline.kernels.optim.adamw import AdamW, QuantMaps, adamw8bit_update_reference  # noqa: E402
+from qlora_pipeline.kernels.optim.paging import PagingConfig  # noqa: E402
 
 BS = 256
 

@@ -1,7 +1,9 @@
 """8-bit "dynamic" code and blockwise 8-bit (de)quantization, byte-compatible with bitsandbytes.
 
 Used for two things: the double quantization of NF4 absmax (signed map, blocksize 256) and the 8-bit
-optimizer state (signed map for the first moment, unsigned map for the second).
+optimizer state (signed map for the first moment, unsigned map for the second). This module is the one home of
+the quantizer: :func:`quantize_blockwise` for NF4, :func:`requantize_blockwise` (the same bins and table, plus bnb's
+CPU handling of NaN/Inf) for the optimizer and its Triton kernel, :func:`bin_to_code_table` for both.
 
 Why the odd arithmetic in :func:`quantize_blockwise`: bitsandbytes' CPU kernel does not search the code
 for the nearest entry. It scales each value to [-1, 1], maps it onto one of 65536 evenly spaced bins
@@ -56,12 +58,12 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _bin_to_code_table(code: torch.Tensor) -> torch.Tensor:
+def bin_to_code_table(code: torch.Tensor) -> torch.Tensor:
     """Map each of the 65536 bins of [-1, 1] to the index of the code entry whose midpoint range holds it.
 
     Bin i stands for ``-1 + fp32(2i / 65535)``; its code index is the number of midpoints strictly below it.
-    The code must be sorted ascending (both dynamic maps are). Cached per code content (optimizers call
-    this once per parameter per step).
+    The code must be sorted ascending (both dynamic maps are). Returns a uint8 CPU tensor that is cached per
+    code content and shared: read it, copy it (``.to(device, copy=True)``) before writing to it.
     """
     return _table_for(code.detach().float().cpu().contiguous().numpy().tobytes())
 
@@ -78,8 +80,9 @@ def _table_for(code_bytes: bytes) -> torch.Tensor:
 def _bin_index(v: torch.Tensor) -> torch.Tensor:
     """Bin of each normalized fp32 value: ``trunc(fp32(fp32((clamp(v) + 1) * 0.5) * 65535) + 0.5)``.
 
-    Whether the compiler fuses the last multiply-add into an FMA (one rounding) does not matter: the two
-    forms give the same bin for every fp32 value in [-1, 1] (checked exhaustively, all 2**31 of them).
+    Whether the last multiply-add is rounded twice (as here), fused into an FMA, or computed exactly in float64 and
+    rounded once (as the 8-bit AdamW Triton kernel does; the same value as the FMA) does not matter: the forms give
+    the same bin for every fp32 value of ``(clamp(v) + 1) * 0.5``, i.e. every fp32 in [0, 1] (checked exhaustively).
     """
     half = (v.clamp(-1.0, 1.0) + 1.0) * 0.5
     return (half * float(_LUT_BINS - 1) + 0.5).to(torch.int32)
@@ -98,17 +101,39 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
         raise ValueError(f"quantize_blockwise supports fp32/fp16/bf16 input, got {x.dtype}")
     if code.numel() != 256:
         raise ValueError(f"code must have 256 entries, got {code.numel()}")
-    flat = x.detach().reshape(-1).float()
-    n = flat.numel()
-    blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    padded, n = _blocks(x.detach(), blocksize)
     absmax = padded.abs().amax(dim=1) if n else torch.zeros(0)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # zero blocks: no 0 * inf = NaN
     bins = _bin_index(padded * inv.unsqueeze(1))
-    table = _bin_to_code_table(code).to(x.device)
+    table = bin_to_code_table(code).to(x.device)
     q = table[bins]
     q[absmax == 0] = 0
     return q.reshape(-1)[:n].reshape(x.shape), absmax
+
+
+def requantize_blockwise(x: torch.Tensor, table: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit optimizer's requantization: :func:`quantize_blockwise` with bnb's CPU handling of non-finite values.
+
+    ``table`` is :func:`bin_to_code_table` of the code, already on ``x``'s device (the optimizer keeps one per
+    device and hands the same table to its Triton kernel). Same bytes as :func:`quantize_blockwise` on finite
+    input; absmax ignores NaN but not Inf, a NaN normalized value gets code 0, an all-zero block codes 0.
+    Returns flat ``(q uint8 [n], absmax fp32 [ceil(n / blocksize)])``.
+    """
+    padded, n = _blocks(x, blocksize)
+    absmax = torch.where(torch.isnan(padded), 0.0, padded.abs()).amax(dim=1)
+    y = padded * (1.0 / torch.where(absmax == 0, 1.0, absmax)).unsqueeze(1)  # zero blocks get codes 0 below
+    bad = torch.isnan(y)
+    q = table[_bin_index(torch.where(bad, 0.0, y))]
+    q = torch.where(bad | (absmax == 0).unsqueeze(1), 0, q).to(torch.uint8)
+    return q.reshape(-1)[:n], absmax
+
+
+def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    """``x`` flattened to fp32 and zero-padded to ``[ceil(n / blocksize), blocksize]``, and ``n``."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    blocks = -(-n // blocksize)
+    return torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize), n
 
 
 def dequantize_blockwise(

@@ -65,7 +65,7 @@ class Hessian:
 
 @dataclass
 class GPTQResult:
-    """A quantized weight, ready for packing (see :mod:`kernels.gptq_format`).
+    """A quantized weight, ready for packing (see :mod:`qlora_pipeline.kernels.formats.gptq_folder`).
 
     ``qweight_int`` [out, in] uint8 codes in ``[0, 2^bits)``; ``scales`` [n_groups, out] fp16 (the exact values the
     checkpoint stores); ``zeros`` [n_groups, out] int32 true zero points (not yet the v1 ``zero-1``); ``g_idx`` [in]

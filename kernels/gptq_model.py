@@ -1,4 +1,5 @@
-"""Layer-wise sequential GPTQ for HF Llama / Qwen2 causal LMs, and the v1 checkpoint writer.
+"""Layer-wise sequential GPTQ for HF Llama / Qwen2 causal LMs (the v1 checkpoint writer is in
+:mod:`qlora_pipeline.kernels.formats.gptq_folder`).
 
 The driver follows the paper's sequential scheme: capture what enters decoder layer 0, then for each decoder layer
 collect the Hessian of each linear's input over the calibration batches, GPTQ the weights, put the *dequantized*
@@ -8,29 +9,30 @@ will actually produce (errors do not compound unseen). With ``true_sequential`` 
 quantized earlier sets. Members of a set see the same input, so they share one Hessian (3 instead of 7 Hessians per
 block, and the q/k/v and gate/up GEMMs of ``x·xᵀ`` are not repeated).
 
-Embeddings, norms and ``lm_head`` stay 16-bit (docs/formats.md, GPTQ v1 checkpoint). ``write_gptq_checkpoint``
-is the only function here that touches files; it writes into a hidden temporary sibling and renames it into place at
-the end, so a failure never leaves a partial folder.
+Embeddings, norms and ``lm_head`` stay 16-bit (docs/formats.md, GPTQ v1 checkpoint). Nothing here touches files
+or knows the checkpoint layout: the caller says what to keep of each quantized linear (``pack``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import time
-import uuid
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kernels.gptq import Hessian, check_group_size, gptq_quantize, output_error, rtn_quantize
-from kernels.gptq_format import gptq_quantization_config, pack_gptq_v1
+from qlora_pipeline.kernels.architectures import family_of_model_type, unsupported_architecture
+from qlora_pipeline.kernels.gptq import (
+    GPTQResult,
+    Hessian,
+    check_group_size,
+    gptq_quantize,
+    output_error,
+    rtn_quantize,
+)
 
-SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Input-sharing sets of a Llama/Qwen2 decoder block, in execution order.
 LINEAR_SETS: tuple[tuple[str, ...], ...] = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -38,20 +40,6 @@ LINEAR_SETS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-_WEIGHT_FILE = "model.safetensors"
-# Files copied verbatim next to the weights: tokenizer, chat template, generation defaults.
-_COPY_NAMES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json",
-    "chat_template.json",
-)
-_COPY_SUFFIXES = (".jinja",)
 
 
 class _StopForward(Exception):
@@ -61,10 +49,9 @@ class _StopForward(Exception):
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a supported model, or a ValueError naming what is supported."""
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if family_of_model_type(model_type) is None:
         arch = (getattr(model.config, "architectures", None) or [model_type or type(model).__name__])[0]
-        supported = ", ".join(SUPPORTED_MODEL_TYPES.values())
-        raise ValueError(f"unsupported architecture {arch} for GPTQ; supported: {supported}")
+        raise ValueError(unsupported_architecture(arch, "for GPTQ"))
     layers = model.model.layers
     for i, layer in enumerate(layers):
         for name in (n for s in LINEAR_SETS for n in s):
@@ -166,14 +153,17 @@ def quantize_model_gptq(
     progress: bool = True,
     true_sequential: bool = True,
     device: torch.device | str | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    pack: Callable[[GPTQResult, Tensor | None], Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """GPTQ every decoder-block linear of a HF Llama/Qwen2 causal LM, layer by layer.
 
     ``calibration_input_ids`` is a list of ``[seq]`` or ``[batch, seq]`` token-id tensors (unpadded; each item is
-    one forward pass, so lengths may differ). Returns ``(state_dict, stats)``: the state dict has
-    ``<module>.qweight/.qzeros/.scales/.g_idx`` (+ fp16 ``.bias``) for every quantized linear and the other tensors
-    unchanged (tied duplicates dropped, as ``save_pretrained`` does). The model is modified in place: its quantized
-    linears hold their dequantized weights afterwards, so it can be evaluated as the quantized model. ``stats`` gives
+    one forward pass, so lengths may differ). Returns ``(quantized, stats)``: ``quantized`` maps the full module name
+    of every quantized linear (``model.layers.0.self_attn.q_proj``) to ``pack(result, bias)``, called as soon as that
+    linear is quantized (so a compact packing such as the v1 checkpoint's keeps memory low), or to its
+    :class:`~qlora_pipeline.kernels.gptq.GPTQResult` when ``pack`` is None. The model is modified in place: its
+    quantized linears hold their dequantized weights afterwards, so it can be evaluated as the quantized model, and
+    its other tensors are the ones a checkpoint stores unquantized. ``stats`` gives
     per-module output errors (mean over calibration tokens of ``||W x - Q x||²``) for GPTQ and for RTN on the same
     inputs, damping used, and time. ``device`` (default: where the model is) is where calibration computes: the
     embeddings, rotary tables and head move there once, each decoder block only while it is quantized, so a model
@@ -197,7 +187,7 @@ def quantize_model_gptq(
     inputs = _capture_layer0_inputs(model, layers[0], batches)
     n_tokens = sum(int(h.shape[0] * h.shape[1]) for h, _ in inputs)
     stages = [[s] for s in LINEAR_SETS] if true_sequential else [list(LINEAR_SETS)]
-    packed: dict[str, dict[str, Tensor]] = {}
+    quantized: dict[str, Any] = {}
     layer_stats: list[dict[str, Any]] = []
 
     for i, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress)):
@@ -217,10 +207,8 @@ def quantize_model_gptq(
                     rtn = rtn_quantize(W, bits, group_size, name=full)
                     err_gptq, err_rtn = output_error(W, res.dequantized, H), output_error(W, rtn.dequantized, H)
                     linear.weight.copy_(res.dequantized.to(linear.weight.dtype))
-                    packed[full] = {
-                        k: v.cpu()
-                        for k, v in pack_gptq_v1(res, linear.bias.detach() if linear.bias is not None else None).items()
-                    }
+                    bias = linear.bias.detach() if linear.bias is not None else None
+                    quantized[full] = res if pack is None else pack(res, bias)
                     module_stats[name] = {
                         "gptq_error": err_gptq,
                         "rtn_error": err_rtn,
@@ -236,7 +224,6 @@ def quantize_model_gptq(
 
     model.train(was_training)
     model.to(home)
-    state_dict = _gptq_state_dict(model, packed)
     gptq_total = sum(m["gptq_error"] for ls in layer_stats for m in ls["modules"].values())
     rtn_total = sum(m["rtn_error"] for ls in layer_stats for m in ls["modules"].values())
     stats = {
@@ -246,7 +233,7 @@ def quantize_model_gptq(
         "true_sequential": true_sequential,
         "n_sequences": sum(int(b.shape[0]) for b in batches),
         "n_tokens": n_tokens,
-        "n_quantized_modules": len(packed),
+        "n_quantized_modules": len(quantized),
         "gptq_error_total": gptq_total,
         "rtn_error_total": rtn_total,
         "error_ratio_total": gptq_total / rtn_total if rtn_total > 0 else 1.0,
@@ -254,7 +241,7 @@ def quantize_model_gptq(
         "seconds": time.perf_counter() - t_start,
         "layers": layer_stats,
     }
-    return state_dict, stats
+    return quantized, stats
 
 
 def _move_all_but_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
@@ -269,116 +256,4 @@ def _move_all_but_layers(model: nn.Module, layers: nn.ModuleList, device: torch.
             layers[i] = layer
 
 
-def _gptq_state_dict(model: nn.Module, packed: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-    """The model's tensors with each quantized linear's weight/bias replaced by its packed v1 tensors."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        module, _, leaf = key.rpartition(".")
-        if module in packed and leaf in ("weight", "bias"):
-            continue
-        if id(tensor) in seen:  # tied weights (lm_head ↔ embed_tokens) are one Parameter; safetensors refuses both
-            continue
-        seen.add(id(tensor))
-        out[key] = tensor.detach().cpu()
-    for module, tensors in packed.items():
-        for leaf, tensor in tensors.items():
-            out[f"{module}.{leaf}"] = tensor
-    return out
-
-
-def _source_dtype(config: dict[str, Any]) -> torch.dtype:
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move ``tmp`` to ``out_dir``; an existing ``out_dir`` is set aside first and removed only after the swap."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_gptq_checkpoint(
-    model_dir_16bit: str | Path,
-    out_dir: str | Path,
-    calibration_input_ids: list[Tensor],
-    bits: int = 4,
-    group_size: int = 64,
-    damp_percent: float = 0.01,
-    true_sequential: bool = True,
-    progress: bool = False,
-    device: torch.device | str | None = None,
-) -> dict[str, Any]:
-    """Quantize a 16-bit HF folder with GPTQ and write a v1 GPTQ checkpoint folder; returns the stats.
-
-    The folder has ``model.safetensors`` (packed linears, other tensors in the source dtype), ``config.json`` with
-    ``quantization_config``, ``quantize_config.json`` (for vLLM), and the tokenizer/generation files. Calibration
-    runs in fp32 (bf16 matmuls are slow on CPU and fp32 activations make better Hessians). ``out_dir`` is replaced
-    atomically; on any error nothing is left behind.
-    """
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    src, out_dir = Path(model_dir_16bit), Path(out_dir)
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{src} has no config.json; point model_dir_16bit at a HF model folder")
-    config = json.loads(config_path.read_text())
-    if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"{src} is already quantized ({method}); GPTQ needs the 16-bit model")
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        arch = (config.get("architectures") or [config.get("model_type")])[0]
-        raise ValueError(
-            f"unsupported architecture {arch} for GPTQ; supported: {', '.join(SUPPORTED_MODEL_TYPES.values())}"
-        )
-
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    state_dict, stats = quantize_model_gptq(
-        model,
-        calibration_input_ids,
-        bits,
-        group_size,
-        damp_percent,
-        progress=progress,
-        true_sequential=true_sequential,
-        device=device,
-    )
-    del model
-    # Unquantized tensors go back to the source dtype; packed tensors keep the dtypes the format fixes (fp16 scales
-    # and bias, int32 words).
-    keep_dtype = _source_dtype(config)
-    quantized = {k.rpartition(".")[0] for k in state_dict if k.endswith(".qweight")}
-    state_dict = {
-        k: (v.to(keep_dtype) if v.is_floating_point() and k.rpartition(".")[0] not in quantized else v).contiguous()
-        for k, v in state_dict.items()
-    }
-    qcfg = gptq_quantization_config(
-        bits, group_size, damp_percent, sym=True, desc_act=False, true_sequential=true_sequential
-    )
-    config["quantization_config"] = qcfg
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        save_file(state_dict, str(tmp / _WEIGHT_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
-        for f in sorted(src.iterdir()):
-            if f.is_file() and (f.name in _COPY_NAMES or f.suffix in _COPY_SUFFIXES):
-                shutil.copy2(f, tmp / f.name)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    stats["bytes"] = (out_dir / _WEIGHT_FILE).stat().st_size
-    return stats
-
-
-__all__ = ["LINEAR_SETS", "SUPPORTED_MODEL_TYPES", "quantize_model_gptq", "write_gptq_checkpoint"]
+__all__ = ["LINEAR_SETS", "quantize_model_gptq"]

@@ -15,18 +15,18 @@ running), one SmolLM2-sized layer 576 -> 1536, input 8x256 tokens in the compute
 
 (the middle run was under heavy background load), so bf16 is the default on CPU as on CUDA: oneDNN uses
 the AVX512-BF16 dot products. A CPU without AVX512-BF16 may rank them the other way: re-measure with
-``python -m kernels.linear4bit``.
+``.venv/bin/python bench/bench_linear4bit.py``.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from kernels.nf4 import NF4Weight, dequantize, nf4_error_stats, quantize_nf4
+from qlora_pipeline.kernels.nf4 import NF4Weight, nf4_error_stats, quantize_nf4
+from qlora_pipeline.kernels.nf4_dispatch import dequantize
 
 DEFAULT_CPU_COMPUTE_DTYPE = torch.bfloat16
 DEFAULT_CUDA_COMPUTE_DTYPE = torch.bfloat16
@@ -137,7 +137,7 @@ class Linear4bit(nn.Module):
         )
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        from kernels.bnb_format import nf4_to_state_dict
+        from qlora_pipeline.kernels.formats.bnb_folder import nf4_to_state_dict
 
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
         for key, value in nf4_to_state_dict(prefix, self.nf4).items():
@@ -146,7 +146,7 @@ class Linear4bit(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        from kernels.bnb_format import nf4_from_state_dict
+        from qlora_pipeline.kernels.formats.bnb_folder import nf4_from_state_dict
 
         weight_prefix = prefix + "weight"
         mine = {k: v for k, v in state_dict.items() if k == weight_prefix or k.startswith(weight_prefix + ".")}
@@ -215,27 +215,3 @@ def quantize_model_linears(
         stats[name] = nf4_error_stats(w, nf4)
     replace_linears_with_4bit(model, weights, compute_dtype)
     return stats
-
-
-def _bench_compute_dtype(repeats: int = 15) -> dict[str, float]:
-    """Median forward+backward ms of a 576->1536 NF4 layer on 8x256 tokens, per compute dtype.
-
-    The two dtypes alternate call by call so background load hits both alike.
-    """
-    torch.manual_seed(0)
-    nf4 = quantize_nf4(torch.randn(1536, 576, dtype=torch.bfloat16) * 0.02)
-    dtypes = (torch.float32, torch.bfloat16)
-    layers = {d: Linear4bit(nf4, compute_dtype=d) for d in dtypes}
-    inputs = {d: torch.randn(8, 256, 576, dtype=d, requires_grad=True) for d in dtypes}
-    times: dict[torch.dtype, list[float]] = {d: [] for d in dtypes}
-    for i in range(repeats + 2):
-        for d in dtypes:
-            t0 = time.perf_counter()
-            layers[d](inputs[d]).float().sum().backward()
-            if i >= 2:
-                times[d].append(time.perf_counter() - t0)
-    return {str(d).removeprefix("torch."): 1000 * sorted(t)[len(t) // 2] for d, t in times.items()}
-
-
-if __name__ == "__main__":
-    print(f"threads={torch.get_num_threads()}", _bench_compute_dtype())

@@ -7,12 +7,14 @@ so the quantized path needs no LoRA-specific code.
 Numerics follow peft 0.21 ``LoraConfig(init_lora_weights=True)`` so that adapters move freely between the two:
 A ~ kaiming_uniform_(a=sqrt(5)) (i.e. U(-1/sqrt(in), 1/sqrt(in))), B = 0, s = alpha/r or alpha/sqrt(r) (rsLoRA),
 dropout on the LoRA branch input only. Parameter names ``lora_A``/``lora_B`` make the PEFT key of a tensor
-``base_model.model.<module path>.lora_A.weight`` a pure string rewrite (see ``kernels.peft_format``).
+``base_model.model.<module path>.lora_A.weight`` a pure string rewrite (see
+``qlora_pipeline.kernels.formats.peft_adapter``, the one home of that key format).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -163,9 +165,18 @@ class LoraLinear(nn.Module):
         )
 
 
-def _matches(name: str, target: str) -> bool:
-    """peft's rule for a list of targets: the full name, or a dotted suffix of it (``q_proj``, ``self_attn.q_proj``)."""
+def matches_target(name: str, target: str) -> bool:
+    """peft's rule for one entry of a target list: the full name, or a dotted suffix of it (``q_proj``,
+    ``self_attn.q_proj``)."""
     return name == target or name.endswith("." + target)
+
+
+def is_targeted(name: str, targets: list[str] | str) -> bool:
+    """peft's ``target_modules`` rule: a string is a regex the full module name must match; a list matches the name
+    by :func:`matches_target`. The one place the rule lives (injection here, adapter checks in ``peft_adapter``)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(matches_target(name, t) for t in targets)
 
 
 def linear_leaf_names(model: nn.Module) -> list[str]:
@@ -202,9 +213,9 @@ def inject_lora(
     linear = {name: m for name, m in model.named_modules() if name and _has_linear_shape(m)}
     available = ", ".join(linear_leaf_names(model))
     for target in target_modules:
-        if not any(_matches(name, target) for name in linear):
+        if not any(matches_target(name, target) for name in linear):
             raise ValueError(f"unknown LoRA target {target!r}; linear modules in this model: {available}")
-    wrapped = [name for name in linear if any(_matches(name, t) for t in target_modules)]
+    wrapped = [name for name in linear if is_targeted(name, target_modules)]
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -263,17 +274,36 @@ def load_lora_state_dict(
             params[key].copy_(t.to(device=params[key].device, dtype=params[key].dtype))
 
 
-def merged_weight(base_weight: torch.Tensor, lora: LoraLinear) -> torch.Tensor:
-    """``W + s * B @ A`` computed in fp32 and rounded once to W's dtype (what peft's merge gives).
+def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s * B @ A`` in fp32 on the tensors' device: the update a merge adds to the base weight."""
+    return (lora_B.float() @ lora_A.float()) * scaling
 
-    Takes W separately because the merge goes into the original 16-bit weights, not the NF4 base being trained.
+
+def merged_weight(
+    base_weight: torch.Tensor,
+    lora: LoraLinear | None = None,
+    *,
+    delta: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``W + s * B @ A`` computed in fp32 and rounded once to ``dtype``, default W's dtype (what peft's merge gives).
+
+    The update comes from a LoRA layer (``lora``) or ready-made from :func:`lora_delta_weight` (``delta``, for a
+    caller that also reports it). Takes W separately because the merge goes into the original 16-bit weights, not
+    the NF4 base being trained. The one home of the merge arithmetic (the merge stage calls it too).
     """
-    expected = (lora.out_features, lora.in_features)
-    if tuple(base_weight.shape) != expected:
-        raise ValueError(f"merge: base weight has shape {tuple(base_weight.shape)}, LoRA layer expects {expected}")
-    a = lora.lora_A.detach().to(device=base_weight.device, dtype=torch.float32)
-    b = lora.lora_B.detach().to(device=base_weight.device, dtype=torch.float32)
-    return (base_weight.float() + (b @ a) * lora.scaling).to(base_weight.dtype)
+    if (lora is None) == (delta is None):
+        raise ValueError("merged_weight needs exactly one of lora and delta")
+    if lora is not None:
+        expected = (lora.out_features, lora.in_features)
+        if tuple(base_weight.shape) != expected:
+            raise ValueError(f"merge: base weight has shape {tuple(base_weight.shape)}, LoRA layer expects {expected}")
+        a = lora.lora_A.detach().to(device=base_weight.device, dtype=torch.float32)
+        b = lora.lora_B.detach().to(device=base_weight.device, dtype=torch.float32)
+        delta = lora_delta_weight(a, b, lora.scaling)
+    elif tuple(delta.shape) != tuple(base_weight.shape):
+        raise ValueError(f"merge: base weight has shape {tuple(base_weight.shape)}, the update {tuple(delta.shape)}")
+    return (base_weight.float() + delta).to(dtype or base_weight.dtype)
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kernels.dynamic_map import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from qlora_pipeline.kernels.dynamic_map import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 
 # Literal values from bitsandbytes (functional.get_4bit_type("nf4"), CUDA nf4_dequantization_lut). Recomputing
 # them from normal quantiles changes the last bit of some entries, so they are written out, never derived.
@@ -202,15 +202,6 @@ def dequantize_nf4(nf4: NF4Weight, dtype: torch.dtype | None = None) -> torch.Te
     if full < n:
         vals[full:].mul_(absmax[-1])
     return vals.to(dtype or nf4.dtype).reshape(nf4.shape)
-
-
-def dequantize(nf4: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dispatcher: the one-launch Triton kernel on CUDA, the torch reference elsewhere (same bits)."""
-    if nf4.packed.is_cuda:
-        from kernels.nf4_triton import dequantize_nf4_triton  # lazy: CPU processes never need Triton
-
-        return dequantize_nf4_triton(nf4, dtype or nf4.dtype)
-    return dequantize_nf4(nf4, dtype)
 
 
 def nf4_bytes(nf4: NF4Weight) -> int:

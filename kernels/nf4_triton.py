@@ -4,7 +4,7 @@ bitsandbytes needs three launches for a double-quantized weight (8-bit absmax de
 dequant); here each program reads its packed bytes and the uint8 absmax of their blocks, rebuilds the fp32
 absmax in registers and writes the output, so the weight's bytes are read once and the output written once.
 
-Bit-exactness with :func:`kernels.nf4.dequantize_nf4`:
+Bit-exactness with :func:`qlora_pipeline.kernels.nf4.dequantize_nf4`:
 - absmax = ``fp32(code2[q] * absmax2) + offset``: two roundings. On CUDA the launch passes
   ``enable_fp_fusion=False`` so the multiply-add is not contracted into an FMA (one rounding, other bits).
 - out = ``fp32(table[nibble] * absmax)``, then one round-to-nearest-even cast to the output dtype.
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nf4 import NF4Weight, shared_table
+from qlora_pipeline.kernels.nf4 import NF4Weight, shared_table
 
 # Bytes per program. The interpreter pays per program, so it gets a big block (docs/formats.md, Triton interpreter:
 # 1M values take 6.1 s with 1024 per program and 0.42 s with 16384); on a GPU 1024 bytes (2048 outputs) per
@@ -71,7 +71,7 @@ def _nf4_dq_dequant_kernel(
 
 
 def dequantize_nf4_triton(nf4: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize ``nf4`` in one kernel launch; bit-identical to ``kernels.nf4.dequantize_nf4``."""
+    """Dequantize ``nf4`` in one kernel launch; bit-identical to ``qlora_pipeline.kernels.nf4.dequantize_nf4``."""
     dtype = dtype or nf4.dtype
     interp = _interpreting()
     if not interp and not nf4.packed.is_cuda:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from pathlib import Path
@@ -10,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from stages.common.errors import PipelineError
-from stages.common.params import load_params
-from stages.common.registry import ORDER
+from qlora_pipeline.stages.contract.errors import PipelineError
+from qlora_pipeline.stages.contract.params import load_params
+from qlora_pipeline.stages.contract.registry import ORDER, load_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="QLoRA pipeline: prepare → quantize → train → …")
 
@@ -39,10 +38,10 @@ def run(
         for s in stage or []:
             if s not in ORDER:
                 raise PipelineError(f"unknown stage '{s}'; stages: {', '.join(ORDER)}")
-        from stages.common.preflight import preflight_run
+        from qlora_pipeline.stages.contract.preflight import preflight_run
 
         preflight_run(p, list(stage or ORDER))
-        from pipelines.flow import results_summary, run_pipeline
+        from qlora_pipeline.pipelines.flow import results_summary, run_pipeline
 
         results = run_pipeline(params, stages=stage, force=force)
     except PipelineError as exc:
@@ -66,7 +65,7 @@ def stage_cmd(
         _fail(PipelineError(f"unknown stage '{name}'; stages: {', '.join(ORDER)}"))
     try:
         p = load_params(params)
-        manifest = importlib.import_module(f"stages.{name}").run(p)
+        manifest = load_stage(name).run(p)
     except PipelineError as exc:
         _fail(exc)
         return
@@ -77,9 +76,24 @@ def stage_cmd(
 
 
 @app.command()
+def status(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Say, per stage, whether its artifact is current or why it is stale (the rule the flow skips stages by)."""
+    from qlora_pipeline.stages.contract.currency import currency
+
+    try:
+        p = load_params(params)
+    except PipelineError as exc:
+        _fail(exc)
+        return
+    for name in ORDER:
+        state = currency(name, p)
+        typer.echo(f"{name:<9} {'current' if state.current else 'stale: ' + state.reason}")
+
+
+@app.command()
 def verify(bundle: Annotated[Path, typer.Argument(help="a release bundle directory")]) -> None:
     """Re-hash every file of a release bundle against its lineage.json; exit 1 naming any mismatch."""
-    from stages.common.lineage import verify_bundle
+    from qlora_pipeline.stages.contract.lineage import verify_bundle
 
     try:
         result = verify_bundle(bundle)
@@ -95,8 +109,8 @@ def trace(
     search: Annotated[list[Path] | None, typer.Option(help="where to look for bundles")] = None,
 ) -> None:
     """Print the chain behind a served file: export, merge, adapter, training run, base, dataset, params, commit."""
-    from stages.common.lineage import find_bundle_of, trace_chain
-    from stages.common.runtime import REPO_ROOT
+    from qlora_pipeline.stages.contract.lineage import find_bundle_of, trace_chain
+    from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 
     if not file.exists():
         _fail(PipelineError(f"{file} does not exist"))
@@ -123,7 +137,7 @@ def deploy_cmd(
         load_params(params)
     except PipelineError as exc:
         _fail(exc)
-    from pipelines.deploy import deploy
+    from qlora_pipeline.pipelines.deploy import deploy
 
     deployment_id = deploy(pool=pool, cron=cron, name=name, params_path=str(params), timezone=timezone)
     typer.echo(f"deployment qlora_pipeline/{name} ({deployment_id}) on pool {pool}, schedule '{cron}' {timezone}")

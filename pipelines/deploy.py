@@ -11,8 +11,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from stages.common.runtime import REPO_ROOT
-from stages.common.tracking import OFFLINE_ENV
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT
+from qlora_pipeline.stages.contract.tracking import OFFLINE_ENV
 
 ENTRYPOINT = "pipelines/flow.py:qlora_pipeline"
 
@@ -43,6 +43,8 @@ def deploy(
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import Flow
 
+    from qlora_pipeline.pipelines.flow import RESULTS_DIR
+
     asyncio.run(_ensure_pool(pool))
     remote = Flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
     params: dict[str, Any] = {"params_path": str(Path(params_path).resolve())}
@@ -55,6 +57,10 @@ def deploy(
         work_pool_name=pool,
         schedules=[CronSchedule(cron=cron, timezone=timezone)] if cron else None,
         parameters=params,
-        job_variables={"working_dir": str(REPO_ROOT), "env": {**OFFLINE_ENV, **(env or {})}},
+        # scheduled runs keep their task results next to the artifacts, as `qlora run` does
+        job_variables={
+            "working_dir": str(REPO_ROOT),
+            "env": {**OFFLINE_ENV, "PREFECT_LOCAL_STORAGE_PATH": str(RESULTS_DIR), **(env or {})},
+        },
     )
     return deployment.apply(work_pool_name=pool)

@@ -5,4 +5,4 @@
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${QLORA_PYTHON:-$root/.venv/bin/python}
 [ -x "$py" ] || py=python3
-exec "$py" -m "stages.$1"
+exec "$py" -m qlora_pipeline.pipelines.cli stage "$1"

@@ -1,14 +1,13 @@
-"""The Prefect flow `qlora_pipeline`: one task per stage, each calling the stage's own `run`.
+"""The Prefect flow `qlora_pipeline`: one task per stage, each calling the stage's own `run` (`load_stage`).
 
-Cache keys are content hashes (params section + code of the stage + parent manifests), so an unchanged
-stage is skipped across runs; Prefect's default policy includes the run id and would never reuse. A cached
-key is only trusted while the artifact on disk still verifies against its manifest and was made from the
-same params and code; otherwise the flow refreshes the cache entry and the stage re-runs.
+Cache keys are content hashes (declared params + code the stage reaches + external inputs + parent manifests,
+`currency.cache_key`), so an unchanged stage is skipped across runs; Prefect's default policy includes the run id
+and would never reuse. A cached key is only trusted while `currency.currency` says the artifact on disk is still
+current; otherwise the flow refreshes the cache entry and the stage re-runs.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -17,79 +16,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.common.tracking import set_offline_env
+from prefect import flow, task
+from prefect.context import TaskRunContext
+from prefect.settings import (
+    PREFECT_LOCAL_STORAGE_PATH,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
 
-set_offline_env()
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-# Task results (manifests, never tensors) persist next to the artifacts they describe.
-os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(__file__).resolve().parents[1] / ".prefect" / "results"))
-
-from prefect import flow, task  # noqa: E402
-from prefect.context import TaskRunContext  # noqa: E402
-
-from stages.common.artifacts import manifest_digest, read_manifest, sha256_json, verify_artifact  # noqa: E402
-from stages.common.errors import PipelineError  # noqa: E402
-from stages.common.params import Params, load_params  # noqa: E402
-from stages.common.registry import ORDER, STAGES  # noqa: E402
-from stages.common.runtime import REPO_ROOT, code_hash  # noqa: E402
-from stages.common.stage import artifacts_root  # noqa: E402
-from stages.common.tracking import PARENT_RUN_ENV, Tracker  # noqa: E402
+from qlora_pipeline.stages.contract.artifacts import read_manifest
+from qlora_pipeline.stages.contract.currency import artifacts_root, cache_key, currency
+from qlora_pipeline.stages.contract.errors import PipelineError
+from qlora_pipeline.stages.contract.params import Params, load_params
+from qlora_pipeline.stages.contract.registry import ORDER, load_stage
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT
+from qlora_pipeline.stages.contract.tracking import Tracker, set_offline_env
 
 log = logging.getLogger(__name__)
 
-
-def external_inputs(stage: str, params: Params) -> dict[str, str]:
-    """What a stage reads from outside the artifact tree (prepare: the dataset bytes), from the stage module's own
-    `external_inputs(params)`; {} for stages that read only their parents."""
-    fn = getattr(importlib.import_module(f"stages.{stage}"), "external_inputs", None)
-    return fn(params) if fn is not None else {}
-
-
-def _artifact_is_current(stage: str, params: Params) -> bool:
-    """The on-disk artifact verifies and was made from these params, this code and these external inputs."""
-    root = artifacts_root(params)
-    try:
-        manifest = verify_artifact(root / stage, stage)
-    except PipelineError:
-        return False
-    spec = STAGES[stage]
-    wanted = {s: params.section(s) for s in spec.params}
-    if manifest.params != wanted:
-        return False
-    if any(manifest.inputs.get(k) != v for k, v in external_inputs(stage, params).items()):
-        return False  # new data
-    for parent, digest in manifest.parents.items():  # built from the parents now on disk?
-        if not (root / parent / "manifest.json").exists() or manifest_digest(root / parent) != digest:
-            return False
-    recorded = manifest.extra.get("code_hash")
-    return recorded is None or recorded == code_hash(list(spec.code))
-
-
-def stage_cache_key(params: Params, stage: str) -> str:
-    """Content key: stage, its params section, its code, its external inputs and the manifests of its parents."""
-    spec = STAGES[stage]
-    root = artifacts_root(params)
-    parents = {}
-    for p in spec.parents:
-        try:
-            parents[p] = sha256_json(read_manifest(root / p, p).outputs)
-        except PipelineError:
-            parents[p] = "missing"
-    return sha256_json(
-        {
-            "stage": stage,
-            "params": {s: params.section(s) for s in spec.params},
-            "code": code_hash(list(spec.code)),
-            "parents": parents,
-            "inputs": external_inputs(stage, params),
-        }
-    )
+RESULTS_DIR = REPO_ROOT / ".prefect" / "results"
+"""Task results (manifests, never tensors) persist next to the artifacts they describe."""
 
 
 def _cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     params = Params.model_validate(parameters["params"])
     stage = parameters["stage"]
-    return f"{stage}-{stage_cache_key(params, stage)}"
+    return f"{stage}-{cache_key(stage, params)}"
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -136,18 +88,19 @@ def dvc_commit(stage: str) -> None:
     retry_delay_seconds=5,
     retry_condition_fn=_retry_transient,
 )
-def run_stage(stage: str, params: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    """Run `stages.<stage>.run` and return its manifest (a small dict; tensors never pass through Prefect).
+def run_stage(
+    stage: str, params: dict[str, Any], force: bool = False, parent_run_id: str | None = None
+) -> dict[str, Any]:
+    """Run the stage and return its manifest (a small dict; tensors never pass through Prefect).
 
     An artifact already current on disk (say, made by `dvc repro`) is reused rather than rebuilt; the flow
     passes force=True when it has already found the artifact stale, so it is not hashed twice.
     """
     p = Params.model_validate(params)
-    if not force and _artifact_is_current(stage, p):
+    if not force and currency(stage, p).current:
         log.info("%s is up to date on disk; reusing it", stage)
         return json.loads(read_manifest(artifacts_root(p) / stage, stage).to_json())
-    module = importlib.import_module(f"stages.{stage}")
-    manifest = module.run(p)
+    manifest = load_stage(stage).run(p, parent_run_id=parent_run_id)
     if p.tracking.dvc_commit:
         dvc_commit(stage)
     return json.loads(manifest.to_json())
@@ -158,21 +111,20 @@ def qlora_pipeline(
     params_path: str = "params.yaml", stages: list[str] | None = None, force: bool = False
 ) -> dict[str, dict[str, Any]]:
     """All stages in order; `stages` limits the run (parents must then already exist)."""
+    set_offline_env()
     params = load_params(params_path)
     selected = [s for s in ORDER if not stages or s in stages]
     tracker = Tracker(params.tracking)
     results: dict[str, dict[str, Any]] = {}
     with tracker.run("pipeline", tags={"stages": ",".join(selected)}) as run_id:
-        if run_id:
-            os.environ[PARENT_RUN_ENV] = run_id
-        try:
-            for name in selected:
-                # A cached key is only trusted while its artifact is still on disk, intact and current.
-                refresh = force or not _artifact_is_current(name, params)
-                stage_task = run_stage.with_options(refresh_cache=refresh)
-                results[name] = stage_task(name, params.model_dump(mode="json"), force=refresh)
-        finally:
-            os.environ.pop(PARENT_RUN_ENV, None)
+        for name in selected:
+            # A cached key is only trusted while its artifact is still on disk, intact and current.
+            state = currency(name, params)
+            refresh = force or not state.current
+            if not state.current:
+                log.info("%s: %s", name, state.reason)
+            stage_task = run_stage.with_options(refresh_cache=refresh)
+            results[name] = stage_task(name, params.model_dump(mode="json"), force=refresh, parent_run_id=run_id)
         tracker.set_tags({f"stage.{k}.created_at": v.get("created_at") for k, v in results.items()})
         # every stage's memory peak and wall time side by side in the pipeline run
         tracker.log_metrics(
@@ -201,4 +153,9 @@ def results_summary(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, 
 def run_pipeline(
     params_path: Path | str = "params.yaml", stages: list[str] | None = None, force: bool = False
 ) -> dict[str, dict[str, Any]]:
-    return qlora_pipeline(params_path=str(params_path), stages=stages, force=force)
+    """The flow with our Prefect defaults (the environment wins where it sets them): results next to the artifacts,
+    and a patient start of the ephemeral server (slow on a 2-core machine)."""
+    defaults = {PREFECT_LOCAL_STORAGE_PATH: RESULTS_DIR, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}
+    settings = {s: v for s, v in defaults.items() if s.name not in os.environ}
+    with temporary_settings(updates=settings):
+        return qlora_pipeline(params_path=str(params_path), stages=stages, force=force)

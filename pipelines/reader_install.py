@@ -1,6 +1,6 @@
 """Build and install the GGUF reader (llama-cpp-python) for this machine, and prove it loads a model.
 
-    python -m pipelines.reader_install [--cpu auto|x86-64-v2|x86-64-v3|x86-64-v4|FLAG,FLAG,...] [--force]
+    python -m qlora_pipeline.pipelines.reader_install [--cpu auto|x86-64-v2|x86-64-v3|x86-64-v4|FLAG,FLAG,...] [--force]
 
 Why not `pip install llama-cpp-python`: it compiles llama.cpp with ``GGML_NATIVE`` (``-march=native``), which on a
 CPU that advertises AMX emits tile instructions (``ldtilecfg``) that fault with SIGSEGV where the OS or the
@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.common.errors import PipelineError
-from stages.common.modelio import cache_dir, embedded_gguf_path
+from qlora_pipeline.stages.contract.errors import PipelineError
+from qlora_pipeline.stages.lm.modelio import cache_dir, embedded_gguf_path
 
 LLAMA_CPP_PYTHON = "0.3.36"
 # GGML option <- the /proc/cpuinfo flags that must all be present (GGML_AVX512 compiles with F, CD, VL, DQ, BW).
@@ -130,7 +130,7 @@ def install(wheel: Path) -> None:
 
 def smoke() -> tuple[bool, str]:
     """Load the packaged GGUF in a child process; (ok, what it printed or why it failed)."""
-    from stages.common.llama_reader import smoke_check
+    from qlora_pipeline.stages.lm.llama_reader import smoke_check
 
     try:
         info = smoke_check(embedded_gguf_path())

@@ -7,23 +7,23 @@ embedded), `generations.json`, `loss_curve.png`.
 
 from __future__ import annotations
 
-import base64
 import gc
-import html
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kernels.lora import module_device
-from stages.common.dataio import Record
-from stages.common.formatting import prompt_text
-from stages.common.lm_loss import heldout_loss
-from stages.common.modelio import cast_parameters, pad_token_id
-from stages.common.params import Params
-from stages.common.stage import StageContext, execute, stage_main
+from qlora_pipeline.kernels.lora import module_device
+from qlora_pipeline.stages.contract.artifacts import Manifest
+from qlora_pipeline.stages.contract.params import Params
+from qlora_pipeline.stages.contract.stage import StageContext, execute
+from qlora_pipeline.stages.lm.batching import token_rows
+from qlora_pipeline.stages.lm.dataio import Record
+from qlora_pipeline.stages.lm.formatting import prompt_text
+from qlora_pipeline.stages.lm.lm_loss import heldout_loss
+from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id
+from qlora_pipeline.stages.lm.report import html_page, markdown_table
 
 STAGE = "evaluate"
 MODELS = ("base_16bit", "base_nf4", "nf4_adapter", "merged")
@@ -40,7 +40,7 @@ def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
     stage's device."""
     from transformers import AutoModelForCausalLM
 
-    from kernels.checkpoint4bit import load_4bit_model
+    from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
 
     device = torch.device(ctx.device)
     if name == "base_16bit":
@@ -50,8 +50,8 @@ def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
     nf4 = load_4bit_model(ctx.parent_dir("quantize") / "model", compute_dtype=dtype)
     model = cast_parameters(nf4, dtype, device)
     if name == "nf4_adapter":
-        from kernels.lora import inject_lora
-        from kernels.peft_format import load_peft_adapter, read_adapter_config
+        from qlora_pipeline.kernels.formats.peft_adapter import load_peft_adapter, read_adapter_config
+        from qlora_pipeline.kernels.lora import inject_lora
 
         adapter = ctx.parent_dir("train") / "adapter"
         cfg = read_adapter_config(adapter)
@@ -85,14 +85,14 @@ def render_markdown(metrics: dict[str, Any], gens: list[dict[str, Any]], stages:
         "",
         f"Held-out test split, token-weighted over reply tokens; computed on {metrics['device']}.",
         "",
-        "| model | loss | perplexity |",
-        "|---|---|---|",
-    ]
-    for k in MODELS:
-        if k in metrics["models"]:
-            v = metrics["models"][k]
-            lines.append(f"| {LABELS[k]} | {v['loss']:.4f} | {v['perplexity']:.2f} |")
-    lines += [
+        *markdown_table(
+            ("model", "loss", "perplexity"),
+            [
+                (LABELS[k], f"{v['loss']:.4f}", f"{v['perplexity']:.2f}")
+                for k in MODELS
+                if (v := metrics["models"].get(k)) is not None
+            ],
+        ),
         "",
         f"Test tokens scored: {metrics['test_tokens']}.",
         "",
@@ -100,64 +100,29 @@ def render_markdown(metrics: dict[str, Any], gens: list[dict[str, Any]], stages:
         "",
         "## Stages: wall time and peak memory",
         "",
-        "| stage | device | wall s | peak RSS MiB | peak GPU allocated MiB |",
-        "|---|---|---|---|---|",
+        *markdown_table(
+            ("stage", "device", "wall s", "peak RSS MiB", "peak GPU allocated MiB"),
+            [
+                (
+                    r["stage"],
+                    r.get("device", "cpu"),
+                    f"{r.get('wall_s') or 0:.1f}",
+                    f"{r.get('peak_rss_mb') or 0:.0f}",
+                    "–" if (gpu := r.get("cuda_max_allocated_mb")) is None else f"{gpu:.0f}",
+                )
+                for r in stages
+            ],
+        ),
+        "",
+        "## Greedy generations",
+        "",
     ]
-    for r in stages:
-        gpu = r.get("cuda_max_allocated_mb")
-        lines.append(
-            f"| {r['stage']} | {r.get('device', 'cpu')} | {r.get('wall_s') or 0:.1f} | {r.get('peak_rss_mb') or 0:.0f} "
-            f"| {'–' if gpu is None else f'{gpu:.0f}'} |"
-        )
-    lines += ["", "## Greedy generations", ""]
     for g in gens:
         lines += [f"**Prompt:** {g['prompt']}", "", f"- reference: {g['reference']}"]
         for k, v in g["outputs"].items():
             lines.append(f"- {LABELS[k]}: {v}")
         lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def render_html(markdown_text: str, plot: Path | None) -> str:
-    """A self-contained page (plot inlined) so a reviewer can open it from a bundle with no server."""
-    body = []
-    in_table = False
-    for line in markdown_text.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-"):
-                continue
-            tag = "th" if not in_table else "td"
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            if plot is not None and plot.exists():
-                data = base64.b64encode(plot.read_bytes()).decode()
-                body.append(f'<img alt="training loss" src="data:image/png;base64,{data}">')
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
-    if in_table:
-        body.append("</table>")
-    style = (
-        "body{font-family:sans-serif;max-width:60rem;margin:2rem auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:.3rem .6rem}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation</title><style>{style}</style></head>"
-        f"<body>{''.join(body)}</body></html>\n"
-    )
 
 
 def body(ctx: StageContext) -> dict[str, Any]:
@@ -172,7 +137,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     test = datasets.load_from_disk(str(prep / "data"))["test"]
     if e.max_examples is not None:
         test = test.select(range(min(e.max_examples, len(test))))
-    rows = list(zip(test["input_ids"], test["labels"], strict=True))
+    rows = token_rows(test)
     n_gen = min(e.num_generations, len(test))
     system = ctx.params.data.system_prompt
     prompts = [prompt_text(tok, Record(test[i]["prompt"], test[i]["response"]), system) for i in range(n_gen)]
@@ -210,7 +175,8 @@ def body(ctx: StageContext) -> dict[str, Any]:
         shutil.copyfile(plot, ctx.out / "loss_curve.png")
     md = render_markdown(metrics, gens, stage_table(ctx))
     (ctx.out / "report.md").write_text(md)
-    (ctx.out / "report.html").write_text(render_html(md, ctx.out / "loss_curve.png"))
+    page = html_page(md, "Evaluation", images={"loss_curve.png": ctx.out / "loss_curve.png"})
+    (ctx.out / "report.html").write_text(page)
     (ctx.out / "generations.json").write_text(json.dumps(gens, indent=1, ensure_ascii=False))
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     for name in ("report.html", "report.md"):
@@ -218,9 +184,5 @@ def body(ctx: StageContext) -> dict[str, Any]:
     return metrics
 
 
-def run(params: Params) -> Any:
-    return execute(STAGE, params, body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(stage_main(STAGE, run))
+def run(params: Params, parent_run_id: str | None = None) -> Manifest:
+    return execute(STAGE, params, body, parent_run_id)

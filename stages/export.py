@@ -10,18 +10,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.common.errors import InputError
-from stages.common.llama_reader import gguf_reply_loss
-from stages.common.lm_loss import heldout_loss
-from stages.common.modelio import pad_token_id
-from stages.common.params import Params
-from stages.common.runtime import code_version
-from stages.common.stage import StageContext, execute, stage_main
+from qlora_pipeline.stages.contract.artifacts import Manifest
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import Params
+from qlora_pipeline.stages.contract.runtime import code_version
+from qlora_pipeline.stages.contract.stage import StageContext, execute
+from qlora_pipeline.stages.lm.batching import token_rows
+from qlora_pipeline.stages.lm.llama_reader import gguf_reply_loss
+from qlora_pipeline.stages.lm.lm_loss import heldout_loss
+from qlora_pipeline.stages.lm.modelio import pad_token_id
+from qlora_pipeline.stages.lm.report import markdown_table
 
 STAGE = "export"
 NOT_SCORED = "not scored"
@@ -30,8 +34,7 @@ NOT_SCORED = "not scored"
 def test_rows(ctx: StageContext) -> list[tuple[list[int], list[int]]]:
     import datasets
 
-    test = datasets.load_from_disk(str(ctx.parent_dir("prepare") / "data"))["test"]
-    return list(zip(test["input_ids"], test["labels"], strict=True))
+    return token_rows(datasets.load_from_disk(str(ctx.parent_dir("prepare") / "data"))["test"])
 
 
 def calibration_ids(ctx: StageContext, n: int) -> list[torch.Tensor]:
@@ -58,8 +61,8 @@ def gptq_losses(
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from kernels.gptq import rtn_quantize
-    from kernels.gptq_format import unpack_gptq_v1
+    from qlora_pipeline.kernels.formats.gptq_folder import unpack_gptq_v1
+    from qlora_pipeline.kernels.gptq import rtn_quantize
 
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(gptq_dir.glob("*.safetensors")):
@@ -83,131 +86,142 @@ def gptq_losses(
     return out
 
 
-def body(ctx: StageContext) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class ExportRow:
+    """One line of the export report: a served format, its size and its loss on the test split."""
 
-    from kernels.gguf_export import write_gguf
-    from kernels.gptq_model import write_gptq_checkpoint
+    format: str
+    key: str
+    file: str | None
+    bytes: int
+    loss: float | None
+    seconds: float | None
+    scored_by: str | None = None
 
-    x = ctx.params.export
-    merged = ctx.parent_dir("merge") / "model"
-    tok = AutoTokenizer.from_pretrained(merged)
-    pad = pad_token_id(tok)
-    rows = test_rows(ctx)
-    bs = ctx.params.evaluate.batch_size
-    lineage = {
+    @property
+    def perplexity(self) -> float | None:
+        return None if self.loss is None else math.exp(self.loss)
+
+
+def lineage_metadata(ctx: StageContext) -> dict[str, str]:
+    """What each GGUF file carries about where it came from (read by `qlora trace` and any GGUF reader)."""
+    return {
         "qlora.code_commit": str(code_version().get("commit") or ""),
         "qlora.merge_manifest_sha256": ctx.parents["merge"].outputs.get("model/model.safetensors", ""),
         "qlora.dataset_sha256": json.dumps(
             {k: v for k, v in ctx.parents["prepare"].inputs.items() if k.startswith("dataset/")}, sort_keys=True
         ),
     }
-    table: list[dict[str, Any]] = []
-    device = torch.device(ctx.device)
-    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval().to(device)
-    merged_loss = heldout_loss(merged_model, rows, bs, pad)["loss"]
-    del merged_model
-    table.append(
-        {
-            "format": "merged bf16 (safetensors)",
-            "key": "merged_bf16",
-            "file": "../merge/model",
-            "bytes": sum(f.stat().st_size for f in merged.glob("*.safetensors")),
-            "loss": merged_loss,
-            "seconds": 0.0,
-        }
-    )
+
+
+def export_gguf(ctx: StageContext, merged: Path, rows: list) -> tuple[list[ExportRow], dict[str, Any]]:
+    """One GGUF file per `export.gguf_types`, each scored by llama.cpp in a child process (unless turned off);
+    returns the report rows and the K-quant fallbacks per type."""
+    from qlora_pipeline.kernels.formats.gguf_file import write_gguf
+
+    x = ctx.params.export
     gguf_dir = ctx.out / "gguf"
     gguf_dir.mkdir()
+    metadata = lineage_metadata(ctx)
+    table: list[ExportRow] = []
     fallbacks: dict[str, Any] = {}
     for qtype in x.gguf_types:
         path = gguf_dir / f"model-{qtype}.gguf"
         t0 = time.perf_counter()
         try:
-            stats = write_gguf(merged, path, qtype, metadata=lineage)
+            stats = write_gguf(merged, path, qtype, metadata=metadata)
         except ValueError as exc:
             raise InputError(f"GGUF export ({qtype}) failed: {exc}") from None
         dt = time.perf_counter() - t0
         if stats.get("fallbacks"):
             fallbacks[qtype] = stats["fallbacks"]
         scored = gguf_reply_loss(path, rows, x.reader_timeout_s)["loss"] if x.score_gguf else None
+        scored_by = "llama.cpp" if x.score_gguf else NOT_SCORED
         table.append(
-            {
-                "format": f"GGUF {qtype}",
-                "key": f"gguf_{qtype}",
-                "file": f"gguf/{path.name}",
-                "bytes": path.stat().st_size,
-                "loss": scored,
-                "scored_by": "llama.cpp" if x.score_gguf else NOT_SCORED,
-                "seconds": dt,
-            }
+            ExportRow(f"GGUF {qtype}", f"gguf_{qtype}", f"gguf/{path.name}", path.stat().st_size, scored, dt, scored_by)
         )
-    if x.gptq:
-        t0 = time.perf_counter()
-        try:
-            write_gptq_checkpoint(
-                merged,
-                ctx.out / "gptq",
-                calibration_ids(ctx, x.gptq_calibration_samples),
-                bits=x.gptq_bits,
-                group_size=x.gptq_group_size,
-                damp_percent=x.gptq_damp_percent,
-                device=device,
-            )
-        except ValueError as exc:
-            raise InputError(f"GPTQ export failed: {exc}; fix export.* in params.yaml") from None
-        dt = time.perf_counter() - t0
-        losses = gptq_losses(ctx.out / "gptq", merged, rows, pad, x.gptq_group_size, x.gptq_bits, bs, device)
-        size = sum(f.stat().st_size for f in (ctx.out / "gptq").glob("*.safetensors"))
-        table.append(
-            {
-                "format": f"GPTQ {x.gptq_bits}-bit g{x.gptq_group_size}",
-                "key": "gptq",
-                "file": "gptq/",
-                "bytes": size,
-                "loss": losses["gptq"],
-                "seconds": dt,
-            }
+    return table, fallbacks
+
+
+def export_gptq(ctx: StageContext, merged: Path, rows: list, pad: int) -> list[ExportRow]:
+    """The GPTQ v1 checkpoint (calibrated on the train split), scored, and round-to-nearest on the same groups as
+    the reference it must beat."""
+    from qlora_pipeline.kernels.formats.gptq_folder import write_gptq_checkpoint
+
+    x = ctx.params.export
+    device = torch.device(ctx.device)
+    t0 = time.perf_counter()
+    try:
+        write_gptq_checkpoint(
+            merged,
+            ctx.out / "gptq",
+            calibration_ids(ctx, x.gptq_calibration_samples),
+            bits=x.gptq_bits,
+            group_size=x.gptq_group_size,
+            damp_percent=x.gptq_damp_percent,
+            device=device,
         )
-        table.append(
-            {
-                "format": f"RTN {x.gptq_bits}-bit g{x.gptq_group_size} (same groups, reference)",
-                "key": "rtn",
-                "file": None,
-                "bytes": size,
-                "loss": losses["rtn"],
-                "seconds": None,
-            }
-        )
-    for row in table:
-        row["perplexity"] = None if row["loss"] is None else math.exp(row["loss"])
-    report = {
-        "rows": table,
-        "k_quant_fallbacks": fallbacks,
-        "test_examples": len(rows),
-        "device": ctx.device,
-        "gguf_scored": x.score_gguf,
-    }
-    (ctx.out / "export_report.json").write_text(json.dumps(report, indent=1))
-    lines = ["| format | size MiB | test loss | perplexity | export s |", "|---|---|---|---|---|"]
-    for r in table:
-        loss = NOT_SCORED if r["loss"] is None else f"{r['loss']:.4f}"
-        ppl = NOT_SCORED if r["perplexity"] is None else f"{r['perplexity']:.2f}"
-        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        lines.append(f"| {r['format']} | {r['bytes'] / 2**20:.1f} | {loss} | {ppl} | {secs} |")
-    notes = [
-        f"Scored on the test split ({len(rows)} rows): torch models on {ctx.device}, GGUF by llama.cpp on the CPU."
+    except ValueError as exc:
+        raise InputError(f"GPTQ export failed: {exc}; fix export.* in params.yaml") from None
+    dt = time.perf_counter() - t0
+    bs = ctx.params.evaluate.batch_size
+    losses = gptq_losses(ctx.out / "gptq", merged, rows, pad, x.gptq_group_size, x.gptq_bits, bs, device)
+    size = sum(f.stat().st_size for f in (ctx.out / "gptq").glob("*.safetensors"))
+    groups = f"{x.gptq_bits}-bit g{x.gptq_group_size}"
+    return [
+        ExportRow(f"GPTQ {groups}", "gptq", "gptq/", size, losses["gptq"], dt),
+        ExportRow(f"RTN {groups} (same groups, reference)", "rtn", None, size, losses["rtn"], None),
     ]
-    if not x.score_gguf:
+
+
+def write_report(out: Path, table: list[ExportRow], fallbacks: dict[str, Any], n_rows: int, ctx: StageContext) -> None:
+    """`export_report.json` (every row) and `export_report.md` (the table a model card embeds)."""
+    scored = ctx.params.export.score_gguf
+    rows = []
+    for r in table:
+        d = asdict(r)
+        if r.scored_by is None:
+            d.pop("scored_by")
+        rows.append({**d, "perplexity": r.perplexity})
+    report = {"rows": rows, "k_quant_fallbacks": fallbacks, "test_examples": n_rows, "device": ctx.device}
+    (out / "export_report.json").write_text(json.dumps({**report, "gguf_scored": scored}, indent=1))
+    cells = [
+        (
+            r.format,
+            f"{r.bytes / 2**20:.1f}",
+            NOT_SCORED if r.loss is None else f"{r.loss:.4f}",
+            NOT_SCORED if r.perplexity is None else f"{r.perplexity:.2f}",
+            "" if r.seconds is None else f"{r.seconds:.1f}",
+        )
+        for r in table
+    ]
+    lines = markdown_table(("format", "size MiB", "test loss", "perplexity", "export s"), cells)
+    notes = [f"Scored on the test split ({n_rows} rows): torch models on {ctx.device}, GGUF by llama.cpp on the CPU."]
+    if not scored:
         notes.append(f"GGUF files were {NOT_SCORED}: export.score_gguf is false in params.yaml.")
-    (ctx.out / "export_report.md").write_text("\n".join([*lines, "", *notes]) + "\n")
-    formats = {r["key"]: {"loss": r["loss"], "mib": round(r["bytes"] / 2**20, 2)} for r in table}
+    (out / "export_report.md").write_text("\n".join([*lines, "", *notes]) + "\n")
+
+
+def body(ctx: StageContext) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    x = ctx.params.export
+    merged = ctx.parent_dir("merge") / "model"
+    pad = pad_token_id(AutoTokenizer.from_pretrained(merged))
+    rows = test_rows(ctx)
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval().to(ctx.device)
+    merged_loss = heldout_loss(merged_model, rows, ctx.params.evaluate.batch_size, pad)["loss"]
+    del merged_model
+    size = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
+    table = [ExportRow("merged bf16 (safetensors)", "merged_bf16", "../merge/model", size, merged_loss, 0.0)]
+    gguf_rows, fallbacks = export_gguf(ctx, merged, rows)
+    table += gguf_rows
+    if x.gptq:
+        table += export_gptq(ctx, merged, rows, pad)
+    write_report(ctx.out, table, fallbacks, len(rows), ctx)
+    formats = {r.key: {"loss": r.loss, "mib": round(r.bytes / 2**20, 2)} for r in table}
     return {"formats": formats, "gguf_scored": x.score_gguf}
 
 
-def run(params: Params) -> Any:
-    return execute(STAGE, params, body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(stage_main(STAGE, run))
+def run(params: Params, parent_run_id: str | None = None) -> Manifest:
+    return execute(STAGE, params, body, parent_run_id)

@@ -17,30 +17,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from stages.common.errors import InputError
-from stages.common.modelio import TOKENIZER_FILES, torch_dtype
-from stages.common.params import Params
-from stages.common.stage import StageContext, execute, stage_main
+from qlora_pipeline.kernels.dtypes import torch_dtype
+from qlora_pipeline.kernels.lora import lora_delta_weight, merged_weight
+from qlora_pipeline.stages.contract.artifacts import Manifest
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import Params
+from qlora_pipeline.stages.contract.stage import StageContext, execute
+from qlora_pipeline.stages.lm.modelio import TOKENIZER_FILES
 
 STAGE = "merge"
-PEFT_PREFIX = "base_model.model."
 
 
 def adapter_deltas(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict[str, Any]]:
     """{base weight key: (A, B)} and the scaling, read from a PEFT-format LoRA adapter."""
-    from kernels.peft_format import read_adapter_config, read_adapter_tensors
+    from qlora_pipeline.kernels.formats.peft_adapter import lora_weight_pairs, read_adapter_config, read_adapter_tensors
 
     try:
         cfg = read_adapter_config(adapter_dir)
         tensors = read_adapter_tensors(adapter_dir, cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise InputError(f"cannot read the adapter in {adapter_dir}: {exc}") from None
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        module, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-        which = which.removesuffix(".weight")
-        pairs.setdefault(f"{module}.weight", {})[which] = value
-    deltas = {k: (v["A"], v["B"]) for k, v in pairs.items() if "A" in v and "B" in v}
+    deltas = lora_weight_pairs(tensors)
     raw = json.loads((adapter_dir / "adapter_config.json").read_text())
     return deltas, float(cfg.scaling), raw
 
@@ -51,7 +48,8 @@ def merge_state_dict(
     scaling: float,
     dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """W + s·B·A in fp32, cast once to `dtype`; returns the new tensors and the relative delta norm per layer."""
+    """W + s·B·A in fp32, cast once to `dtype` (`kernels.lora.merged_weight`); returns the new tensors and the
+    relative delta norm per layer."""
     missing = sorted(set(deltas) - set(base))
     if missing:
         raise InputError(
@@ -68,10 +66,9 @@ def merge_state_dict(
                     f"adapter shapes for {key} give a {b.shape[0]}×{a.shape[1]} update but the base "
                     f"weight is {tuple(w.shape)}; the adapter was trained for another base model"
                 )
-            delta = scaling * (b.float() @ a.float())
-            merged = w.float() + delta
+            delta = lora_delta_weight(a, b, scaling)
             rel[key] = float(delta.norm() / w.float().norm().clamp(min=1e-12))
-            out[key] = merged.to(dtype).contiguous()
+            out[key] = merged_weight(w, delta=delta, dtype=dtype).contiguous()
         else:
             out[key] = w.to(dtype).contiguous() if w.is_floating_point() else w
     return out, rel
@@ -121,7 +118,6 @@ def body(ctx: StageContext) -> dict[str, Any]:
     for f in sorted(base_dir.iterdir()):
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copyfile(f, out / f.name)
-    ctx.extra["merged_into"] = "original 16-bit weights (artifacts/prepare/model), not dequantized NF4"
     return {
         "merged_layers": len(rel),
         "scaling": scaling,
@@ -133,9 +129,5 @@ def body(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def run(params: Params) -> Any:
-    return execute(STAGE, params, body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(stage_main(STAGE, run))
+def run(params: Params, parent_run_id: str | None = None) -> Manifest:
+    return execute(STAGE, params, body, parent_run_id)

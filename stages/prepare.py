@@ -7,18 +7,29 @@ token ids, response-only labels and the source text), `manifest.json`.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common import dataio, modelio
-from stages.common.artifacts import sha256_file
-from stages.common.errors import InputError
-from stages.common.formatting import IGNORE_INDEX, check_chat_template, encode_record, end_of_turn_ids
-from stages.common.params import Params
-from stages.common.runtime import REPO_ROOT
-from stages.common.stage import StageContext, execute, stage_main
+from qlora_pipeline.stages.contract.artifacts import Manifest, sha256_file
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import Params
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT
+from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
+from qlora_pipeline.stages.lm import dataio, modelio
+from qlora_pipeline.stages.lm.formatting import IGNORE_INDEX, check_chat_template, encode_record, end_of_turn_ids
 
 STAGE = "prepare"
+
+
+@dataclass
+class PrepareRecord(StageRecord):
+    """Where the base model came from, as resolved on this machine."""
+
+    base_model_source: str
+    base_model_path: str
+    architecture: str
+    config_sha256: str
 
 
 def resolve_model_dir(params: Params) -> Path:
@@ -142,12 +153,12 @@ def body(ctx: StageContext) -> dict[str, Any]:
     model_out = ctx.out / "model"
     modelio.copy_model_dir(src_dir, model_out)
     dsd.save_to_disk(str(ctx.out / "data"))
-    ctx.extra["base_model"] = {
-        "source": params.model.source,
-        "path": str(src_dir),
-        "architecture": info["architecture"],
-        "config_sha256": sha256_file(src_dir / "config.json"),
-    }
+    ctx.record = PrepareRecord(
+        base_model_source=params.model.source,
+        base_model_path=str(src_dir),
+        architecture=info["architecture"],
+        config_sha256=sha256_file(src_dir / "config.json"),
+    )
     return {
         "records_read": raw.n_read,
         "records_after_dedupe": len(records),
@@ -156,9 +167,5 @@ def body(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def run(params: Params) -> Any:
-    return execute(STAGE, params, body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(stage_main(STAGE, run))
+def run(params: Params, parent_run_id: str | None = None) -> Manifest:
+    return execute(STAGE, params, body, parent_run_id)

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stages.common.errors import InputError
-from stages.common.params import Params
-from stages.common.stage import StageContext, execute, stage_main
+from qlora_pipeline.stages.contract.artifacts import Manifest
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import Params
+from qlora_pipeline.stages.contract.stage import StageContext, execute
 
 STAGE = "quantize"
 
 
 def body(ctx: StageContext) -> dict[str, Any]:
-    from kernels.checkpoint4bit import save_4bit_checkpoint
+    from qlora_pipeline.kernels.formats.bnb_loader import save_4bit_checkpoint
 
     q = ctx.params.quantize
     src = ctx.parent_dir("prepare") / "model"
@@ -37,9 +38,5 @@ def body(ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def run(params: Params) -> Any:
-    return execute(STAGE, params, body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(stage_main(STAGE, run))
+def run(params: Params, parent_run_id: str | None = None) -> Manifest:
+    return execute(STAGE, params, body, parent_run_id)

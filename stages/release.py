@@ -11,17 +11,28 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common.artifacts import hash_tree, sha256_file, sha256_json
-from stages.common.errors import InputError
-from stages.common.lineage import LINEAGE
-from stages.common.params import Params
-from stages.common.runtime import REPO_ROOT, code_version, utc_now
-from stages.common.stage import StageContext, execute, stage_main
+from qlora_pipeline.kernels.formats.atomic import atomic_dir
+from qlora_pipeline.stages.contract.artifacts import Manifest, clean_stale_temps, hash_tree, sha256_file, sha256_json
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.lineage import LINEAGE
+from qlora_pipeline.stages.contract.params import Params
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT, code_version, utc_now
+from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
 
 STAGE = "release"
+
+
+@dataclass
+class ReleaseRecord(StageRecord):
+    release_id: str
+    mlflow_model: dict[str, Any] | None = None
+    """The MLflow registered-model version that points at the bundle, when MLflow is on."""
+
+
 BASE_LICENCE = {"embedded": "Apache-2.0 (SmolLM2-135M-Instruct, HuggingFaceTB)"}
 
 
@@ -80,19 +91,8 @@ QLoRA fine-tune released by the qlora-pipeline.
 """
 
 
-def body(ctx: StageContext) -> dict[str, Any]:
-    r = ctx.params.release
-    cv = code_version()
-    if cv.get("dirty") and not r.allow_dirty:
-        raise InputError(
-            "the working tree has uncommitted changes; commit them (an auditor needs the commit to "
-            "reproduce the release) or set release.allow_dirty: true to release with a loud flag"
-        )
-    root = ctx.artifacts_root
-    digest = sha256_json({k: v.outputs for k, v in ctx.parents.items()})[:12]
-    release_id = f"{r.name}-{utc_now().replace(':', '').replace('-', '')}-{digest}"
-    bundle = ctx.out / release_id
-    bundle.mkdir()
+def copy_bundle_files(root: Path, bundle: Path) -> None:
+    """What a serving team receives, copied from the artifacts (the model card and lineage are added after)."""
     _copy(root / "merge" / "model", bundle / "model")
     _copy(root / "export" / "gguf", bundle / "gguf")
     if (root / "export" / "gptq").exists():
@@ -102,26 +102,48 @@ def body(ctx: StageContext) -> dict[str, Any]:
         if (root / "evaluate" / name).exists():
             _copy(root / "evaluate" / name, bundle / "report" / name)
     _copy(root / "export" / "export_report.md", bundle / "report" / "export_report.md")
-    (bundle / "README.md").write_text(model_card(ctx, release_id, cv))
 
+
+def lineage_record(ctx: StageContext, release_id: str, cv: dict[str, Any], bundle: Path) -> dict[str, Any]:
+    """lineage.json: the sha256 of every bundled file and the chain of manifests back to the dataset bytes."""
     dvc_lock = REPO_ROOT / "dvc.lock"
     data_inputs = {k: v for k, v in ctx.parents["prepare"].inputs.items() if k.startswith("dataset/")}
-    lineage = {
+    return {
         "release_id": release_id,
         "created_at": utc_now(),
         "code_version": cv,
-        "params": ctx.params.model_dump(mode="json"),
+        # every params field that shaped the bundle, as each stage declared and recorded it
+        "params": {
+            **{name: m.params for name, m in ctx.parents.items()},
+            STAGE: {"release": ctx.params.section("release")},
+        },
         "dataset_sha256": sha256_json(data_inputs),
         "dvc_lock_sha256": sha256_file(dvc_lock) if dvc_lock.exists() else None,
         "dvc_lock": dvc_lock.read_text() if dvc_lock.exists() else None,
         "stages": {name: json.loads(m.to_json()) for name, m in ctx.parents.items()},
         "files": hash_tree(bundle),
     }
+
+
+def body(ctx: StageContext) -> dict[str, Any]:
+    r = ctx.params.release
+    cv = code_version()
+    if cv.get("dirty") and not r.allow_dirty:
+        raise InputError(
+            "the working tree has uncommitted changes; commit them (an auditor needs the commit to "
+            "reproduce the release) or set release.allow_dirty: true to release with a loud flag"
+        )
+    digest = sha256_json({k: v.outputs for k, v in ctx.parents.items()})[:12]
+    release_id = f"{r.name}-{utc_now().replace(':', '').replace('-', '')}-{digest}"
+    bundle = ctx.out / release_id
+    bundle.mkdir()
+    copy_bundle_files(ctx.artifacts_root, bundle)
+    (bundle / "README.md").write_text(model_card(ctx, release_id, cv))
+    lineage = lineage_record(ctx, release_id, cv, bundle)
     (bundle / LINEAGE).write_text(json.dumps(lineage, indent=1, sort_keys=True))
     tar_path = ctx.out / f"{release_id}.tar.gz"
     with tarfile.open(tar_path, "w:gz", compresslevel=1) as tar:
         tar.add(bundle, arcname=release_id)
-    ctx.extra["release_id"] = release_id
     registered = ctx.tracker.register_external_model(
         name=r.name,
         run_id=ctx.tracker.current_run_id(),
@@ -133,40 +155,28 @@ def body(ctx: StageContext) -> dict[str, Any]:
         },
         params={"bundle": str(bundle), "files": str(len(lineage["files"]))},
     )
-    if registered:
-        ctx.extra["mlflow_model"] = registered
-    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    ctx.record = ReleaseRecord(release_id=release_id, mlflow_model=registered or None)
+    ctx.after_publish.append(lambda: publish(ctx.artifacts_root / STAGE / release_id, r.publish_dir))
     return {
         "release_id": release_id,
         "files": len(lineage["files"]),
-        "bundle_bytes": size,
+        "bundle_bytes": sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()),
         "tarball_bytes": tar_path.stat().st_size,
         "dirty": bool(cv.get("dirty")),
     }
 
 
-def publish(manifest: Any, params: Params) -> Path:
-    """Keep every release side by side under releases/ (the artifact dir only holds the latest)."""
-    from stages.common.stage import artifacts_root
-
-    release_id = manifest.extra["release_id"]
-    src = artifacts_root(params) / STAGE / release_id
-    dst_root = Path(params.release.publish_dir)
+def publish(bundle: Path, publish_dir: str) -> Path:
+    """Keep every release side by side under `release.publish_dir` (the artifact dir only holds the latest)."""
+    dst_root = Path(publish_dir)
     dst_root = dst_root if dst_root.is_absolute() else REPO_ROOT / dst_root
-    dst = dst_root / release_id
+    dst = dst_root / bundle.name
+    clean_stale_temps(dst_root)  # a copy a killed run left half-done
     if not dst.exists():
-        tmp = dst_root / f".{release_id}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        tmp.rename(dst)
+        with atomic_dir(dst) as tmp:
+            shutil.copytree(bundle, tmp, dirs_exist_ok=True)
     return dst
 
 
-def run(params: Params) -> Any:
-    manifest = execute(STAGE, params, body)
-    publish(manifest, params)
-    return manifest
-
-
-if __name__ == "__main__":
-    raise SystemExit(stage_main(STAGE, run))
+def run(params: Params, parent_run_id: str | None = None) -> Manifest:
+    return execute(STAGE, params, body, parent_run_id)

@@ -12,21 +12,37 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.common.artifacts import clean_stale_temps, sha256_json
-from stages.common.batching import batch_stream, collate
-from stages.common.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from stages.common.errors import InputError, PipelineError
-from stages.common.lm_loss import heldout_loss, summed_loss
-from stages.common.modelio import cast_parameters, pad_token_id, torch_dtype
-from stages.common.params import Params, TrainParams
-from stages.common.stage import StageContext, artifacts_root, execute, stage_main
+from qlora_pipeline.kernels.dtypes import dtype_name, torch_dtype
+from qlora_pipeline.stages.contract.artifacts import Manifest, clean_stale_temps, sha256_json
+from qlora_pipeline.stages.contract.errors import InputError, PipelineError
+from qlora_pipeline.stages.contract.params import Params, TrainParams
+from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
+from qlora_pipeline.stages.lm.batching import Batch, batch_stream, collate, token_rows
+from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
+from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id
 
 STAGE = "train"
+
+
+@dataclass
+class TrainRecord(StageRecord):
+    resumed_from_step: int | None = None
+    """The checkpoint step this run continued from; None for a run from step 0."""
+
+
+@dataclass
+class TrainResult:
+    log: list[dict[str, float]]
+    """One entry per step: loss, lr, grad norm, seconds, tokens."""
+    paging: dict[str, Any] | None
+    """The optimizer's paging statistics, for paged optimizers."""
 
 
 class NonFiniteLoss(PipelineError):
@@ -51,15 +67,15 @@ def lr_at(step: int, t: TrainParams) -> float:
 
 
 def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
-    from kernels.linear4bit import default_compute_dtype
+    from qlora_pipeline.kernels.linear4bit import default_compute_dtype
 
     return default_compute_dtype(device) if t.compute_dtype == "auto" else torch_dtype(t.compute_dtype)
 
 
 def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype: torch.dtype) -> tuple[Any, list]:
     """NF4 base (our loader, no bitsandbytes) + LoRA on the target projections; returns (model, trainable)."""
-    from kernels.checkpoint4bit import load_4bit_model
-    from kernels.lora import inject_lora
+    from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
+    from qlora_pipeline.kernels.lora import inject_lora
 
     try:
         model = load_4bit_model(quantized_dir, compute_dtype=dtype)
@@ -98,25 +114,25 @@ def set_checkpointing(model: Any, enabled: bool) -> None:
 
 
 def make_optimizer(trainable: list, t: TrainParams) -> torch.optim.Optimizer:
-    from kernels.optim.adamw import AdamW
-    from kernels.optim.paging import PagingConfig
+    from qlora_pipeline.kernels.optim.adamw import AdamW
+    from qlora_pipeline.kernels.optim.paging import PagingConfig
 
-    bits = 8 if t.optimizer.endswith("8bit") else 32
+    kind = t.optimizer_kind
     paging = None
-    if t.optimizer.startswith("paged"):
+    if kind.paged:
         budget = None if t.optimizer_page_budget_mb is None else int(t.optimizer_page_budget_mb * 2**20)
         paging = PagingConfig(budget_bytes=budget)
-    return AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, state_bits=bits, paging=paging)
+    return AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, state_bits=kind.state_bits, paging=paging)
 
 
 def checkpoint_root(ctx: StageContext) -> Path:
     """Keyed by everything that determines the run, so only an identical run resumes from it."""
     key = sha256_json({"train": ctx.params.section("train"), "parents": {k: v.outputs for k, v in ctx.parents.items()}})
-    return artifacts_root(ctx.params) / ".checkpoints" / f"train-{key[:16]}"
+    return ctx.artifacts_root / ".checkpoints" / f"train-{key[:16]}"
 
 
 def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
-    from kernels.lora import lora_state_dict
+    from qlora_pipeline.kernels.lora import lora_state_dict
 
     return lora_state_dict(model)
 
@@ -127,29 +143,51 @@ def restore_adapter(model: Any, tensors: dict[str, torch.Tensor]) -> None:
         params[k].data.copy_(v)
 
 
-def _rows(split: Any) -> list[tuple[list[int], list[int]]]:
-    return list(zip(split["input_ids"], split["labels"], strict=True))
+def resume(ctx: StageContext, model: Any, opt: torch.optim.Optimizer, ckpt_root: Path) -> tuple[int, list, list]:
+    """(start step, losses, log) from the last complete checkpoint of this exact run, or a fresh start."""
+    clean_stale_temps(ckpt_root)  # a checkpoint a killed run was still writing
+    last = latest_checkpoint(ckpt_root)
+    if last is None:
+        return 0, [], []
+    tensors, state = load_checkpoint(last, opt)
+    restore_adapter(model, tensors)
+    ctx.record = TrainRecord(resumed_from_step=state.step)
+    return state.step, state.losses, state.extra.get("log", [])
 
 
-def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_id: int) -> dict[str, Any]:
+def accumulate_gradients(model: Any, batches: list[Batch], t: TrainParams, step: int, device: torch.device) -> Any:
+    """Backward over the step's micro-batches, each loss divided by the step's target tokens; returns the summed
+    loss, still on the device."""
+    n_target = sum(b.n_target_tokens for b in batches)
+    step_loss = torch.zeros((), dtype=torch.float32, device=device)
+    for b in batches:
+        b = b.to(device)
+        if t.gradient_checkpointing:
+            set_checkpointing(model, b.input_ids.numel() >= t.checkpoint_min_tokens)
+        try:
+            total, _ = summed_loss(model, b)
+            loss = total / max(n_target, 1)
+            loss.backward()
+        except (torch.OutOfMemoryError, MemoryError):
+            raise PipelineError(
+                f"out of memory at step {step + 1} on a batch of {tuple(b.input_ids.shape)} tokens; lower "
+                "train.batch_size (and raise train.grad_accum to keep the effective batch), lower "
+                "data.max_length, or set train.optimizer_page_budget_mb to page optimizer state; the run "
+                "resumes from its last checkpoint"
+            ) from None
+        step_loss += loss.detach()
+    return step_loss
+
+
+def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_id: int) -> TrainResult:
     from tqdm import tqdm
 
     t = ctx.params.train
     device = next(p.device for p in trainable)
     opt = make_optimizer(trainable, t)
     ckpt_root = checkpoint_root(ctx)
-    losses: list[float] = []
-    log: list[dict[str, float]] = []
-    start = 0
-    clean_stale_temps(ckpt_root)  # a checkpoint a killed run was still writing
-    last = latest_checkpoint(ckpt_root)
-    if last is not None:
-        tensors, state = load_checkpoint(last, opt)
-        restore_adapter(model, tensors)
-        start, losses, log = state.step, state.losses, state.extra.get("log", [])
-        ctx.extra["resumed_from_step"] = start
-    lengths = [len(ids) for ids, _ in rows]
-    stream = batch_stream(lengths, t.batch_size, t.seed, start=start * t.grad_accum)
+    start, losses, log = resume(ctx, model, opt, ckpt_root)
+    stream = batch_stream([len(ids) for ids, _ in rows], t.batch_size, t.seed, start=start * t.grad_accum)
     model.train()
     bar = tqdm(range(start, t.max_steps), desc="train", initial=start, total=t.max_steps)
     for step in bar:
@@ -158,24 +196,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
             group["lr"] = lr
         t0 = time.perf_counter()
         batches = [collate([rows[i] for i in next(stream)], pad_id) for _ in range(t.grad_accum)]
-        n_target = sum(b.n_target_tokens for b in batches)
-        step_loss = torch.zeros((), dtype=torch.float32, device=device)
-        for b in batches:
-            b = b.to(device)
-            if t.gradient_checkpointing:
-                set_checkpointing(model, b.input_ids.numel() >= t.checkpoint_min_tokens)
-            try:
-                total, _ = summed_loss(model, b)
-                loss = total / max(n_target, 1)
-                loss.backward()
-            except (torch.OutOfMemoryError, MemoryError):
-                raise PipelineError(
-                    f"out of memory at step {step + 1} on a batch of {tuple(b.input_ids.shape)} tokens; lower "
-                    "train.batch_size (and raise train.grad_accum to keep the effective batch), lower "
-                    "data.max_length, or set train.optimizer_page_budget_mb to page optimizer state; the run "
-                    "resumes from its last checkpoint"
-                ) from None
-            step_loss += loss.detach()
+        step_loss = accumulate_gradients(model, batches, t, step, device)
         norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
         # The step's one read back to the host (for the log and the checks); everything before it stays queued.
         step_value, grad_norm = torch.stack([step_loss, norm.float()]).tolist()
@@ -189,33 +210,27 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
         dt = time.perf_counter() - t0
         tokens = sum(b.n_tokens for b in batches)
         losses.append(step_value)
-        entry = {
-            "step": step + 1,
-            "loss": step_value,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "seconds": dt,
-            "tokens": tokens,
-            "tokens_per_s": tokens / dt,
-            "target_tokens": n_target,
-        }
-        log.append(entry)
-        ctx.tracker.log_metrics(
+        log.append(
             {
-                "train.loss": step_value,
-                "train.lr": lr,
-                "train.grad_norm": grad_norm,
-                "train.tokens_per_s": tokens / dt,
-                "train.step_s": dt,
-            },
-            step=step + 1,
+                "step": step + 1,
+                "loss": step_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "seconds": dt,
+                "tokens": tokens,
+                "tokens_per_s": tokens / dt,
+                "target_tokens": sum(b.n_target_tokens for b in batches),
+            }
         )
+        metrics = {"loss": step_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
+        ctx.tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step + 1)
         bar.set_postfix(loss=f"{step_value:.3f}", tok_s=f"{tokens / dt:.0f}")
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
             save_checkpoint(ckpt_root, step + 1, adapter_tensors(model), opt, losses, {"log": log})
-    ctx.extra["checkpoint_dir"] = str(ckpt_root)
+    # Checkpoints go only once the adapter artifact is published; a crash before that resumes from them.
+    ctx.after_publish.append(lambda: shutil.rmtree(ckpt_root, ignore_errors=True))
     paging = getattr(opt, "paging_stats", None)
-    return {"log": log, "optimizer": opt, "paging": paging() if callable(paging) else None, "ckpt_root": ckpt_root}
+    return TrainResult(log=log, paging=paging() if callable(paging) else None)
 
 
 def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> None:
@@ -241,32 +256,12 @@ def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def body(ctx: StageContext) -> dict[str, Any]:
-    import datasets
-    from transformers import AutoTokenizer
-
-    from kernels.peft_format import save_peft_adapter
+def save_adapter(ctx: StageContext, model: Any) -> None:
+    """The adapter in PEFT format, with the sha256 of the base weights it was trained on (merge checks them)."""
+    from qlora_pipeline.kernels.formats.peft_adapter import save_peft_adapter
 
     t = ctx.params.train
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
     prep = ctx.parent_dir("prepare")
-    tok = AutoTokenizer.from_pretrained(prep / "model")
-    pad_id = pad_token_id(tok)
-    data = datasets.load_from_disk(str(prep / "data"))
-    rows, val_rows = _rows(data["train"]), _rows(data["validation"])
-    if len(rows) < t.batch_size:
-        raise InputError(
-            f"train.batch_size={t.batch_size} is larger than the {len(rows)} training examples; lower train.batch_size"
-        )
-    device = torch.device(ctx.device)
-    dtype = compute_dtype(t, device)
-    model, trainable = build_model(ctx.parent_dir("quantize") / "model", t, device, dtype)
-    n_trainable = sum(p.numel() for p in trainable)
-    before = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
-    result = train_loop(ctx, model, trainable, rows, pad_id)
-    after = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
-
     save_peft_adapter(
         model,
         ctx.out / "adapter",
@@ -285,7 +280,34 @@ def body(ctx: StageContext) -> dict[str, Any]:
     (ctx.out / "adapter" / "base_model.json").write_text(
         json.dumps({"base_model": "artifacts/prepare/model", "weights_sha256": weights}, indent=1)
     )
-    log = result["log"]
+
+
+def body(ctx: StageContext) -> dict[str, Any]:
+    import datasets
+    from transformers import AutoTokenizer
+
+    t = ctx.params.train
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    prep = ctx.parent_dir("prepare")
+    tok = AutoTokenizer.from_pretrained(prep / "model")
+    pad_id = pad_token_id(tok)
+    data = datasets.load_from_disk(str(prep / "data"))
+    rows, val_rows = token_rows(data["train"]), token_rows(data["validation"])
+    if len(rows) < t.batch_size:
+        raise InputError(
+            f"train.batch_size={t.batch_size} is larger than the {len(rows)} training examples; lower train.batch_size"
+        )
+    device = torch.device(ctx.device)
+    dtype = compute_dtype(t, device)
+    model, trainable = build_model(ctx.parent_dir("quantize") / "model", t, device, dtype)
+    n_trainable = sum(p.numel() for p in trainable)
+    before = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
+    result = train_loop(ctx, model, trainable, rows, pad_id)
+    after = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
+
+    save_adapter(ctx, model)
+    log = result.log
     (ctx.out / "train_log.json").write_text(json.dumps(log, indent=1))
     plot_losses(log, ctx.out / "loss_curve.png", f"LoRA r={t.lora_r} on NF4, {t.optimizer}")
     ctx.tracker.log_artifact(ctx.out / "loss_curve.png")
@@ -297,22 +319,15 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "final_loss": sum(e["loss"] for e in log[-5:]) / max(1, len(log[-5:])),
         "median_step_s": sorted(e["seconds"] for e in timed)[len(timed) // 2] if timed else None,
         "tokens_per_s": sum(e["tokens"] for e in timed) / max(1e-9, sum(e["seconds"] for e in timed)),
-        "compute_dtype": str(dtype).removeprefix("torch."),
+        "compute_dtype": dtype_name(dtype),
         "device": str(device),
         "val_loss_before": before["loss"] if before else None,
         "val_loss_after": after["loss"] if after else None,
     }
-    if result["paging"]:
-        metrics["optimizer_paging"] = result["paging"]
+    if result.paging:
+        metrics["optimizer_paging"] = result.paging
     return metrics
 
 
-def run(params: Params) -> Any:
-    manifest = execute(STAGE, params, body)
-    # Checkpoints go only once the adapter artifact is published; a crash before that resumes from them.
-    shutil.rmtree(manifest.extra.get("checkpoint_dir", ""), ignore_errors=True)
-    return manifest
-
-
-if __name__ == "__main__":
-    raise SystemExit(stage_main(STAGE, run))
+def run(params: Params, parent_run_id: str | None = None) -> Manifest:
+    return execute(STAGE, params, body, parent_run_id)

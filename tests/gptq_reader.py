@@ -5,8 +5,8 @@ docs/formats.md, GPTQ v1 checkpoint: per linear with K inputs, N outputs, b bits
 [groups, N/p]` holds output `c·p + j` of a group in the same bits of word `[group, c]`, as the zero point minus
 one; `scales [groups, N]` fp16; `g_idx [K]` the group of each input. Weight `[N, K]` = scale · (code − zero).
 
-It shares no code with kernels/gptq_format.py: words are read as unsigned 32-bit numpy integers and every slot is
-cut out with Python integer shifts, one slot at a time.
+It shares no code with kernels/formats/gptq_folder.py: words are read as unsigned 32-bit numpy integers and every
+slot is cut out with Python integer shifts, one slot at a time.
 """
 
 from __future__ import annotations

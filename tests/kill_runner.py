@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from stages import train
-from stages.common import checkpoints
-from stages.common.stage import stage_main
+from qlora_pipeline.pipelines import cli
+from qlora_pipeline.stages import train
+from qlora_pipeline.stages.lm import checkpoints
 
 
 def _die() -> None:
@@ -48,7 +48,9 @@ def main(mode: str, at: int, params_path: str) -> int:
         checkpoints.torch.save = save
     else:
         raise SystemExit(f"unknown mode {mode}")
-    return stage_main("train", train.run, [params_path])
+    sys.argv = ["qlora", "stage", "train", "--params", params_path]
+    cli.main()  # exits: 0 done, 2 one-line error
+    return 0
 
 
 if __name__ == "__main__":

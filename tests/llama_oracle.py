@@ -1,4 +1,5 @@
-"""llama.cpp as a test oracle, always in a child process (stages.common.isolation), never in the pytest process.
+"""llama.cpp as a test oracle, always in a child process (qlora_pipeline.stages.contract.isolation), never in
+the pytest process.
 
 A llama.cpp build that faults on this CPU then fails the tests that use it with one line naming the signal,
 and the rest of the suite still runs and reports.
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from stages.common.isolation import Reader, call_reader
+from qlora_pipeline.stages.contract.isolation import Reader, call_reader
 
 ORACLE = Reader(name="llama.cpp (llama-cpp-python, test oracle)", fix="rebuild it with `make reader`")
 TIMEOUT_S = 300.0

@@ -1,15 +1,16 @@
-"""Triton kernel for one AdamW step on 8-bit blockwise state (the CUDA path of ``kernels.optim.adamw``).
+"""Triton kernel for one AdamW step on 8-bit blockwise state (the CUDA path of ``qlora_pipeline.kernels.optim.adamw``).
 
 Each program owns ``ROWS`` state blocks of ``BLOCK`` elements (``ROWS=1`` on CUDA: one program per block, as in
 bnb's ``kOptimizerStatic8bit2StateBlockwise``): dequantize m and v, AdamW update in fp32, write the parameter,
 take the new per-block absmax, requantize m and v.
 
 Numerics are pinned down so the kernel is bit-identical to the torch reference
-(``kernels.optim.adamw.adamw8bit_update_reference``) on CPU under ``TRITON_INTERPRET=1`` and on CUDA:
+(``qlora_pipeline.kernels.optim.adamw.adamw8bit_update_reference``) on CPU under ``TRITON_INTERPRET=1`` and on CUDA:
 
 * every arithmetic op is one IEEE-rounded fp32 op: the launch passes ``enable_fp_fusion=False`` (no FMA
   contraction) and uses ``div_rn`` / ``sqrt_rn`` (the default fp32 division and sqrt are approximate on NVIDIA);
-* scalars are computed once in float64 by :class:`AdamScalars` and rounded to fp32 at the launch, exactly like
+* scalars are computed once in float64 by
+  :class:`~qlora_pipeline.kernels.optim.adam_scalars.AdamScalars` and rounded to fp32 at the launch, exactly like
   torch rounds Python scalars for fp32 tensor ops;
 * requantization follows bitsandbytes' CPU rule (not nearest-code search): ``y = x * fp32(1/absmax)``, bin
   ``trunc(fp32((clamp(y,-1,1)+1)*0.5*65535 + 0.5))`` (the multiply-add is exact in float64, rounded once), code
@@ -17,42 +18,18 @@ Numerics are pinned down so the kernel is bit-identical to the torch reference
   NaN normalized values get code 0 and a block whose absmax is 0 stores codes 0, as bnb's CPU kernel does;
   absmax ignores NaN (C ``std::max``) but not Inf;
 * bf16 parameters and gradients travel as int16 bit patterns and are rounded to nearest-even by integer
-  arithmetic, because the interpreter truncates fp32->bf16 (see stack notes §2).
+  arithmetic, because the interpreter truncates fp32->bf16 (docs/formats.md, Triton interpreter).
 """
 
 from __future__ import annotations
-
-import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
+
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-class AdamScalars(NamedTuple):
-    """Per-step scalars of the 8-bit AdamW update, in float64; both implementations round them to fp32."""
-
-    beta1: float
-    one_minus_beta1: float
-    beta2: float
-    one_minus_beta2: float
-    bias_correction2_sqrt: float
-    eps: float
-    decay: float  # 1 - lr * weight_decay
-    apply_decay: bool
-    neg_step_size: float  # -lr / (1 - beta1**step)
-
-    @classmethod
-    def make(cls, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int) -> AdamScalars:
-        """Bias corrections as bnb's CPU backend computes them (``math.sqrt``; torch's ``** 0.5`` is the same
-        value for all steps we checked, but bnb is the oracle for the 8-bit path)."""
-        b1, b2 = float(betas[0]), float(betas[1])
-        c1 = 1.0 - b1**step
-        c2 = math.sqrt(1.0 - b2**step)
-        return cls(b1, 1.0 - b1, b2, 1.0 - b2, c2, float(eps), 1.0 - lr * weight_decay, weight_decay != 0, -lr / c1)
 
 
 @triton.jit

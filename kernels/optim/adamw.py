@@ -35,44 +35,20 @@ from typing import Any, Literal
 
 import torch
 
-from kernels.dynamic_map import create_dynamic_map, dequantize_blockwise
-from kernels.optim.adam8bit_triton import AdamScalars, adamw8bit_update_triton
-from kernels.optim.paging import PagedStateStore, PagingConfig, StateStore
+from qlora_pipeline.kernels.dynamic_map import (
+    bin_to_code_table,
+    create_dynamic_map,
+    dequantize_blockwise,
+    requantize_blockwise,
+)
+from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
+from qlora_pipeline.kernels.optim.paging import PagedStateStore, PagingConfig, StateStore
 
-_LUT_BINS = 65536
 _KEYS32 = ("exp_avg", "exp_avg_sq")
 _KEYS8 = ("state1", "state2", "absmax1", "absmax2")
 
 
 # ---- 8-bit reference numerics ----------------------------------------------------------------------------------
-def nearest_code_lut(code: torch.Tensor) -> torch.Tensor:
-    """bnb's CPU bin table: bin ``i`` stands for ``-1 + fp32(2i/65535)`` and maps to the number of code midpoints
-    below it. Passed to the Triton kernel as a plain table so both paths share the exact rule."""
-    code = code.float().cpu()
-    mids = 0.5 * (code[:-1] + code[1:])
-    centres = (2.0 * torch.arange(_LUT_BINS, dtype=torch.float32)) / float(_LUT_BINS - 1) + (-1.0)
-    return torch.searchsorted(mids, centres, right=False).to(torch.uint8)
-
-
-def requantize_blockwise(x: torch.Tensor, lut: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize fp32 ``x`` per block with bnb's CPU rule (same bytes as ``dynamic_map.quantize_blockwise`` on
-    finite input) and bnb's CPU handling of non-finite values: absmax ignores NaN, NaN normalized values -> code 0.
-    """
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    nb = -(-n // blocksize)
-    xp = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
-    absmax = torch.where(torch.isnan(xp), 0.0, xp.abs()).amax(dim=1)
-    y = xp * (1.0 / torch.where(absmax == 0, 1.0, absmax)).unsqueeze(1)  # zero blocks get codes 0 below
-    bad = torch.isnan(y)
-    y = torch.where(bad, 0.0, y).clamp(-1.0, 1.0)
-    half = (y + 1.0) * 0.5
-    bins = (half.double() * float(_LUT_BINS - 1) + 0.5).float().long()
-    q = lut[bins]
-    q = torch.where(bad | (absmax == 0).unsqueeze(1), 0, q).to(torch.uint8)
-    return q.reshape(-1)[:n], absmax
-
-
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """Correctly rounded fp32 sqrt. torch's CPU fp32 sqrt is not (17% of values differ by 1 ulp on AVX-512)."""
     return x.double().sqrt().float()
@@ -113,7 +89,8 @@ def adamw8bit_update_reference(
 
 @dataclass(frozen=True)
 class QuantMaps:
-    """Signed map + table for m, unsigned map + table for v, on one device."""
+    """Signed map + bin table for m, unsigned map + bin table for v (``dynamic_map.bin_to_code_table``), on one
+    device. The tables are passed to the Triton kernel as plain tensors, so both paths share the exact rule."""
 
     code1: torch.Tensor
     code2: torch.Tensor
@@ -123,7 +100,8 @@ class QuantMaps:
     @classmethod
     def create(cls, device: torch.device | str = "cpu") -> QuantMaps:
         c1, c2 = create_dynamic_map(signed=True), create_dynamic_map(signed=False)
-        return cls(*(t.to(device) for t in (c1, c2, nearest_code_lut(c1), nearest_code_lut(c2))))
+        # copies: the bin tables are cached and shared inside dynamic_map
+        return cls(*(t.to(device, copy=True) for t in (c1, c2, bin_to_code_table(c1), bin_to_code_table(c2))))
 
 
 def adamw8bit_update(
@@ -138,7 +116,11 @@ def adamw8bit_update(
     blocksize: int,
 ) -> None:
     """Triton kernel for CUDA tensors, torch reference otherwise (same bits either way)."""
-    impl = adamw8bit_update_triton if p.is_cuda else adamw8bit_update_reference
+    if p.is_cuda:
+        # lazy: a CPU-only process never imports Triton
+        from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton as impl
+    else:
+        impl = adamw8bit_update_reference
     impl(p, g, q1, q2, absmax1, absmax2, maps.code1, maps.code2, maps.lut1, maps.lut2, s, blocksize)
 
 

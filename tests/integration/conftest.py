@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import prepare, quantize
-from stages.common.params import Params, parse_params
+from qlora_pipeline.stages import prepare, quantize
+from qlora_pipeline.stages.contract.params import Params, parse_params
 
 
 @pytest.fixture(scope="session")

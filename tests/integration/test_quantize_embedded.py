@@ -15,7 +15,7 @@ def test_smollm2_artifact_loads_in_transformers_with_identical_logits(embedded_q
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from kernels.checkpoint4bit import load_4bit_model
+    from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
 
     artifacts, _ = embedded_quantized
     qdir = artifacts / "quantize" / "model"

@@ -26,7 +26,7 @@ def qa_jsonl(tmp_path: Path) -> Path:
 def interrupt_training(monkeypatch: pytest.MonkeyPatch):
     """`interrupt_training(params, step)`: run the train stage and interrupt it (KeyboardInterrupt, in this process)
     as 0-based `step` begins; the stage's own code is restored afterwards."""
-    from stages import train
+    from qlora_pipeline.stages import train
 
     def run(params, step: int) -> None:
         real_lr_at = train.lr_at

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from kernels.optim.adamw import AdamW
+from qlora_pipeline.kernels.optim.adamw import AdamW
 
 SHAPES = [(7,), (64, 33), (3, 5, 7), (5000,)]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.optim.adamw import AdamW, QuantMaps
+from qlora_pipeline.kernels.optim.adamw import AdamW, QuantMaps
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from stages.common.batching import batch_stream, collate, epoch_batches, eval_batches
-from stages.common.lm_loss import heldout_loss, summed_loss
+from qlora_pipeline.stages.lm.batching import batch_stream, collate, epoch_batches, eval_batches
+from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from tests import tiny
 
 
@@ -56,7 +56,7 @@ def test_reply_only_loss_matches_transformers_loss() -> None:
 def test_frozen_head_cross_entropy_matches_autograd_of_the_plain_loss() -> None:
     import torch.nn.functional as F
 
-    from kernels.fused_ce import frozen_head_cross_entropy
+    from qlora_pipeline.kernels.fused_ce import frozen_head_cross_entropy
 
     torch.manual_seed(0)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):

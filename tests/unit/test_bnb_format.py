@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from kernels.bnb_format import (
+from qlora_pipeline.kernels.formats.bnb_folder import (
     QUANT_STATE_KEY,
     bnb_quantization_config,
     default_skip,
@@ -18,7 +18,7 @@ from kernels.bnb_format import (
     quant_state_json,
     quantize_state_dict,
 )
-from kernels.nf4 import dequantize_nf4, quantize_nf4
+from qlora_pipeline.kernels.nf4 import dequantize_nf4, quantize_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from stages import release
-from stages.common.errors import InputError
-from stages.common.runtime import REPO_ROOT, code_version
+from qlora_pipeline.stages import release
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT, code_version
 
 
 def _git(root: Path, *args: str) -> str:

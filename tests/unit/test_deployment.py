@@ -70,7 +70,7 @@ def test_deployment_runs_through_server_and_worker(tmp_path, tiny_llama_dir, qa_
             [
                 sys.executable,
                 "-c",
-                "from pipelines.deploy import deploy; "
+                "from qlora_pipeline.pipelines.deploy import deploy; "
                 f"print(deploy(pool='test-gpu-node', cron='0 2 * * 1', name='test-retrain', "
                 f"params_path={str(params_file)!r}, stages=['prepare', 'quantize']))",
             ],

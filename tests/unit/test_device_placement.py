@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from stages import evaluate, export, merge, prepare, quantize, train
-from stages.common.artifacts import read_manifest
-from stages.common.batching import collate, eval_batches
-from stages.common.errors import InputError
-from stages.common.lm_loss import summed_loss
-from stages.common.params import parse_params
+from qlora_pipeline.stages import evaluate, export, merge, prepare, quantize, train
+from qlora_pipeline.stages.contract.artifacts import read_manifest
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import parse_params
+from qlora_pipeline.stages.lm.batching import collate, eval_batches
+from qlora_pipeline.stages.lm.lm_loss import summed_loss
 from tests import tiny
 from tests.simdevice import simulated_device
 
@@ -57,7 +57,7 @@ def _heldout_loss_as_it_was(model: Any, rows: list, batch_size: int, pad_id: int
 def test_the_simulated_device_catches_a_cpu_batch_fed_to_a_device_model(assets) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stages.common.lm_loss import heldout_loss
+    from qlora_pipeline.stages.lm.lm_loss import heldout_loss
 
     model_dir, _ = assets
     rows = [([1, 5, 6, 7, 8, 2], [-100, -100, 6, 7, 8, 2]), ([1, 9, 10, 2], [-100, -100, 10, 2])]

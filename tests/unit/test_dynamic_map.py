@@ -1,11 +1,11 @@
-"""kernels.dynamic_map against bitsandbytes (test oracle only) on its CPU backend."""
+"""qlora_pipeline.kernels.dynamic_map against bitsandbytes (test oracle only) on its CPU backend."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.dynamic_map import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from qlora_pipeline.kernels.dynamic_map import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 

@@ -19,8 +19,9 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from kernels import gguf_export, kquants
-from kernels.gguf_export import permute_qk, write_gguf
+from qlora_pipeline.kernels import kquants
+from qlora_pipeline.kernels.formats import gguf_file as gguf_export
+from qlora_pipeline.kernels.formats.gguf_file import permute_qk, write_gguf
 from tests import llama_oracle, tiny
 
 DIMS = {"hidden_size": 256, "intermediate_size": 512}

@@ -17,9 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.gptq import GPTQResult, Hessian, gptq_quantize, output_error, rtn_quantize
-from kernels.gptq_format import gptq_quantization_config, pack_gptq_v1, unpack_gptq_v1
-from kernels.gptq_model import LINEAR_SETS, quantize_model_gptq, write_gptq_checkpoint
+from qlora_pipeline.kernels.formats.gptq_folder import (
+    gptq_quantization_config,
+    pack_gptq_v1,
+    unpack_gptq_v1,
+    write_gptq_checkpoint,
+)
+from qlora_pipeline.kernels.gptq import GPTQResult, Hessian, gptq_quantize, output_error, rtn_quantize
+from qlora_pipeline.kernels.gptq_model import LINEAR_SETS, quantize_model_gptq
 from tests import tiny
 from tests.gptq_reader import read_gptq_v1
 
@@ -174,8 +179,8 @@ def test_pack_unpack_round_trip_is_exact(bits: int, group_size: int) -> None:
 
 
 def test_product_unpacker_agrees_with_the_independent_reader() -> None:
-    """export scores GPTQ through kernels.gptq_format.unpack_gptq_v1: it must read arbitrary words (negative
-    int32s, every nibble value) exactly as the spec-based reader in tests/ does."""
+    """export scores GPTQ through qlora_pipeline.kernels.formats.gptq_folder.unpack_gptq_v1: it must read arbitrary
+    words (negative int32s, every nibble value) exactly as the spec-based reader in tests/ does."""
     gen = torch.Generator().manual_seed(3)
     for bits, k, n, g in ((4, 128, 64, 32), (8, 64, 32, 16), (2, 64, 48, 64)):
         words = lambda *shape: torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int64).int()  # noqa: E731

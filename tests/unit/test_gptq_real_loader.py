@@ -15,9 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.gptq_format import unpack_gptq_v1
-from kernels.gptq_model import write_gptq_checkpoint
-from stages.common.runtime import REPO_ROOT
+from qlora_pipeline.kernels.formats.gptq_folder import unpack_gptq_v1, write_gptq_checkpoint
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 from tests import tiny
 from tests.gptq_reader import read_gptq_v1
 

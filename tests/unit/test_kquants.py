@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
-from kernels.kquants import Fallback, q4_k_m_type_for, quantize_q4_k, quantize_q6_k, use_more_bits
+from qlora_pipeline.kernels.kquants import Fallback, q4_k_m_type_for, quantize_q4_k, quantize_q6_k, use_more_bits
 from tests import llama_oracle
 
 
@@ -199,7 +199,7 @@ def _float32_model_dir(path: Path) -> Path:
 
 
 def test_bytes_equal_llama_cpp_reference_quantizer(tmp_path: Path) -> None:
-    from kernels.gguf_export import write_gguf
+    from qlora_pipeline.kernels.formats.gguf_file import write_gguf
 
     model_dir = _float32_model_dir(tmp_path / "f32model")
     f32 = tmp_path / "m.F32.gguf"

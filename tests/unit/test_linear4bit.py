@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.linear4bit import (
+from qlora_pipeline.kernels.linear4bit import (
     DEFAULT_CPU_COMPUTE_DTYPE,
     Linear4bit,
     default_compute_dtype,
     quantize_model_linears,
     replace_linears_with_4bit,
 )
-from kernels.nf4 import dequantize_nf4, quantize_nf4
+from qlora_pipeline.kernels.nf4 import dequantize_nf4, quantize_nf4
 
 
 def _layer(bias: bool = True, compute_dtype: torch.dtype = torch.float32, seed: int = 0) -> Linear4bit:

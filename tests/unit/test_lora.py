@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.lora import (
+from qlora_pipeline.kernels.lora import (
     LoraLinear,
     count_trainable,
     inject_lora,
@@ -282,7 +282,7 @@ def test_gradient_checkpointing_gives_same_lora_grads_with_dropout() -> None:
 
 
 def test_fast_dropout_rate_scale_gradient_and_replay() -> None:
-    from kernels.lora import FastDropout
+    from qlora_pipeline.kernels.lora import FastDropout
 
     d = FastDropout(0.05).train()
     ones = torch.ones(2_000_003)

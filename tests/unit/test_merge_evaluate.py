@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from stages import evaluate, merge, prepare, quantize, train
-from stages.common.errors import InputError, PipelineError
-from stages.common.params import parse_params
+from qlora_pipeline.stages import evaluate, merge, prepare, quantize, train
+from qlora_pipeline.stages.contract.errors import InputError, PipelineError
+from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
 TRAIN = {"batch_size": 4, "max_steps": 10, "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "warmup_ratio": 0.0}
@@ -41,8 +41,8 @@ def trained(tmp_path, tiny_llama_dir, qa_jsonl):
 
 
 def _base_plus_adapter(tmp_path, dtype=torch.float32):
-    from kernels.lora import inject_lora
-    from kernels.peft_format import load_peft_adapter, read_adapter_config
+    from qlora_pipeline.kernels.formats.peft_adapter import load_peft_adapter, read_adapter_config
+    from qlora_pipeline.kernels.lora import inject_lora
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "prepare" / "model", dtype=dtype)
     adapter = tmp_path / "artifacts" / "train" / "adapter"

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from kernels.bnb_format import nf4_from_state_dict, nf4_to_state_dict
-from kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from qlora_pipeline.kernels.formats.bnb_folder import nf4_from_state_dict, nf4_to_state_dict
+from qlora_pipeline.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 bnb = pytest.importorskip("bitsandbytes")  # the oracle itself absent: skip
 # A private path of the pinned oracle: if a bnb release moves it, these cases must fail, not skip quietly.

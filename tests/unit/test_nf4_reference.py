@@ -7,10 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.dynamic_map import create_dynamic_map
-from kernels.nf4 import (
+from qlora_pipeline.kernels.dynamic_map import create_dynamic_map
+from qlora_pipeline.kernels.nf4 import (
     NF4_VALUES,
-    dequantize,
     dequantize_absmax,
     dequantize_nf4,
     nf4_bytes,
@@ -19,6 +18,7 @@ from kernels.nf4 import (
     quantize_nf4,
     unpack_codes,
 )
+from qlora_pipeline.kernels.nf4_dispatch import dequantize
 
 
 def test_table_is_the_literal_bnb_table() -> None:

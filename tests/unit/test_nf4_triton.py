@@ -7,12 +7,13 @@ import os
 import pytest
 import torch
 
-from kernels.nf4 import dequantize, dequantize_nf4, quantize_nf4
+from qlora_pipeline.kernels.nf4 import dequantize_nf4, quantize_nf4
+from qlora_pipeline.kernels.nf4_dispatch import dequantize
 
 # tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, so these tests always run
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", "run under tests/conftest.py"
 
-from kernels.nf4_triton import dequantize_nf4_triton  # noqa: E402 - after the interpreter check
+from qlora_pipeline.kernels.nf4_triton import dequantize_nf4_triton  # noqa: E402 - after the interpreter check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -72,7 +73,7 @@ class _ReportsCuda(torch.Tensor):
 def test_dispatcher_sends_cuda_to_triton_and_the_rest_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
-    import kernels.nf4_triton as nf4_triton
+    import qlora_pipeline.kernels.nf4_triton as nf4_triton
 
     calls: list[str] = []
     monkeypatch.setattr(nf4_triton, "dequantize_nf4_triton", lambda nf4, dtype: calls.append("triton") or "triton")
@@ -91,7 +92,7 @@ _PTX_PROBE = """
 import re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.nf4_triton import _nf4_dq_dequant_kernel as k
+from qlora_pipeline.kernels.nf4_triton import _nf4_dq_dequant_kernel as k
 sig = {"packed_ptr": "*u8", "qabsmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
        "table_ptr": "*fp32", "out_ptr": "*bf16", "offset": "fp32", "n_out": "i32", "n_bytes": "i32",
        "BLOCKSIZE": "constexpr", "NESTED_BLOCKSIZE": "constexpr", "DOUBLE_QUANT": "constexpr", "BYTES": "constexpr"}

@@ -7,15 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipelines import dvcgen
-from stages import prepare
-from stages.common.params import parse_params
+from qlora_pipeline.pipelines import dvcgen
+from qlora_pipeline.stages import prepare
+from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +29,9 @@ def _params_file(tmp_path: Path, model_dir: Path, data: Path, mlflow: bool = Fal
 
 
 def test_dvc_yaml_is_generated_from_the_registry() -> None:
-    assert (REPO / "dvc.yaml").read_text() == dvcgen.render(), "run: python -m pipelines.dvcgen > dvc.yaml"
+    assert (REPO / "dvc.yaml").read_text() == dvcgen.render(), (
+        "run: python -m qlora_pipeline.pipelines.dvcgen > dvc.yaml"
+    )
 
 
 def test_prepare_logs_params_metrics_and_memory_to_mlflow(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
@@ -43,7 +44,7 @@ def test_prepare_logs_params_metrics_and_memory_to_mlflow(tmp_path, tiny_llama_d
     exp = client.get_experiment_by_name("qlora")
     assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_id == m.extra["mlflow_run_id"]
+    assert run.info.run_id == m.mlflow_run_id
     assert run.data.params["data.max_length"] == "256"
     assert run.data.metrics["records_after_dedupe"] == 40
     assert run.data.metrics["splits.train.examples"] == 32
@@ -61,12 +62,12 @@ def test_flow_skips_unchanged_stage_on_second_run(tmp_path, tiny_llama_dir, qa_j
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    from pipelines.flow import qlora_pipeline
+    from qlora_pipeline.pipelines.flow import qlora_pipeline
 
     f = _params_file(tmp_path, tiny_llama_dir, qa_jsonl, mlflow=True)
     calls: list[int] = []
     original = prepare.run
-    monkeypatch.setattr(prepare, "run", lambda p: calls.append(1) or original(p))
+    monkeypatch.setattr(prepare, "run", lambda p, **kw: calls.append(1) or original(p, **kw))
     with (
         prefect_test_harness(server_startup_timeout=120),
         temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}),
@@ -111,7 +112,13 @@ def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_ll
     venv_bin = Path(sys.executable).parent
     (work / ".venv").symlink_to(venv_bin.parent)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != venv_bin)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path, "VIRTUAL_ENV": ""}
+    # The venv's editable install points at this checkout; `qlora_pipeline` links to the copy make it import the
+    # copy's code (and so write the copy's artifacts), as a venv installed from the copy would.
+    links = tmp_path / "links" / "qlora_pipeline"
+    links.mkdir(parents=True)
+    for d in ("stages", "pipelines", "kernels"):
+        (links / d).symlink_to(work / d, target_is_directory=True)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path, "VIRTUAL_ENV": "", "PYTHONPATH": str(links.parent)}
     dvc = str(work / ".venv" / "bin" / "dvc")
 
     def sh(*cmd: str) -> str:
@@ -144,8 +151,8 @@ def test_flow_reruns_only_train_and_later_when_a_train_param_changes(
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    from pipelines.flow import qlora_pipeline
-    from stages import merge, quantize, train
+    from qlora_pipeline.pipelines.flow import qlora_pipeline
+    from qlora_pipeline.stages import merge, quantize, train
 
     raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl, train={"batch_size": 4, "max_steps": 3, "lora_r": 4})
     f = tmp_path / "params.yaml"
@@ -153,7 +160,7 @@ def test_flow_reruns_only_train_and_later_when_a_train_param_changes(
     calls: list[str] = []
     for name, module in (("prepare", prepare), ("quantize", quantize), ("train", train), ("merge", merge)):
         original = module.run
-        monkeypatch.setattr(module, "run", lambda p, _o=original, _n=name: calls.append(_n) or _o(p))
+        monkeypatch.setattr(module, "run", lambda p, _o=original, _n=name, **kw: calls.append(_n) or _o(p, **kw))
     stages = ["prepare", "quantize", "train", "merge"]
     with (
         prefect_test_harness(server_startup_timeout=120),
@@ -170,33 +177,36 @@ def test_flow_reruns_only_train_and_later_when_a_train_param_changes(
     assert calls == ["train", "merge"]
 
 
+def _source_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the product's source folders that the code hashes read instead of the checkout."""
+    from qlora_pipeline.stages.contract import codedeps
+
+    source = tmp_path / "source"
+    for folder in codedeps.FOLDERS:
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codedeps, "SOURCE_ROOT", source)
+    return source
+
+
 @pytest.mark.slow
 def test_flow_reruns_a_stage_whose_artifact_code_or_data_changed(
-    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, request
+    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch
 ) -> None:
     """Tampered artifact → that stage; deleted artifact → it and its children; a changed code file of a stage →
     that stage; new rows in the data → everything from prepare. Nothing changed → nothing."""
-    import dataclasses
-
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    from pipelines.flow import qlora_pipeline
-    from stages import quantize
-    from stages.common.registry import STAGES
+    from qlora_pipeline.pipelines.flow import qlora_pipeline
+    from qlora_pipeline.stages import quantize
 
-    # a code file of the quantize stage (code deps are paths inside the checkout, so it lives there for the test)
-    rel = f"tests/_quantize_code_probe_{uuid.uuid4().hex[:8]}.py"
-    extra_code = REPO / rel
-    extra_code.write_text("BLOCK = 64\n")
-    request.addfinalizer(lambda: extra_code.unlink(missing_ok=True))
-    spec = STAGES["quantize"]
-    monkeypatch.setitem(STAGES, "quantize", dataclasses.replace(spec, code=(*spec.code, rel)))
+    # the code is read from a copy of the source folders, so the test can edit a file quantize imports
+    source = _source_copy(tmp_path, monkeypatch)
     f = _params_file(tmp_path, tiny_llama_dir, qa_jsonl)
     calls: list[str] = []
     for name, module in (("prepare", prepare), ("quantize", quantize)):
         original = module.run
-        monkeypatch.setattr(module, "run", lambda p, _o=original, _n=name: calls.append(_n) or _o(p))
+        monkeypatch.setattr(module, "run", lambda p, _o=original, _n=name, **kw: calls.append(_n) or _o(p, **kw))
     stages = ["prepare", "quantize"]
     art = tmp_path / "artifacts"
 
@@ -216,7 +226,8 @@ def test_flow_reruns_a_stage_whose_artifact_code_or_data_changed(
         assert run() == ["quantize"], "tampered artifact"
         shutil.rmtree(art / "prepare")
         assert run() == ["prepare", "quantize"], "deleted artifact, and the child built from it"
-        extra_code.write_text("BLOCK = 128\n")
+        nf4 = source / "kernels" / "nf4.py"  # imported by quantize (through the bnb folder writer), not by prepare
+        nf4.write_text(nf4.read_text() + "\n# edited\n")
         assert run() == ["quantize"], "the stage's code changed"
         with qa_jsonl.open("a") as fh:
             fh.write(json.dumps({"instruction": "A brand new question?", "response": "A brand new answer."}) + "\n")

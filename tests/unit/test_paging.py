@@ -9,8 +9,8 @@ import io
 import pytest
 import torch
 
-from kernels.optim.adamw import AdamW
-from kernels.optim.paging import PagedStateStore, PagingConfig
+from qlora_pipeline.kernels.optim.adamw import AdamW
+from qlora_pipeline.kernels.optim.paging import PagedStateStore, PagingConfig
 
 SIZES = [(96, 64), (3000,), (20_000,), (130,)]  # 6144, 3000, 20000, 130 elements
 PAGE = 8 << 10

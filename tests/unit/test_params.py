@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.errors import ParamsError
-from stages.common.params import Params, load_params, parse_params
+from qlora_pipeline.stages.contract.errors import ParamsError
+from qlora_pipeline.stages.contract.params import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,9 +69,34 @@ def test_cli_exit_code_one_line_and_nothing_written(tmp_path: Path) -> None:
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(raw))
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.prepare", str(f)], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "qlora_pipeline.pipelines.cli", "stage", "prepare", "--params", str(f)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert err_lines == [f"error: {f}: train.lora_r = 0 is out of range; it must be ≥ 1; fix it in {f}"]
     assert not (tmp_path / "art").exists() and not (tmp_path / "met").exists()
+
+
+def test_a_stage_sees_only_the_params_fields_it_declares() -> None:
+    from qlora_pipeline.stages.contract.params import DeclaredParams, UndeclaredParamError
+    from qlora_pipeline.stages.contract.registry import STAGES
+
+    params = parse_params({"evaluate": {"batch_size": 3, "num_generations": 7}})
+    view = DeclaredParams(params, STAGES["train"].params, "train")
+    assert view.train.lora_r == 16 and view.evaluate.batch_size == 3 and view.runtime.device == "auto"
+    assert view.section("train") == params.section("train")
+    with pytest.raises(UndeclaredParamError, match=r"stage train reads evaluate.num_generations"):
+        _ = view.evaluate.num_generations
+    with pytest.raises(UndeclaredParamError, match="section 'export'"):
+        _ = view.export
+    with pytest.raises(UndeclaredParamError, match="declares only some fields"):
+        view.section("evaluate")
+    assert STAGES["train"].param_values(params) == {
+        "runtime": {"device": "auto"},
+        "train": params.section("train"),
+        "evaluate": {"batch_size": 3},
+    }

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kernels.lora import inject_lora, lora_modules
-from kernels.peft_format import (
+from qlora_pipeline.kernels.formats.peft_adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     load_peft_adapter,
     read_adapter_config,
     save_peft_adapter,
 )
+from qlora_pipeline.kernels.lora import inject_lora, lora_modules
 from tests import tiny
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -22,9 +22,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from stages.common.registry import ORDER
-from stages.common.runtime import REPO_ROOT
+from qlora_pipeline.pipelines.cli import app
+from qlora_pipeline.stages.contract.registry import ORDER
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 from tests import tiny
 
 GUARD = REPO_ROOT / "tests" / "guard"
@@ -32,7 +32,7 @@ GUARD = REPO_ROOT / "tests" / "guard"
 
 def _qlora(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
+        [sys.executable, "-m", "qlora_pipeline.pipelines.cli", *args],
         cwd=REPO_ROOT,
         env={**os.environ, **env},
         capture_output=True,
@@ -101,7 +101,7 @@ def test_force_reruns_exactly_the_named_stage(offline_run) -> None:
 def test_gguf_is_scored_by_llama_cpp_and_gptq_calibrates_on_train_only(offline_run) -> None:
     import datasets
 
-    from stages import export
+    from qlora_pipeline.stages import export
 
     report = json.loads((offline_run.tmp / "artifacts" / "export" / "export_report.json").read_text())
     rows = {r["key"]: r for r in report["rows"]}
@@ -134,8 +134,8 @@ def test_cli_stage_and_check_params(tmp_path: Path, tiny_llama_dir: Path, qa_jso
 
 
 def test_an_unwritable_mlflow_store_never_breaks_a_stage(tmp_path: Path, tiny_llama_dir: Path, qa_jsonl) -> None:
-    from stages import prepare
-    from stages.common.params import parse_params
+    from qlora_pipeline.stages import prepare
+    from qlora_pipeline.stages.contract.params import parse_params
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the MLflow folder would go")
@@ -143,4 +143,4 @@ def test_an_unwritable_mlflow_store_never_breaks_a_stage(tmp_path: Path, tiny_ll
     raw["tracking"].update({"mlflow": True, "mlflow_uri": f"sqlite:///{blocker / 'mlflow.db'}"})
     m = prepare.run(parse_params(raw))
     assert (tmp_path / "artifacts" / "prepare" / "manifest.json").exists()
-    assert m.extra["mlflow_run_id"] is None
+    assert m.mlflow_run_id is None

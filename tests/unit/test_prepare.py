@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,10 +11,11 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from stages import prepare
-from stages.common import artifacts, dataio
-from stages.common.errors import InputError
-from stages.common.params import parse_params
+from qlora_pipeline.stages import prepare
+from qlora_pipeline.stages.contract import artifacts
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import parse_params
+from qlora_pipeline.stages.lm import dataio
 from tests import tiny
 
 
@@ -36,6 +38,11 @@ def test_prepare_writes_model_data_manifest_and_metrics(tmp_path, tiny_llama_dir
     metrics = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
     assert metrics["metrics"]["splits"]["train"]["examples"] == 32
     assert m.metrics["records_after_dedupe"] == 40
+    record = prepare.PrepareRecord.of(m)  # the typed record round-trips through manifest.json
+    assert record == prepare.PrepareRecord.of(artifacts.read_manifest(out, "prepare"))
+    assert record.architecture == "LlamaForCausalLM" and record.base_model_source == "local"
+    assert record.config_sha256 == hashlib.sha256((tiny_llama_dir / "config.json").read_bytes()).hexdigest()
+    assert manifest["code_hash"] and manifest["params"]["data"]["seed"] == 0
 
 
 def test_labels_cover_exactly_the_response(tmp_path, tiny_llama_dir, qa_jsonl) -> None:

@@ -9,8 +9,8 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from stages import prepare
-from stages.common.params import parse_params
+from qlora_pipeline.stages import prepare
+from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
 

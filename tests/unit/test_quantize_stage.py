@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from stages import prepare, quantize
-from stages.common.errors import InputError
-from stages.common.params import parse_params
+from qlora_pipeline.stages import prepare, quantize
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
 
@@ -56,7 +56,7 @@ def test_quantized_artifact_loads_in_transformers_with_bnb_and_in_ours(prepared,
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from kernels.checkpoint4bit import load_4bit_model
+    from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
 
     quantize.run(prepared)
     qdir = tmp_path / "artifacts" / "quantize" / "model"

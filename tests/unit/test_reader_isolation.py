@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from stages import export, merge, prepare, quantize, train
-from stages.common.isolation import Reader, ReaderFailed, call_reader
-from stages.common.params import parse_params
-from stages.common.runtime import REPO_ROOT
+from qlora_pipeline.stages import export, merge, prepare, quantize, train
+from qlora_pipeline.stages.contract.isolation import Reader, ReaderFailed, call_reader
+from qlora_pipeline.stages.contract.params import parse_params
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 from tests import tiny
 
 FAKE = REPO_ROOT / "tests" / "fake_reader"
@@ -51,7 +51,7 @@ def test_child_result_and_arrays_come_back() -> None:
     ],
 )
 def test_crash_and_missing_reader_are_one_line(mode: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.common.llama_reader import gguf_reply_loss
+    from qlora_pipeline.stages.lm.llama_reader import gguf_reply_loss
 
     for k, v in _fake_env(mode).items():
         monkeypatch.setenv(k, v)
@@ -63,7 +63,7 @@ def test_crash_and_missing_reader_are_one_line(mode: str, expected: str, monkeyp
 
 
 def test_a_hanging_reader_is_killed_at_its_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.common.llama_reader import gguf_reply_loss
+    from qlora_pipeline.stages.lm.llama_reader import gguf_reply_loss
 
     for k, v in _fake_env("hang").items():
         monkeypatch.setenv(k, v)
@@ -71,7 +71,7 @@ def test_a_hanging_reader_is_killed_at_its_time_limit(monkeypatch: pytest.Monkey
     with pytest.raises(ReaderFailed, match=r"did not finish reading model\.gguf within 3 s \(killed\)"):
         gguf_reply_loss(Path("model.gguf"), [([1, 2, 3], [-100, 2, 3])], timeout_s=3)
     assert time.perf_counter() - t0 < 60
-    left = subprocess.run(["pgrep", "-f", "stages.common.isolation"], capture_output=True, text=True)
+    left = subprocess.run(["pgrep", "-f", "qlora_pipeline.stages.contract.isolation"], capture_output=True, text=True)
     assert left.stdout.strip() == "", "the killed reader's process group is gone"
 
 
@@ -102,7 +102,7 @@ def _cli_stage(stage: str, raw: dict, tmp_path: Path, env: dict[str, str]) -> su
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "stage", stage, "-p", str(params_file)],
+        [sys.executable, "-m", "qlora_pipeline.pipelines.cli", "stage", stage, "-p", str(params_file)],
         cwd=REPO_ROOT,
         env={**os.environ, **env},
         capture_output=True,

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from stages import evaluate, export, merge, prepare, quantize, release, train
-from stages.common import runtime
-from stages.common.errors import InputError
-from stages.common.params import parse_params
+from qlora_pipeline.pipelines.cli import app
+from qlora_pipeline.stages import evaluate, export, merge, prepare, quantize, release, train
+from qlora_pipeline.stages.contract import runtime
+from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
 
@@ -146,13 +148,13 @@ def test_release_is_a_registered_model_version_with_sha256_tags(released) -> Non
 
     _, params, m, bundle = released
     client = MlflowClient(params.tracking.mlflow_uri)
-    info = m.extra["mlflow_model"]
+    info = release.ReleaseRecord.of(m).mlflow_model
     version = client.get_model_version(params.release.name, info["version"])
     assert version.tags["release_id"] == bundle.name
     logged = client.get_logged_model(info["model_id"])
     lineage = json.loads((bundle / "lineage.json").read_text())
     assert logged.tags["sha256.gguf/model-Q8_0.gguf"] == lineage["files"]["gguf/model-Q8_0.gguf"]
-    assert logged.source_run_id == m.extra["mlflow_run_id"]
+    assert logged.source_run_id == m.mlflow_run_id
 
 
 def test_mlflow_runs_hold_the_loss_curve_and_the_report(released) -> None:
@@ -162,7 +164,7 @@ def test_mlflow_runs_hold_the_loss_curve_and_the_report(released) -> None:
     client = MlflowClient(params.tracking.mlflow_uri)
     for stage, name in (("train", "loss_curve.png"), ("evaluate", "report.html")):
         manifest = json.loads((tmp / "artifacts" / stage / "manifest.json").read_text())
-        run_id = manifest["extra"]["mlflow_run_id"]
+        run_id = manifest["mlflow_run_id"]
         assert name in [a.path for a in client.list_artifacts(run_id)], stage
         assert client.get_run(run_id).data.metrics["memory.peak_rss_mb"] > 0
 
@@ -188,3 +190,38 @@ def test_second_release_lands_next_to_the_first_with_dvc_lock_in_its_lineage(rel
     assert lineage["dvc_lock_sha256"] == hashlib.sha256(lock.encode()).hexdigest()
     for rel, digest in first_files.items():  # the earlier bundle is untouched
         assert _sha256(first_bundle / rel) == digest, rel
+
+
+def test_a_stage_goes_stale_on_the_code_it_imports_and_the_fields_it_reads_only(released, tmp_path, monkeypatch):
+    """The currency rule the flow, `qlora status` and dvc.yaml share: a field only evaluate reads leaves train
+    current; an edit to kernels/fused_ce.py (reached by export, train and evaluate through the held-out loss)
+    makes exactly those stale."""
+    from qlora_pipeline.stages.contract import codedeps
+    from qlora_pipeline.stages.contract.currency import currency
+    from qlora_pipeline.stages.contract.registry import ORDER
+
+    _, params, _, _ = released
+    assert {s: currency(s, params).reason for s in ORDER} == dict.fromkeys(ORDER, "")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    status = CliRunner().invoke(app, ["status", "--params", str(params_file)])
+    assert status.exit_code == 0 and status.output.split() == [w for s in ORDER for w in (s, "current")]
+
+    e = params.evaluate
+    more_generations = params.model_copy(
+        update={"evaluate": e.model_copy(update={"num_generations": e.num_generations + 1})}
+    )
+    state = {s: currency(s, more_generations) for s in ORDER}
+    assert state["evaluate"].reason == "params changed"
+    assert [s for s in ORDER if not state[s].current] == ["evaluate"], "train, export and release never read it"
+
+    source = tmp_path / "source"
+    for folder in codedeps.FOLDERS:
+        shutil.copytree(runtime.REPO_ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codedeps, "SOURCE_ROOT", source)
+    assert [s for s in ORDER if not currency(s, params).current] == [], "an identical copy of the code"
+    fused_ce = source / "kernels" / "fused_ce.py"
+    fused_ce.write_text(fused_ce.read_text() + "\n# edited\n")
+    state = {s: currency(s, params) for s in ORDER}
+    assert [s for s in ORDER if not state[s].current] == ["train", "evaluate", "export"]
+    assert state["export"].reason == "code changed"

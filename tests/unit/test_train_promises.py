@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import evaluate, merge, prepare, quantize, train
-from stages.common.params import parse_params
+from qlora_pipeline.stages import evaluate, merge, prepare, quantize, train
+from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
 BASE = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 5e-3, "warmup_ratio": 0.0}
@@ -102,14 +102,14 @@ def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, interrup
     over = {"batch_size": 4, "max_steps": 6, "checkpoint_every": 2}
     interrupt_training(_params(tmp, model, data, **over), 4)
     other = train.run(_params(tmp, model, data, **over, learning_rate=1e-3))  # other params: starts over
-    assert "resumed_from_step" not in other.extra and len(_log(tmp)) == 6
+    assert train.TrainRecord.of(other).resumed_from_step is None and len(_log(tmp)) == 6
     same = train.run(_params(tmp, model, data, **over))  # the interrupted run itself: resumes
-    assert same.extra["resumed_from_step"] == 4
+    assert train.TrainRecord.of(same).resumed_from_step == 4
 
     interrupt_training(_params(tmp, model, data, **over), 4)
     quantize.run(parse_params({**_params(tmp, model, data, **over).model_dump(), "quantize": {"blocksize": 128}}))
     rebuilt = train.run(_params(tmp, model, data, **over))  # same params, another quantized base: starts over
-    assert "resumed_from_step" not in rebuilt.extra
+    assert train.TrainRecord.of(rebuilt).resumed_from_step is None
 
 
 def test_qwen2_trains_merges_and_evaluates(tmp_path: Path, tiny_qwen2_dir: Path, qa_jsonl: Path) -> None:

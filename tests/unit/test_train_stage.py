@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from stages import prepare, quantize, train
-from stages.common.errors import InputError, ParamsError, PipelineError
-from stages.common.params import parse_params
+from qlora_pipeline.stages import prepare, quantize, train
+from qlora_pipeline.stages.contract.errors import InputError, ParamsError, PipelineError
+from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
 FAST = {
@@ -72,8 +72,8 @@ def test_only_adapters_get_gradients_and_optimizer_state(quantized) -> None:
     train.set_checkpointing(model, False)
     assert not any(m.gradient_checkpointing for m in layers)
     train.set_checkpointing(model, True)
-    from stages.common.batching import collate
-    from stages.common.lm_loss import summed_loss
+    from qlora_pipeline.stages.lm.batching import collate
+    from qlora_pipeline.stages.lm.lm_loss import summed_loss
 
     ids = list(range(5, 30))
     total, _ = summed_loss(model, collate([(ids, [-100] * 10 + ids[10:])], pad_id=0))
@@ -107,7 +107,7 @@ def test_kill_and_resume_gives_the_same_loss_curve(tmp_path, tiny_llama_dir, qa_
     ckpts = sorted(p.name for p in (run_dir / "artifacts" / ".checkpoints").glob("*/step-*"))
     assert ckpts == ["step-0000002", "step-0000004"]
     m = train.run(_params(run_dir, tiny_llama_dir, qa_jsonl, **over))
-    assert m.extra["resumed_from_step"] == 4
+    assert train.TrainRecord.of(m).resumed_from_step == 4
     assert [e["loss"] for e in _log(run_dir)] == reference
 
 
@@ -126,7 +126,7 @@ def test_sigkill_of_a_training_process_then_resume_gives_the_same_curve(
 
     import yaml
 
-    from stages.common.runtime import REPO_ROOT
+    from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 
     over = {"optimizer": "paged_adamw_8bit", "optimizer_page_budget_mb": 0.01, "lora_r": 32, "max_steps": 7}
     reference, run_dir = _reference_curve_and_fresh_run(tmp_path, tiny_llama_dir, qa_jsonl, over)
@@ -148,7 +148,7 @@ def test_sigkill_of_a_training_process_then_resume_gives_the_same_curve(
     assert bool(partial) is (mode == "checkpoint-write")
 
     m = train.run(_params(run_dir, tiny_llama_dir, qa_jsonl, **over))
-    assert m.extra["resumed_from_step"] == resumes_from
+    assert train.TrainRecord.of(m).resumed_from_step == resumes_from
     assert [e["loss"] for e in _log(run_dir)] == reference
 
 
@@ -193,7 +193,7 @@ def test_adapter_loads_in_peft_on_transformers_4bit_base_with_same_logits(quanti
     train.run(_params(tmp_path, model_dir, data, max_steps=6))
     t = _params(tmp_path, model_dir, data).train
     ours, _ = train.build_model(tmp_path / "artifacts" / "quantize" / "model", t, torch.device("cpu"), torch.bfloat16)
-    from kernels.peft_format import load_peft_adapter
+    from qlora_pipeline.kernels.formats.peft_adapter import load_peft_adapter
 
     load_peft_adapter(ours, tmp_path / "artifacts" / "train" / "adapter")
     qc = BitsAndBytesConfig(
@@ -240,7 +240,7 @@ def test_non_finite_gradients_stop_before_the_update(quantized, monkeypatch) -> 
     weights are still exactly those of the step-2 checkpoint, so the update never ran."""
     from safetensors.torch import load_file
 
-    from kernels.lora import lora_state_dict
+    from qlora_pipeline.kernels.lora import lora_state_dict
 
     tmp_path, model_dir, data = quantized
     real_loss, real_build = train.summed_loss, train.build_model
@@ -269,8 +269,8 @@ def test_non_finite_gradients_stop_before_the_update(quantized, monkeypatch) -> 
 
 
 def test_cast_keeps_rope_buffers_fp32_and_weights_tied(quantized) -> None:
-    from kernels.checkpoint4bit import load_4bit_model
-    from stages.common.modelio import cast_parameters
+    from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
+    from qlora_pipeline.stages.lm.modelio import cast_parameters
 
     tmp_path, _, _ = quantized
     model = cast_parameters(load_4bit_model(tmp_path / "artifacts" / "quantize" / "model"), torch.float32)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.bnb_format import bnb_quantization_config
-from kernels.checkpoint4bit import load_4bit_model, save_4bit_checkpoint
-from kernels.linear4bit import Linear4bit
-from kernels.nf4 import quantize_nf4
+from qlora_pipeline.kernels.formats.bnb_folder import bnb_quantization_config
+from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model, save_4bit_checkpoint
+from qlora_pipeline.kernels.linear4bit import Linear4bit
+from qlora_pipeline.kernels.nf4 import quantize_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

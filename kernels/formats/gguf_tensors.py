@@ -1,0 +1,250 @@
+"""The tensor side of a GGUF export: the model's hyperparameters, which HF tensor becomes which GGUF tensor, and
+Llama's Q/K row permutation (docs/formats.md, GGUF). Pure planning: nothing here writes a file."""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlora_pipeline.kernels.architectures import family_of_class, unsupported_architecture
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found; the model folder needs it for GGUF export") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-save the model with save_pretrained") from None
+
+
+@dataclass(frozen=True)
+class Hparams:
+    arch: str
+    n_layers: int
+    hidden: int
+    ffn: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    vocab: int
+    ctx: int
+    rms_eps: float
+    rope_theta: float
+    rope_linear_factor: float | None
+    tied: bool
+    explicit_head_dim: bool
+
+
+def read_hparams(cfg: dict[str, Any]) -> Hparams:
+    archs = cfg.get("architectures") or [cfg.get("model_type", "<none>")]
+    name = archs[0]
+    family = family_of_class(name)
+    if family is None:
+        raise ValueError(unsupported_architecture(name, "for GGUF export"))
+    arch = family.gguf_arch
+    try:
+        hidden = int(cfg["hidden_size"])
+        n_head = int(cfg["num_attention_heads"])
+        hp = dict(
+            n_layers=int(cfg["num_hidden_layers"]),
+            ffn=int(cfg["intermediate_size"]),
+            n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
+            vocab=int(cfg["vocab_size"]),
+            ctx=int(cfg.get("max_position_embeddings", 2048)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        )
+    except KeyError as e:
+        raise ValueError(f"config.json lacks {e.args[0]!r}, which GGUF export needs") from None
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = str(rope.get("rope_type", rope.get("type", "default")) or "default")
+    linear = None
+    if rope_type == "linear":
+        linear = float(rope["factor"])
+    elif rope_type != "default":
+        # llama3/yarn/longrope need extra keys or a rope_freqs tensor; writing the file without them would load
+        # fine in llama.cpp and then produce wrong attention at long range.
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported by the GGUF writer (default, linear only)")
+    head_dim = cfg.get("head_dim")
+    return Hparams(
+        arch=arch,
+        hidden=hidden,
+        n_head=n_head,
+        head_dim=int(head_dim) if head_dim else hidden // n_head,
+        rope_theta=theta,
+        rope_linear_factor=linear,
+        tied=bool(cfg.get("tie_word_embeddings", False)),  # transformers' default for both classes
+        explicit_head_dim=bool(head_dim),
+        **hp,
+    )
+
+
+class TensorSource:
+    """Lazy access to the safetensors of a folder (single file or sharded with an index), as float32 numpy."""
+
+    def __init__(self, model_dir: Path, stack: ExitStack) -> None:
+        from safetensors import safe_open
+
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():  # sharded checkpoint: exactly the shards the index names
+            files = sorted({model_dir / f for f in read_json(index).get("weight_map", {}).values()})
+        elif (model_dir / "model.safetensors").is_file():  # ignore stray files such as adapter_model.safetensors
+            files = [model_dir / "model.safetensors"]
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors in {model_dir}; GGUF export reads safetensors only")
+        self._where: dict[str, Any] = {}
+        for f in files:
+            try:
+                h = stack.enter_context(safe_open(str(f), framework="pt"))
+            except Exception as e:
+                raise ValueError(f"{f} is not a readable safetensors file ({e}); re-save the model") from None
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                self._where[k] = h
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._where[name].get_tensor(name).float().numpy()
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder Q/K rows from HF's rotate-half layout to llama.cpp's adjacent-pair (NORM rope) layout.
+
+    Within each head, HF pairs dimension i with i + head_dim/2; llama.cpp pairs 2i with 2i+1. Interleaving the two
+    halves of each head turns one into the other. Works for weights (rows, cols) and biases (rows,).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_REQUIRED_LAYER = [
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+]
+_QWEN2_REQUIRED_BIASES = ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass
+class PlannedTensor:
+    hf: str
+    name: str
+    shape: tuple[int, ...]  # numpy (torch) order: (rows, cols)
+    permute_heads: int | None
+    layer: int
+
+
+def _expected_shapes(hp: Hparams) -> dict[str, tuple[int, ...]]:
+    q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+    return {
+        "input_layernorm.weight": (hp.hidden,),
+        "post_attention_layernorm.weight": (hp.hidden,),
+        "self_attn.q_proj.weight": (q, hp.hidden),
+        "self_attn.k_proj.weight": (kv, hp.hidden),
+        "self_attn.v_proj.weight": (kv, hp.hidden),
+        "self_attn.o_proj.weight": (hp.hidden, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.bias": (hp.hidden,),
+        "mlp.gate_proj.weight": (hp.ffn, hp.hidden),
+        "mlp.up_proj.weight": (hp.ffn, hp.hidden),
+        "mlp.down_proj.weight": (hp.hidden, hp.ffn),
+    }
+
+
+def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[PlannedTensor]:
+    """Map every HF tensor to its GGUF name, refusing missing, misshapen or unknown tensors up front."""
+    have = src.names()
+    required = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not hp.tied:
+        required.append("lm_head.weight")
+    layer_req = _REQUIRED_LAYER + (_QWEN2_REQUIRED_BIASES if hp.arch == "qwen2" else [])
+    required += [f"model.layers.{i}.{k}" for i in range(hp.n_layers) for k in layer_req]
+    for name in required:
+        if name not in have:
+            raise ValueError(
+                f"model folder {model_dir} is missing tensor {name} (needed for {hp.arch} GGUF export); "
+                "re-save the model with save_pretrained"
+            )
+
+    expected = _expected_shapes(hp)
+    top = {
+        "model.embed_tokens.weight": ("token_embd.weight", (hp.vocab, hp.hidden)),
+        "model.norm.weight": ("output_norm.weight", (hp.hidden,)),
+        "lm_head.weight": ("output.weight", (hp.vocab, hp.hidden)),
+    }
+    items: list[PlannedTensor] = []
+    for key in sorted(have, key=_sort_key):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by every runtime; the converter drops it too
+        if key == "lm_head.weight" and hp.tied:
+            continue  # tied: llama.cpp reuses token_embd
+        shape = src.shape(key)
+        m = _LAYER_KEY.match(key)
+        if key in top:
+            gname, want = top[key]
+            layer, permute = -1, None
+        elif m and m.group(2) in _LAYER_MAP and int(m.group(1)) < hp.n_layers:
+            layer, sub = int(m.group(1)), m.group(2)
+            gname, want = f"blk.{layer}.{_LAYER_MAP[sub]}", expected[sub]
+            permute = None
+            if hp.arch == "llama" and sub.startswith("self_attn.q_proj"):
+                permute = hp.n_head
+            elif hp.arch == "llama" and sub.startswith("self_attn.k_proj"):
+                permute = hp.n_head_kv
+        else:
+            raise ValueError(
+                f"unexpected tensor {key} in {model_dir}; the {hp.arch} GGUF writer does not know where it goes"
+            )
+        if shape != want:
+            raise ValueError(f"tensor {key} has shape {list(shape)}, expected {list(want)} from config.json")
+        items.append(PlannedTensor(key, gname, shape, permute, layer))
+    return items
+
+
+def _sort_key(key: str) -> tuple[int, int, str]:
+    m = _LAYER_KEY.match(key)
+    if m:
+        return (1, int(m.group(1)), m.group(2))
+    return (0 if "embed_tokens" in key else 2, 0, key)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------------------------

@@ -1,1 +1,0 @@
-"""Orchestration: the Prefect flow over the stages, and the `qlora` CLI."""

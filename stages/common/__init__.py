@@ -1,1 +1,0 @@
-"""Helpers shared by the stages: params schema, artifact I/O and manifests, tracking, runtime facts."""

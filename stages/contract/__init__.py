@@ -1,0 +1,1 @@
+"""The stage contract: params, registry, execute, manifests, currency, code deps, tracking, device, isolation."""

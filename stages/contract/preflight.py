@@ -1,0 +1,77 @@
+"""Checks that run before a stage does any work, so a run that would fail late fails at its start.
+
+- `runtime.device` must name a device torch can use (every stage checks it, so `prepare` already refuses a
+  run that `train` could not do);
+- with `export.score_gguf` on, `prepare` checks that the GGUF reader is installed and has loaded a model on this
+  machine (a smoke load in a child process, remembered per reader build and CPU), so a reader that crashes on
+  this CPU stops the run at `prepare`, not after training; `export` checks that it is installed (its own reads
+  are isolated anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from qlora_pipeline.stages.contract.device import resolve_device
+from qlora_pipeline.stages.contract.errors import InputError, PipelineError
+from qlora_pipeline.stages.contract.params import Params
+
+
+def preflight(params: Params, stage: str, uses_device: bool) -> str:
+    """Run the checks for `stage`; return the device it computes on ('cpu' for stages that never use another)."""
+    device = str(resolve_device(params.runtime.device))
+    if params.export.score_gguf and stage in ("prepare", "export"):
+        check_reader(smoke=stage == "prepare")
+    return device if uses_device else "cpu"
+
+
+def preflight_run(params: Params, stages: list[str]) -> None:
+    """`qlora run`: the checks of every stage about to run, before Prefect starts."""
+    for stage in stages:
+        preflight(params, stage, uses_device=False)
+
+
+def _reader_build_key() -> str | None:
+    """Hash of the installed llama.cpp libraries and this CPU's flags; None when llama-cpp-python is absent."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    h = hashlib.sha256()
+    for f in sorted(lib.glob("*.so")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    h.update(flags.encode())
+    return h.hexdigest()[:24]
+
+
+def check_reader(smoke: bool = True) -> None:
+    """The GGUF reader is installed and (`smoke`) was seen loading a model on this CPU, once per build and CPU."""
+    from qlora_pipeline.stages.lm.llama_reader import smoke_check
+    from qlora_pipeline.stages.lm.modelio import cache_dir, embedded_gguf_path
+
+    key = _reader_build_key()
+    if key is None:
+        raise InputError(
+            "export.score_gguf is true but the GGUF reader llama-cpp-python is not installed; run `make reader` "
+            "(builds it for this CPU) or set export.score_gguf: false"
+        )
+    stamp = cache_dir() / "reader-checks" / f"{key}.json"
+    if not smoke or stamp.exists():
+        return
+    try:
+        gguf = embedded_gguf_path()
+    except PipelineError:
+        return  # nothing to load without the embedded model; export still isolates every read
+    info = smoke_check(gguf)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(stamp)

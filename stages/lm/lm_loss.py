@@ -1,0 +1,90 @@
+"""Causal-LM loss on the reply tokens only, without materialising logits for the rest of the sequence.
+
+The vocabulary projection is the largest activation of a small model (8×256 tokens × 49,152 words in fp32
+is 400 MB, and its gradient as much again). Only the hidden states at labelled positions go through
+lm_head, so memory and time scale with the reply tokens, not the padded batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qlora_pipeline.kernels.fused_ce import frozen_head_cross_entropy
+from qlora_pipeline.kernels.lora import module_device
+from qlora_pipeline.stages.lm.batching import Batch, collate, eval_batches
+
+
+def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the decoder stack returning hidden states, lm_head) of a HF causal LM."""
+    return model.get_decoder(), model.get_output_embeddings()
+
+
+def attention_mask_for(model: Any, batch: Batch) -> torch.Tensor:
+    """The mask to hand the decoder: the 2-D padding mask on the CPU, a ready 4-D mask on an accelerator.
+
+    transformers decides whether it may skip the mask (and use SDPA's causal kernel) by reading the padding mask
+    or the position ids (`.all()`), which on an accelerator is a host sync per forward pass. A 4-D mask is taken
+    as given, so on a device we build it there: causal and key-padding, the same mask transformers builds for a
+    padded batch (boolean for SDPA, additive for eager attention). On the CPU a read costs nothing, so
+    transformers keeps its own choice.
+    """
+    mask = batch.attention_mask
+    impl = getattr(model.config, "_attn_implementation", None)
+    if mask.device.type == "cpu" or impl not in ("sdpa", "eager"):
+        return mask
+    width = mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril_()
+    keep = causal[None, None] & mask[:, None, None, :].bool()
+    if impl == "sdpa":
+        return keep
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+def summed_loss(model: Any, batch: Batch, chunk: int = 512) -> tuple[torch.Tensor, int]:
+    """Sum of token cross-entropies over labelled positions (fp32, on the model's device), and their count.
+
+    Reads nothing back to the host: positions and counts were computed on the CPU when the batch was made.
+    """
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch), use_cache=False
+    ).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_positions)
+    y = batch.targets
+    weight = getattr(head, "weight", None)
+    if weight is not None and not weight.requires_grad and getattr(head, "bias", None) is None:
+        return frozen_head_cross_entropy(h, weight, y, chunk), batch.n_target_tokens
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        logits = head(h[s : s + chunk]).float()
+        total = total + F.cross_entropy(logits, y[s : s + chunk], reduction="sum")
+    return total, batch.n_target_tokens
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: Any, rows: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int
+) -> dict[str, float]:
+    """Token-weighted mean loss over every labelled token of the rows, and its perplexity.
+
+    Batches are made on the CPU and moved to the model's device; the sum stays there until one read at the end.
+    """
+    was_training = model.training
+    model.eval()
+    device = module_device(model)
+    lengths = [len(ids) for ids, _ in rows]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for idx in eval_batches(lengths, batch_size):
+        s, n = summed_loss(model, collate([rows[i] for i in idx], pad_id).to(device))
+        total += s.double()
+        count += n
+    model.train(was_training)
+    mean = total.item() / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": count}
