@@ -20,6 +20,11 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family(hf_class="LlamaForCausalLM", model_type="llama", gguf_arch="llama"),
     Family(hf_class="Qwen2ForCausalLM", model_type="qwen2", gguf_arch="qwen2"),
+    # Mistral is Llama's layout to llama.cpp (its converter writes arch "llama", Q/K permuted); sliding-window
+    # attention, where a config sets it, only matters past the window, and llama.cpp's llama arch does not apply it.
+    Family(hf_class="MistralForCausalLM", model_type="mistral", gguf_arch="llama"),
+    # Qwen3: Qwen2's layout without q/k/v biases, plus an RMSNorm over each head of q and k (attn_q_norm/attn_k_norm).
+    Family(hf_class="Qwen3ForCausalLM", model_type="qwen3", gguf_arch="qwen3"),
 )
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(f.hf_class for f in FAMILIES)
 

@@ -60,19 +60,45 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def check_linear(name: str, out_f: int, in_f: int, bits: int, group_size: int) -> None:
+    """One linear can be stored: the group size divides its input columns and both dims fill whole int32 words."""
+    per_word = 32 // bits
+    check_group_size(in_f, group_size, name)
+    if in_f % per_word or out_f % per_word:
+        raise ValueError(
+            f"{name} is [{out_f}, {in_f}]; a {bits}-bit GPTQ checkpoint packs {per_word} values per int32 "
+            f"word, so both dims must be multiples of {per_word}"
+        )
+
+
 def _validate_shapes(layers: nn.ModuleList, bits: int, group_size: int) -> None:
     """Fail before any calibration work if a linear cannot be stored (group size, words per column)."""
-    per_word = 32 // bits
     for i, layer in enumerate(layers):
         for name in (n for s in LINEAR_SETS for n in s):
             out_f, in_f = layer.get_submodule(name).weight.shape
-            full = f"model.layers.{i}.{name}"
-            check_group_size(in_f, group_size, full)
-            if in_f % per_word or out_f % per_word:
-                raise ValueError(
-                    f"{full} is [{out_f}, {in_f}]; a {bits}-bit GPTQ checkpoint packs {per_word} values per int32 "
-                    f"word, so both dims must be multiples of {per_word}"
-                )
+            check_linear(f"model.layers.{i}.{name}", out_f, in_f, bits, group_size)
+
+
+def check_config(config: dict[str, Any], bits: int, group_size: int) -> None:
+    """The checks GPTQ makes on a loaded model, from `config.json` alone (seconds, no weights read), so a run that
+    would fail at export can fail before training (prepare's preflight)."""
+    model_type = config.get("model_type")
+    if family_of_model_type(model_type) is None:
+        raise ValueError(unsupported_architecture((config.get("architectures") or [model_type])[0], "for GPTQ"))
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv, ffn = int(config.get("num_key_value_heads") or heads) * head_dim, int(config["intermediate_size"])
+    shapes = {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (ffn, hidden),
+        "mlp.up_proj": (ffn, hidden),
+        "mlp.down_proj": (hidden, ffn),
+    }
+    for name, (out_f, in_f) in shapes.items():
+        check_linear(f"model.layers.*.{name}", out_f, in_f, bits, group_size)
 
 
 def _as_batches(calibration_input_ids: list[Tensor], vocab_size: int, device: torch.device) -> list[Tensor]:

@@ -31,6 +31,41 @@ STAGE = "export"
 NOT_SCORED = "not scored"
 
 
+def check_base_model(model_dir: Path, params: Params) -> None:
+    """What export will need from the base model, read from its config and tokenizer (seconds, no weights): the GGUF
+    writer takes its architecture, rope scaling and tokenizer, GPTQ its linear shapes. Prepare's preflight calls
+    this (`Stage.check_base_model`), so a run that would fail here fails before any training, with the setting to
+    change."""
+    from qlora_pipeline.kernels.architectures import family_of_class
+    from qlora_pipeline.kernels.formats.gguf_tensors import read_hparams, read_json
+    from qlora_pipeline.kernels.formats.gguf_vocab import read_tokenizer
+    from qlora_pipeline.kernels.gptq_model import check_config
+
+    x = params.export
+    if not (model_dir / "config.json").is_file():
+        return  # prepare itself says what the folder lacks
+    try:
+        cfg = read_json(model_dir / "config.json")
+    except ValueError:
+        return  # prepare names the broken file itself
+    if family_of_class((cfg.get("architectures") or [None])[0]) is None:
+        return  # so does prepare for a family the pipeline does not take at all
+    if x.gguf_types:
+        try:
+            read_tokenizer(model_dir, cfg, read_hparams(cfg), None)
+        except (ValueError, KeyError) as exc:
+            raise InputError(
+                f"GGUF export would fail on {model_dir}: {exc}; set export.gguf_types: [] to skip GGUF"
+            ) from None
+    if x.gptq:
+        try:
+            check_config(cfg, x.gptq_bits, x.gptq_group_size)
+        except (ValueError, KeyError) as exc:
+            raise InputError(
+                f"GPTQ export would fail on {model_dir}: {exc}; change export.gptq_group_size or set export.gptq: false"
+            ) from None
+
+
 def test_rows(ctx: StageContext) -> list[tuple[list[int], list[int]]]:
     import datasets
 

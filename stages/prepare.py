@@ -32,13 +32,6 @@ class PrepareRecord(StageRecord):
     config_sha256: str
 
 
-def resolve_model_dir(params: Params) -> Path:
-    if params.model.source == "embedded":
-        return modelio.embedded_model_dir()
-    path = Path(params.model.path or "")
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
 def _user_data_path(params: Params) -> Path:
     path = Path(params.data.path or "")
     return path if path.is_absolute() else REPO_ROOT / path
@@ -127,7 +120,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     params = ctx.params
-    src_dir = resolve_model_dir(params)
+    src_dir = modelio.base_model_dir(params.model)
     info = modelio.validate_model_dir(src_dir)
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
     check_chat_template(tokenizer, str(src_dir))

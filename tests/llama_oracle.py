@@ -52,7 +52,14 @@ def _read(payload: dict[str, Any]) -> dict[str, Any]:
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
     llm.reset()
-    generated = llm("Hello", max_tokens=payload["n_generate"], temperature=0.0)["choices"][0]["text"]
+    # Greedy tokens straight from generate(): a completion call keeps going while its text is not yet valid UTF-8,
+    # which a random tiny model can keep up until the context is full.
+    generated_ids: list[int] = []
+    for token in llm.generate(llm.tokenize(b"Hello", add_bos=False), temp=0.0):
+        generated_ids.append(token)
+        if len(generated_ids) >= payload["n_generate"]:
+            break
+    generated = llm.detokenize(generated_ids).decode(errors="replace")
     return {"tokens": tokens, "detok": detok, "logits": logits, "generated": generated, "n_tokens": llm.n_tokens}
 
 

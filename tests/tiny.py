@@ -57,7 +57,7 @@ def build_tokenizer(vocab_size: int = 384) -> Any:
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = {
         "vocab_size": vocab_size,
@@ -73,7 +73,9 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) ->
         "pad_token_id": 0,
     }
     common.update(overrides)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    if arch == "qwen3":
+        common.setdefault("head_dim", common["hidden_size"] // common["num_attention_heads"])
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}[arch]
     return cls(**common)
 
 

@@ -211,7 +211,7 @@ def _encoded(
     for it, t in zip(items, types, strict=True):
         if progress is not None:
             progress(it.name, t.name)
-        w = src.get(it.hf)
+        w = it.computed if it.computed is not None else src.get(it.hf)
         if it.permute_heads is not None:
             w = permute_qk(w, it.permute_heads)
         if not np.isfinite(w).all():

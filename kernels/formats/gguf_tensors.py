@@ -4,6 +4,7 @@ Llama's Q/K row permutation (docs/formats.md, GGUF). Pure planning: nothing here
 from __future__ import annotations
 
 import json
+import math
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class Hparams:
     rope_linear_factor: float | None
     tied: bool
     explicit_head_dim: bool
+    rope_freq_factors: tuple[float, ...] | None = None
+    """Llama 3.x (`rope_type: llama3`): a divisor per rotary frequency, written as the `rope_freqs.weight` tensor."""
 
 
 def read_hparams(cfg: dict[str, Any]) -> Hparams:
@@ -65,14 +68,18 @@ def read_hparams(cfg: dict[str, Any]) -> Hparams:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = str(rope.get("rope_type", rope.get("type", "default")) or "default")
-    linear = None
+    head_dim = cfg.get("head_dim")
+    linear, factors = None, None
     if rope_type == "linear":
         linear = float(rope["factor"])
+    elif rope_type == "llama3" and arch == "llama":
+        factors = llama3_rope_factors(rope, theta, int(head_dim) if head_dim else hidden // n_head)
     elif rope_type != "default":
-        # llama3/yarn/longrope need extra keys or a rope_freqs tensor; writing the file without them would load
-        # fine in llama.cpp and then produce wrong attention at long range.
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported by the GGUF writer (default, linear only)")
-    head_dim = cfg.get("head_dim")
+        # yarn/longrope need extra keys; writing the file without them would load fine in llama.cpp and then
+        # produce wrong attention at long range.
+        raise ValueError(
+            f"rope scaling type {rope_type!r} is not supported by the GGUF writer (default, linear, llama3 for Llama)"
+        )
     return Hparams(
         arch=arch,
         hidden=hidden,
@@ -82,8 +89,35 @@ def read_hparams(cfg: dict[str, Any]) -> Hparams:
         rope_linear_factor=linear,
         tied=bool(cfg.get("tie_word_embeddings", False)),  # transformers' default for both classes
         explicit_head_dim=bool(head_dim),
+        rope_freq_factors=factors,
         **hp,
     )
+
+
+def llama3_rope_factors(rope: dict[str, Any], theta: float, head_dim: int) -> tuple[float, ...]:
+    """Llama 3.1's frequency-dependent rope scaling as llama.cpp takes it: one divisor per rotary frequency
+    (docs/formats.md, GGUF). High frequencies (wavelength under original context / high_freq_factor) keep 1, low
+    ones (over original context / low_freq_factor) get `factor`, the band between is interpolated smoothly; the
+    same rule as transformers' `llama3` rope, which multiplies the inverse frequencies by the reciprocals."""
+    try:
+        factor = float(rope["factor"])
+        low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+        context = float(rope.get("original_max_position_embeddings", 8192))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"llama3 rope scaling needs a numeric 'factor' in config.json, got {rope}") from None
+    out = []
+    # fp32 frequencies, as both transformers and llama.cpp's converter compute them
+    inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    for freq in inv_freq.astype(np.float32).tolist():
+        wavelength = 2 * math.pi / freq
+        if wavelength < context / high:
+            out.append(1.0)
+        elif wavelength > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            out.append(1.0 / ((1.0 - smooth) / factor + smooth))
+    return tuple(out)
 
 
 class TensorSource:
@@ -140,6 +174,8 @@ _LAYER_MAP = {
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -156,7 +192,10 @@ _REQUIRED_LAYER = [
     "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 ]
-_QWEN2_REQUIRED_BIASES = ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+_REQUIRED_BY_ARCH = {
+    "qwen2": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+    "qwen3": ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
+}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -167,6 +206,8 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy (torch) order: (rows, cols)
     permute_heads: int | None
     layer: int
+    computed: np.ndarray | None = None
+    """Data the writer makes itself (Llama 3's `rope_freqs.weight`) instead of reading `hf` from the folder."""
 
 
 def _expected_shapes(hp: Hparams) -> dict[str, tuple[int, ...]]:
@@ -182,6 +223,8 @@ def _expected_shapes(hp: Hparams) -> dict[str, tuple[int, ...]]:
         "self_attn.k_proj.bias": (kv,),
         "self_attn.v_proj.bias": (kv,),
         "self_attn.o_proj.bias": (hp.hidden,),
+        "self_attn.q_norm.weight": (hp.head_dim,),
+        "self_attn.k_norm.weight": (hp.head_dim,),
         "mlp.gate_proj.weight": (hp.ffn, hp.hidden),
         "mlp.up_proj.weight": (hp.ffn, hp.hidden),
         "mlp.down_proj.weight": (hp.hidden, hp.ffn),
@@ -194,7 +237,7 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     if not hp.tied:
         required.append("lm_head.weight")
-    layer_req = _REQUIRED_LAYER + (_QWEN2_REQUIRED_BIASES if hp.arch == "qwen2" else [])
+    layer_req = _REQUIRED_LAYER + _REQUIRED_BY_ARCH.get(hp.arch, [])
     required += [f"model.layers.{i}.{k}" for i in range(hp.n_layers) for k in layer_req]
     for name in required:
         if name not in have:
@@ -210,6 +253,9 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
         "lm_head.weight": ("output.weight", (hp.vocab, hp.hidden)),
     }
     items: list[PlannedTensor] = []
+    if hp.rope_freq_factors is not None:  # first, where llama.cpp's converter puts it
+        factors = np.asarray(hp.rope_freq_factors, dtype=np.float32)
+        items.append(PlannedTensor("<llama3 rope scaling>", "rope_freqs.weight", factors.shape, None, -1, factors))
     for key in sorted(have, key=_sort_key):
         if key.endswith("rotary_emb.inv_freq"):
             continue  # recomputed by every runtime; the converter drops it too

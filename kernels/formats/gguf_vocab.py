@@ -43,7 +43,8 @@ def _detect_pre(
     Order: SmolLM2 signals (a model/tokenizer name containing "smollm", or its 49152-token vocab starting with its
     special tokens) -> "smollm"; a Qwen2-style or Llama-3-style Split regex in tokenizer.json -> "qwen2"/"llama-bpe";
     a plain byte-level pre-tokenizer -> "gpt-2" (llama.cpp's spelling; "gpt2" is not recognised and would silently
-    fall back to its default regex); otherwise the architecture's default ("qwen2" for qwen2, "gpt-2" otherwise).
+    fall back to its default regex); otherwise the architecture's default ("qwen2" for qwen2 and qwen3, "gpt-2"
+    otherwise).
     """
     names = [cfg.get("_name_or_path"), cfg.get("_model_name_or_path"), tok_cfg.get("name_or_path"), model_dir.name]
     src = model_dir / "source.json"
@@ -65,7 +66,7 @@ def _detect_pre(
     plain = len(_contains_type(pre, "Split")) == 0 and len(_contains_type(pre, "Digits")) == 0
     if byte_level and byte_level[0].get("use_regex", True) and plain:
         return "gpt-2"
-    return "qwen2" if arch == "qwen2" else "gpt-2"
+    return "qwen2" if arch in ("qwen2", "qwen3") else "gpt-2"
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 - `runtime.device` must name a device torch can use (every stage checks it, so `prepare` already refuses a
   run that `train` could not do);
+- `prepare` checks that export can write the base model's family, rope scaling and tokenizer, and that GPTQ's group
+  size fits its linears, from config.json and tokenizer.json alone, so a run that would fail at export fails in
+  seconds, before training;
 - with `export.score_gguf` on, `prepare` checks that the GGUF reader is installed and has loaded a model on this
   machine (a smoke load in a child process, remembered per reader build and CPU), so a reader that crashes on
   this CPU stops the run at `prepare`, not after training; `export` checks that it is installed (its own reads
@@ -25,7 +28,22 @@ def preflight(params: Params, stage: str, uses_device: bool) -> str:
     device = str(resolve_device(params.runtime.device))
     if params.export.score_gguf and stage in ("prepare", "export"):
         check_reader(smoke=stage == "prepare")
+    if stage == "prepare":
+        check_base_model(params)
     return device if uses_device else "cpu"
+
+
+def check_base_model(params: Params) -> None:
+    """The later stages' demands on the base model, checked from its config and tokenizer before prepare copies it
+    (export: GGUF architecture, rope scaling and tokenizer; GPTQ shapes)."""
+    from qlora_pipeline.stages.contract.registry import ORDER, load_stage
+    from qlora_pipeline.stages.lm.modelio import base_model_dir
+
+    model_dir = base_model_dir(params.model)
+    for name in ORDER:
+        check = load_stage(name).check_base_model
+        if check is not None:
+            check(model_dir, params)
 
 
 def preflight_run(params: Params, stages: list[str]) -> None:

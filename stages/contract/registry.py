@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.stages.contract.codedeps import code_files
@@ -98,6 +99,9 @@ class Stage:
     """`run(params, parent_run_id=None) -> Manifest`: the whole stage through the contract (`stage.execute`)."""
     external_inputs: Callable[[Params], dict[str, str]]
     """What the stage reads from outside the artifact tree (prepare: the dataset bytes); part of its cache key."""
+    check_base_model: Callable[[Path, Params], None] | None = None
+    """The stage's demands on the base model, checked at prepare from its config and tokenizer (export: GGUF and
+    GPTQ can write it). Called through the registry, so it is not part of prepare's code (a check, not an input)."""
 
 
 def _no_external_inputs(params: Params) -> dict[str, str]:
@@ -108,4 +112,9 @@ def load_stage(name: str) -> Stage:
     """The stage called `name`; an unknown name is a KeyError (callers check against ORDER first)."""
     spec = STAGES[name]
     module = importlib.import_module(spec.module)
-    return Stage(spec, module.run, getattr(module, "external_inputs", _no_external_inputs))
+    return Stage(
+        spec,
+        module.run,
+        getattr(module, "external_inputs", _no_external_inputs),
+        getattr(module, "check_base_model", None),
+    )

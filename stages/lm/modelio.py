@@ -13,6 +13,8 @@ from qlora_pipeline.kernels.architectures import family_of_class, unsupported_ar
 from qlora_pipeline.kernels.formats.atomic import atomic_dir
 from qlora_pipeline.stages.contract.artifacts import sha256_file
 from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.params import ModelParams
+from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,6 +101,15 @@ def embedded_model_dir(progress: bool = True) -> Path:
             )
         bar.update(1)
     return out
+
+
+def base_model_dir(model: ModelParams) -> Path:
+    """The folder `model` names: the embedded model (converted once per machine) or a local HF folder (relative paths
+    from the repository root)."""
+    if model.source == "embedded":
+        return embedded_model_dir()
+    path = Path(model.path or "")
+    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

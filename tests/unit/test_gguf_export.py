@@ -31,8 +31,17 @@ LINEAGE = {
     "qlora.dataset_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
     "qlora.git_commit": "4c2f1d0",
 }
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 TEXT = "Hello, how are you today? The quick brown fox jumps over the lazy dog."
 QTYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +52,34 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.make_model_dir(tmp_path_factory.mktemp("gguf") / "qwen2", "qwen2", **DIMS)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(llama_dir: Path, qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny model per family the writer takes (Mistral with a sliding window, as v0.1 ships it)."""
+    root = tmp_path_factory.mktemp("families")
+    return {
+        "llama": llama_dir,
+        "qwen2": qwen2_dir,
+        # not named "mistral…": transformers' GGUF loader maps any general.name containing it to a model type gguf
+        # 0.19 lacks; llama.cpp reads the file either way
+        "mistral": tiny.make_model_dir(root / "m7", "mistral", sliding_window=4096, **DIMS),
+        # head_dim 128 as every Qwen3 ships (q wider than hidden); transformers' GGUF loader assumes 128 for qwen3
+        "qwen3": tiny.make_model_dir(root / "qwen3", "qwen3", head_dim=128, **DIMS),
+    }
+
+
+@pytest.fixture(scope="module")
+def llama31_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama 3.1's features: `llama3` rope scaling (context 64 so it moves most frequencies of a tiny model) and an
+    untied output head."""
+    return tiny.make_model_dir(
+        tmp_path_factory.mktemp("gguf") / "llama31",
+        "llama",
+        rope_parameters=LLAMA31_ROPE,
+        tie_word_embeddings=False,
+        **DIMS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +325,7 @@ def test_unsupported_architecture(llama_dir: Path, tmp_path: Path) -> None:
     cfg = json.loads((d / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (d / "config.json").write_text(json.dumps(cfg))
-    msg = "unsupported architecture GPT2LMHeadModel for GGUF export; supported: LlamaForCausalLM, Qwen2ForCausalLM"
+    msg = "unsupported architecture GPT2LMHeadModel for GGUF export; supported: LlamaForCausalLM, Qwen2ForCausalLM, "
     with pytest.raises(ValueError, match=msg):
         write_gguf(d, tmp_path / "x.gguf", "F16")
     assert not (tmp_path / "x.gguf").exists()
@@ -377,10 +414,11 @@ def test_pre_tokenizer_detection(llama_dir: Path, qwen2_dir: Path, tmp_path: Pat
 
 
 # What the quantized weights themselves cost (transformers' load of the GGUF vs the 16-bit source), measured
-# 2026-12-03 on these tiny models (llama / qwen2): Q8_0 0.014 / 0.013, Q4_0 0.196 / 0.198, Q4_K_M 0.121 / 0.133.
+# on these tiny models (llama = mistral / qwen2 / qwen3 with head_dim 128): Q8_0 0.014 / 0.013 / 0.017, Q4_0
+# 0.196 / 0.198 / 0.207, Q4_K_M 0.121 / 0.133 / 0.168 (2026-12-03 and -04).
 # The bytes of every quantized tensor are checked against llama.cpp's own quantizer in
 # test_llama_cpp_quantizer_agrees_with_ours; these bounds only document the format's cost.
-QUANT_COST = {"F16": 1e-6, "Q8_0": 0.02, "Q4_0": 0.25, "Q4_K_M": 0.17}
+QUANT_COST = {"F16": 1e-6, "Q8_0": 0.02, "Q4_0": 0.25, "Q4_K_M": 0.2}
 # llama.cpp vs transformers on the same GGUF file: llama.cpp quantizes activations to 8 bits for quantized
 # matmuls. Measured 2026-12-03: F16 0.0005, Q8_0 0.0094, Q4_0 0.012, Q4_K_M 0.015 (both architectures).
 READER_GAP = {"F16": 0.002, "Q8_0": 0.03, "Q4_0": 0.03, "Q4_K_M": 0.03}
@@ -390,15 +428,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize(("arch", "qtype"), [(a, q) for a in ("llama", "qwen2") for q in QTYPES])
+@pytest.mark.parametrize(("arch", "qtype"), [(a, q) for a in FAMILIES for q in QTYPES])
 def test_llama_cpp_loads_tokenizes_and_matches_logits(
-    arch: str, qtype: str, llama_dir: Path, qwen2_dir: Path, tmp_path: Path
+    arch: str, qtype: str, family_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     """Two readers of one file agree (llama.cpp in a child process, transformers' GGUF loader, which undoes the
     Q/K permutation itself); F16 is lossless, so there transformers' load must equal the 16-bit source."""
     from transformers import AutoModelForCausalLM
 
-    d = llama_dir if arch == "llama" else qwen2_dir
+    d = family_dirs[arch]
     out = tmp_path / f"m.{qtype}.gguf"
     write_gguf(d, out, qtype)
     ids = _ids(d)
@@ -446,3 +484,44 @@ def test_llama_cpp_quantizer_agrees_with_ours(
         print(qtype, "byte-identical tensors:", sum(same.values()), "/", len(same))
         assert all(same.values()), [n for n, ok in same.items() if not ok]
         assert _fields(ours_path)["general.file_type"] == _fields(ref_path)["general.file_type"]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_llama31_rope_scaling_reaches_llama_cpp(qtype: str, llama31_dir: Path, tmp_path: Path) -> None:
+    """`llama3` rope scaling travels as the `rope_freqs.weight` tensor; llama.cpp's logits then match transformers'
+    on the 16-bit source within the reader gap plus the type's cost."""
+    out = tmp_path / f"m.{qtype}.gguf"
+    write_gguf(llama31_dir, out, qtype)
+    tensors = _tensors(out)
+    assert "output.weight" in tensors
+    factors = np.array(tensors["rope_freqs.weight"].data)
+    assert factors.shape == (DIMS["hidden_size"] // 4 // 2,) and factors[0] == 1.0 and factors[-1] == 8.0
+    ids = _ids(llama31_dir)
+    read = llama_oracle.read(out, TEXT, ids[0].tolist())
+    with torch.no_grad():
+        ref = _hf_model(llama31_dir)(ids).logits[0]
+    gap = _rel(torch.from_numpy(read["logits"]), ref)
+    print(f"llama3 rope {qtype}: llama.cpp vs transformers on the source {gap:.4f}")
+    assert gap < READER_GAP[qtype] + QUANT_COST[qtype]
+
+
+def test_llama31_without_its_rope_factors_is_caught(
+    llama31_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control: the same model written with every factor 1 (plain rope) is many times further from
+    transformers' logits than the file with the factors (measured 2026-12-04: 0.0199 against 0.0005)."""
+    from qlora_pipeline.kernels.formats import gguf_tensors
+
+    ids = _ids(llama31_dir)
+    with torch.no_grad():
+        ref = _hf_model(llama31_dir)(ids).logits[0]
+
+    def gap(path: Path) -> float:
+        return _rel(torch.from_numpy(llama_oracle.read(path, TEXT, ids[0].tolist())["logits"]), ref)
+
+    write_gguf(llama31_dir, tmp_path / "right.gguf", "F16")
+    monkeypatch.setattr(gguf_tensors, "llama3_rope_factors", lambda rope, theta, head_dim: (1.0,) * (head_dim // 2))
+    write_gguf(llama31_dir, tmp_path / "plain.gguf", "F16")
+    right, plain = gap(tmp_path / "right.gguf"), gap(tmp_path / "plain.gguf")
+    print(f"llama3 rope F16: with factors {right:.4f}, plain rope {plain:.4f}")
+    assert right < READER_GAP["F16"] and plain > 10 * right

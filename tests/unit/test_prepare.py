@@ -117,7 +117,7 @@ def test_unsupported_architecture(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
         InputError,
-        match=r"unsupported architecture GPT2LMHeadModel in .*; supported: LlamaForCausalLM, Qwen2ForCausalLM",
+        match=r"unsupported architecture GPT2LMHeadModel in .*; supported: LlamaForCausalLM, Qwen2ForCausalLM, Mistral",
     ):
         _run(tmp_path, bad, qa_jsonl)
 
@@ -194,3 +194,38 @@ def test_tampered_artifact_is_refused(tmp_path, tiny_llama_dir, qa_jsonl, tamper
         pattern = "is not listed in the prepare manifest"
     with pytest.raises(InputError, match=pattern):
         artifacts.verify_artifact(out, "prepare")
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize(
+    ("model_overrides", "export", "expected"),
+    [
+        ({"rope_parameters": YARN}, {}, r"GGUF export would fail .*'yarn'.*; set export.gguf_types: \[\] to skip GGUF"),
+        ({}, {"gptq_group_size": 48}, r"GPTQ export would fail .*group size 48 does not divide the 64 input columns"),
+    ],
+)
+def test_prepare_refuses_a_model_export_could_not_write(tmp_path, qa_jsonl, model_overrides, export, expected) -> None:
+    """A run that would fail at export fails at prepare's preflight: one line, the setting to change, no artifact."""
+    model = tiny.make_model_dir(tmp_path / "model", "llama", **model_overrides)
+    params = parse_params(tiny.params_for(tmp_path, model, qa_jsonl, export=export))
+    with pytest.raises(InputError, match=expected) as err:
+        prepare.run(params)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+def test_prepare_takes_a_llama31_model(tmp_path, qa_jsonl) -> None:
+    """Llama 3.1's `llama3` rope scaling and untied head pass the export preflight (the GGUF writer handles both)."""
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    model = tiny.make_model_dir(tmp_path / "model", "llama", rope_parameters=rope, tie_word_embeddings=False)
+    m = prepare.run(parse_params(tiny.params_for(tmp_path, model, qa_jsonl)))
+    assert m.metrics["architecture"] == "LlamaForCausalLM"

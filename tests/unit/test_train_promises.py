@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_pipeline.stages import evaluate, merge, prepare, quantize, train
+from qlora_pipeline.stages import evaluate, export, merge, prepare, quantize, train
 from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
@@ -112,9 +112,38 @@ def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, interrup
     assert train.TrainRecord.of(rebuilt).resumed_from_step is None
 
 
-def test_qwen2_trains_merges_and_evaluates(tmp_path: Path, tiny_qwen2_dir: Path, qa_jsonl: Path) -> None:
-    """Qwen2 (q/k/v biases, its own rope layout) through every stage that touches weights."""
-    p = _params(tmp_path, tiny_qwen2_dir, qa_jsonl, batch_size=4, max_steps=10, learning_rate=1e-2)
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+FAMILIES = {
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "mistral": ("mistral", {"sliding_window": 4096}),
+    "llama3.1": ("llama", {"rope_parameters": LLAMA31_ROPE, "tie_word_embeddings": False}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_goes_through_every_stage(family: str, tmp_path: Path, qa_jsonl: Path) -> None:
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window), Llama 3.1 (llama3 rope, untied head):
+    prepare → quantize → train → merge → evaluate → export, the GGUF scored by llama.cpp and GPTQ by our reader."""
+    arch, overrides = FAMILIES[family]
+    model = tiny.make_model_dir(tmp_path / "base", arch, **overrides)
+    raw = tiny.params_for(
+        tmp_path,
+        model,
+        qa_jsonl,
+        train={**BASE, "batch_size": 4, "max_steps": 15, "learning_rate": 3e-2},
+        evaluate={"batch_size": 4, "num_generations": 1, "max_new_tokens": 4},
+        export={"gguf_types": ["F16"], "gptq_group_size": 32, "gptq_calibration_samples": 8},
+    )
+    p = parse_params(raw)
     for stage in (prepare, quantize):
         stage.run(p)
     t = train.run(p)
@@ -124,4 +153,8 @@ def test_qwen2_trains_merges_and_evaluates(tmp_path: Path, tiny_qwen2_dir: Path,
     assert models["nf4_adapter"]["loss"] < models["base_nf4"]["loss"] - 0.05
     assert models["merged"]["loss"] < models["base_16bit"]["loss"] - 0.05
     assert abs(models["merged"]["loss"] - models["nf4_adapter"]["loss"]) < 0.02
-    assert all(math.isfinite(v["loss"]) for v in models.values())
+    formats = export.run(p).metrics["formats"]
+    merged = formats["merged_bf16"]["loss"]
+    # llama.cpp reading the F16 file scores the same test split as transformers on the merged model
+    assert abs(formats["gguf_F16"]["loss"] - merged) < 0.01
+    assert math.isfinite(formats["gptq"]["loss"]) and formats["gptq"]["loss"] < models["base_16bit"]["loss"]
