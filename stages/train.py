@@ -27,6 +27,7 @@ from qlora_pipeline.stages.lm.batching import Batch, batch_stream, collate, toke
 from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id
+from qlora_pipeline.stages.prepare import PrepareRecord
 
 STAGE = "train"
 
@@ -261,11 +262,10 @@ def save_adapter(ctx: StageContext, model: Any) -> None:
     from qlora_pipeline.kernels.formats.peft_adapter import save_peft_adapter
 
     t = ctx.params.train
-    prep = ctx.parent_dir("prepare")
     save_peft_adapter(
         model,
         ctx.out / "adapter",
-        base_model_name_or_path=str(prep / "model"),
+        base_model_name_or_path=PrepareRecord.of(ctx.parents["prepare"]).base_model_id,
         target_modules=list(t.target_modules),
         r=t.lora_r,
         alpha=t.lora_alpha,

@@ -78,6 +78,7 @@ STAGES: dict[str, StageSpec] = {
                 "model.path",
                 "data.source",
                 "data.path",
+                "data.system_prompt",
                 "train",
                 "quantize.blocksize",
                 "merge.dtype",

@@ -11,12 +11,13 @@ from typing import Any
 
 from qlora_pipeline.kernels.architectures import family_of_class, unsupported_architecture
 from qlora_pipeline.kernels.formats.atomic import atomic_dir
-from qlora_pipeline.stages.contract.artifacts import sha256_file
+from qlora_pipeline.stages.contract.artifacts import sha256_file, sha256_json
 from qlora_pipeline.stages.contract.errors import InputError
 from qlora_pipeline.stages.contract.params import ModelParams
 from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MODEL_FILES_TO_COPY = (
@@ -110,6 +111,15 @@ def base_model_dir(model: ModelParams) -> Path:
         return embedded_model_dir()
     path = Path(model.path or "")
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def base_model_id(source: str, weights_sha256: dict[str, str]) -> str:
+    """How artifacts name the base model to whoever receives them: the hub id of the embedded model, else
+    `sha256:<digest of its weight files' sha256>` — never a path of the training machine, which means nothing on
+    the serving side."""
+    if source == "embedded":
+        return EMBEDDED_HUB_ID
+    return "sha256:" + sha256_json(dict(sorted(weights_sha256.items())))
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

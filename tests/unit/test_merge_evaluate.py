@@ -177,3 +177,34 @@ def test_evaluate_four_models_report_and_exact_rerun(trained) -> None:
     assert dvc_metrics["metrics"]["models"] == models
     second = evaluate.run(p)
     assert second.metrics == first.metrics
+
+
+def test_merge_streams_shard_by_shard_and_writes_the_same_weights(tmp_path) -> None:
+    """A sharded base is merged one shard at a time into shards of the same names plus an index; the weights equal
+    those of merging the same base stored as one file."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(8, 16, generator=gen).bfloat16() for i in range(4)}
+    base["model.norm.weight"] = torch.ones(16, dtype=torch.bfloat16)
+    deltas = {k: (torch.randn(2, 16, generator=gen), torch.randn(8, 2, generator=gen)) for k in list(base)[:3]}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two, tmp_path / "out1", tmp_path / "out2"):
+        d.mkdir()
+    save_file(base, str(one / "model.safetensors"))
+    keys = sorted(base)
+    save_file({k: base[k] for k in keys[:2]}, str(two / "model-00001-of-00002.safetensors"))
+    save_file({k: base[k] for k in keys[2:]}, str(two / "model-00002-of-00002.safetensors"))
+    rel_one = merge.merge_shards(one, tmp_path / "out1", deltas, 2.0, torch.bfloat16)
+    rel_two = merge.merge_shards(two, tmp_path / "out2", deltas, 2.0, torch.bfloat16)
+    assert rel_one == rel_two and len(rel_one) == 3
+    single = load_file(tmp_path / "out1" / "model.safetensors")
+    index = json.loads((tmp_path / "out2" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == keys
+    sharded = {}
+    for name in sorted(set(index["weight_map"].values())):
+        sharded.update(load_file(tmp_path / "out2" / name))
+    assert set(sharded) == set(single) and all(torch.equal(sharded[k], single[k]) for k in single)
+    lost = {"model.layers.9.self_attn.q_proj.weight": next(iter(deltas.values()))}
+    with pytest.raises(InputError, match=r"targets model\.layers\.9\.self_attn\.q_proj\.weight"):
+        merge.merge_shards(two, tmp_path / "out3", lost, 2.0, torch.bfloat16)

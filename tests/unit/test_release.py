@@ -225,3 +225,61 @@ def test_a_stage_goes_stale_on_the_code_it_imports_and_the_fields_it_reads_only(
     state = {s: currency(s, params) for s in ORDER}
     assert [s for s in ORDER if not state[s].current] == ["train", "evaluate", "export"]
     assert state["export"].reason == "code changed"
+
+
+def test_the_bundle_names_the_base_model_by_content_not_by_a_training_machine_path(released) -> None:
+    tmp, _, _, bundle = released
+    adapter_cfg = json.loads((bundle / "adapter" / "adapter_config.json").read_text())
+    weights = {
+        f"base_model/{p.name}": _sha256(p)
+        for p in sorted((tmp / "artifacts" / "prepare" / "model").glob("*.safetensors"))
+    }
+    expected = (
+        "sha256:" + hashlib.sha256(json.dumps(weights, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    )
+    assert adapter_cfg["base_model_name_or_path"] == expected
+    assert str(tmp) not in (bundle / "adapter" / "adapter_config.json").read_text()
+    assert f"`{expected}`" in (bundle / "README.md").read_text()
+
+
+def _parse_modelfile(text: str) -> dict[str, list[str]]:
+    """Ollama's Modelfile grammar, for what we write: `INSTRUCTION value`, values as JSON strings or in triple
+    quotes; `PARAMETER name value` is keyed `PARAMETER name`."""
+    out: dict[str, list[str]] = {}
+    rest = text
+    while rest.strip():
+        head, _, rest = rest.lstrip("\n").partition(" ")
+        if head == "PARAMETER":
+            name, _, rest = rest.partition(" ")
+            head = f"PARAMETER {name}"
+        if rest.startswith('"""'):
+            value, _, rest = rest[3:].partition('"""')
+        else:
+            line, _, rest = rest.partition("\n")
+            value = json.loads(line) if line.startswith('"') else line
+        out.setdefault(head, []).append(value)
+    return out
+
+
+def _render_go_messages(template: str, messages: list[dict[str, str]]) -> str:
+    """The subset of Go templates our Modelfiles use: one `{{- range .Messages }}…{{ end }}` with .Role/.Content."""
+    head = "{{- range .Messages }}"
+    assert template.startswith(head)
+    body, _, tail = template[len(head) :].partition("{{ end }}")
+    parts = [body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]) for m in messages]
+    return "".join(parts) + tail
+
+
+def test_the_bundle_has_an_ollama_modelfile_that_prompts_as_the_chat_template_does(released) -> None:
+    from transformers import AutoTokenizer
+
+    _, _, _, bundle = released
+    spec = _parse_modelfile((bundle / "Modelfile").read_text())
+    assert spec["FROM"] == ["./gguf/model-Q8_0.gguf"] and (bundle / "gguf" / "model-Q8_0.gguf").is_file()
+    assert "<|im_end|>" in spec["PARAMETER stop"]
+    tok = AutoTokenizer.from_pretrained(bundle / "model")
+    user = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    (system,) = spec["SYSTEM"]  # the template's own default system prompt, since data.system_prompt is unset
+    assert system == "You are a tiny test assistant"
+    assert _render_go_messages(spec["TEMPLATE"][0], [{"role": "system", "content": system}, *user]) == expected
