@@ -1,8 +1,9 @@
 """The model families the pipeline supports, with the name each tool knows them by: the one list of them.
 
-A family is a Hugging Face causal-LM class (``config.json`` ``architectures[0]``), its ``model_type`` and the
-architecture name llama.cpp uses in a GGUF file (``general.architecture``). Prepare refuses other models, and each
-writer (GPTQ, GGUF) refuses them with the same kind of message, built by :func:`unsupported_architecture`.
+A family is a Hugging Face causal-LM class (``config.json`` ``architectures[0]``), its ``model_type``, the
+architecture name llama.cpp uses in a GGUF file (``general.architecture``) and the facts the writers need about it:
+the one place a family differs, so no stage or writer branches on a family's name. Prepare refuses other models,
+and each writer (GPTQ, GGUF) refuses them with the same kind of message, built by :func:`unsupported_architecture`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,39 @@ class Family:
     hf_class: str
     model_type: str
     gguf_arch: str
+    gguf_permute_qk: bool
+    """llama.cpp's arch applies rope to adjacent pairs (NORM), HF to halves: Q and K rows are permuted on export
+    (docs/formats.md, GGUF). NEOX-rope archs (qwen2, qwen3) take HF's layout as is."""
+    gguf_pre: str
+    """`tokenizer.ggml.pre` when the tokenizer itself does not say which pre-tokenizer it is."""
+    layer_extras: tuple[str, ...] = ()
+    """Per-layer tensors the family has beyond the Llama set (names under `model.layers.N.`)."""
+    llama3_rope: bool = False
+    """Takes Llama 3.x `llama3` rope scaling (as a `rope_freqs.weight` tensor in GGUF)."""
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family(hf_class="LlamaForCausalLM", model_type="llama", gguf_arch="llama"),
-    Family(hf_class="Qwen2ForCausalLM", model_type="qwen2", gguf_arch="qwen2"),
+    Family("LlamaForCausalLM", "llama", "llama", gguf_permute_qk=True, gguf_pre="gpt-2", llama3_rope=True),
+    Family(
+        "Qwen2ForCausalLM",
+        "qwen2",
+        "qwen2",
+        gguf_permute_qk=False,
+        gguf_pre="qwen2",
+        layer_extras=("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    ),
     # Mistral is Llama's layout to llama.cpp (its converter writes arch "llama", Q/K permuted); sliding-window
     # attention, where a config sets it, only matters past the window, and llama.cpp's llama arch does not apply it.
-    Family(hf_class="MistralForCausalLM", model_type="mistral", gguf_arch="llama"),
+    Family("MistralForCausalLM", "mistral", "llama", gguf_permute_qk=True, gguf_pre="gpt-2"),
     # Qwen3: Qwen2's layout without q/k/v biases, plus an RMSNorm over each head of q and k (attn_q_norm/attn_k_norm).
-    Family(hf_class="Qwen3ForCausalLM", model_type="qwen3", gguf_arch="qwen3"),
+    Family(
+        "Qwen3ForCausalLM",
+        "qwen3",
+        "qwen3",
+        gguf_permute_qk=False,
+        gguf_pre="qwen2",
+        layer_extras=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+    ),
 )
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(f.hf_class for f in FAMILIES)
 

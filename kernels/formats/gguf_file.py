@@ -230,7 +230,7 @@ def _write_kv(w: GGUFWriter, hp: Hparams, vocab: Vocab, qtype: str, metadata: di
     w.add_head_count_kv(hp.n_head_kv)
     w.add_rope_freq_base(hp.rope_theta)
     w.add_layer_norm_rms_eps(hp.rms_eps)
-    if hp.arch == "llama":
+    if hp.arch == "llama":  # keys llama.cpp's converter writes for the GGUF arch "llama" (Llama and Mistral)
         w.add_rope_dimension_count(hp.head_dim)
         w.add_vocab_size(hp.vocab)
     if hp.explicit_head_dim:

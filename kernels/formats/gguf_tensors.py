@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_pipeline.kernels.architectures import family_of_class, unsupported_architecture
+from qlora_pipeline.kernels.architectures import Family, family_of_class, unsupported_architecture
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -27,6 +27,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Hparams:
+    family: Family
     arch: str
     n_layers: int
     hidden: int
@@ -72,7 +73,7 @@ def read_hparams(cfg: dict[str, Any]) -> Hparams:
     linear, factors = None, None
     if rope_type == "linear":
         linear = float(rope["factor"])
-    elif rope_type == "llama3" and arch == "llama":
+    elif rope_type == "llama3" and family.llama3_rope:
         factors = llama3_rope_factors(rope, theta, int(head_dim) if head_dim else hidden // n_head)
     elif rope_type != "default":
         # yarn/longrope need extra keys; writing the file without them would load fine in llama.cpp and then
@@ -81,6 +82,7 @@ def read_hparams(cfg: dict[str, Any]) -> Hparams:
             f"rope scaling type {rope_type!r} is not supported by the GGUF writer (default, linear, llama3 for Llama)"
         )
     return Hparams(
+        family=family,
         arch=arch,
         hidden=hidden,
         n_head=n_head,
@@ -192,10 +194,6 @@ _REQUIRED_LAYER = [
     "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 ]
-_REQUIRED_BY_ARCH = {
-    "qwen2": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
-    "qwen3": ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
-}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -237,7 +235,7 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     if not hp.tied:
         required.append("lm_head.weight")
-    layer_req = _REQUIRED_LAYER + _REQUIRED_BY_ARCH.get(hp.arch, [])
+    layer_req = _REQUIRED_LAYER + list(hp.family.layer_extras)
     required += [f"model.layers.{i}.{k}" for i in range(hp.n_layers) for k in layer_req]
     for name in required:
         if name not in have:
@@ -270,9 +268,9 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
             layer, sub = int(m.group(1)), m.group(2)
             gname, want = f"blk.{layer}.{_LAYER_MAP[sub]}", expected[sub]
             permute = None
-            if hp.arch == "llama" and sub.startswith("self_attn.q_proj"):
+            if hp.family.gguf_permute_qk and sub.startswith("self_attn.q_proj"):
                 permute = hp.n_head
-            elif hp.arch == "llama" and sub.startswith("self_attn.k_proj"):
+            elif hp.family.gguf_permute_qk and sub.startswith("self_attn.k_proj"):
                 permute = hp.n_head_kv
         else:
             raise ValueError(

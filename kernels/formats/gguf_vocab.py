@@ -36,15 +36,14 @@ _SMOLLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>"
 
 
 def _detect_pre(
-    arch: str, tok: dict[str, Any], tok_cfg: dict[str, Any], cfg: dict[str, Any], model_dir: Path, tokens: list[str]
+    default: str, tok: dict[str, Any], tok_cfg: dict[str, Any], cfg: dict[str, Any], model_dir: Path, tokens: list[str]
 ) -> str:
     """Pick llama.cpp's pre-tokenizer name (the regex it splits text with before BPE).
 
     Order: SmolLM2 signals (a model/tokenizer name containing "smollm", or its 49152-token vocab starting with its
     special tokens) -> "smollm"; a Qwen2-style or Llama-3-style Split regex in tokenizer.json -> "qwen2"/"llama-bpe";
     a plain byte-level pre-tokenizer -> "gpt-2" (llama.cpp's spelling; "gpt2" is not recognised and would silently
-    fall back to its default regex); otherwise the architecture's default ("qwen2" for qwen2 and qwen3, "gpt-2"
-    otherwise).
+    fall back to its default regex); otherwise the family's default (`Family.gguf_pre`).
     """
     names = [cfg.get("_name_or_path"), cfg.get("_model_name_or_path"), tok_cfg.get("name_or_path"), model_dir.name]
     src = model_dir / "source.json"
@@ -66,7 +65,7 @@ def _detect_pre(
     plain = len(_contains_type(pre, "Split")) == 0 and len(_contains_type(pre, "Digits")) == 0
     if byte_level and byte_level[0].get("use_regex", True) and plain:
         return "gpt-2"
-    return "qwen2" if arch in ("qwen2", "qwen3") else "gpt-2"
+    return default
 
 
 @dataclass
@@ -143,7 +142,7 @@ def read_tokenizer(model_dir: Path, cfg: dict[str, Any], hp: Hparams, pre_overri
     jinja = model_dir / "chat_template.jinja"
     if chat is None and jinja.is_file():
         chat = jinja.read_text(encoding="utf-8")
-    pre = pre_override or _detect_pre(hp.arch, tok, tok_cfg, cfg, model_dir, tokens)
+    pre = pre_override or _detect_pre(hp.family.gguf_pre, tok, tok_cfg, cfg, model_dir, tokens)
     return Vocab(tokens, types, merges, pre, special, bool(add_bos), bool(add_eos), chat)
 
 
