@@ -56,6 +56,46 @@ def build_tokenizer(vocab_size: int = 384) -> Any:
     return fast
 
 
+def build_sentencepiece_tokenizer(vocab_size: int = 512) -> Any:
+    """Llama 2 / Mistral / TinyLlama style: BPE with byte fallback (`<0x00>`…`<0xFF>` in the vocab), `▁` for
+    spaces put before the text (Metaspace, prepend "first"), `<unk>`/`<s>`/`</s>`, no BOS added by the post-processor
+    (so its ids compare one to one with a reader's tokenization of the same text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    meta = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.pre_tokenizer = meta
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    trainer_tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    pieces = [*specials, *bytes_] + [
+        p for p, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1])[len(specials) :]
+    ]
+    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = meta
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    fast.chat_template = LLAMA2_CHAT
+    return fast
+
+
+LLAMA2_CHAT = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '<s>[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + '</s>' }}{% endif %}{% endfor %}"
+)
+
+
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) -> Any:
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
@@ -79,12 +119,15 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) ->
     return cls(**common)
 
 
-def make_model_dir(path: Path, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
-    """A random model saved like a real HF checkpoint (bf16 safetensors + tokenizer with chat template)."""
+def make_model_dir(
+    path: Path, arch: str = "llama", seed: int = 0, tokenizer: str = "byte-level", **overrides: Any
+) -> Path:
+    """A random model saved like a real HF checkpoint (bf16 safetensors + tokenizer with chat template);
+    `tokenizer`: "byte-level" (GPT-2/Llama 3/Qwen style) or "sentencepiece" (Llama 2/Mistral style)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tok = build_tokenizer()
+    tok = build_tokenizer() if tokenizer == "byte-level" else build_sentencepiece_tokenizer()
     torch.manual_seed(seed)
     cfg = tiny_config(arch, vocab_size=len(tok), **overrides)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)

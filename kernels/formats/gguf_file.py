@@ -244,9 +244,11 @@ def _write_kv(w: GGUFWriter, hp: Hparams, vocab: Vocab, qtype: str, metadata: di
     w.add_file_type(int(_FILE_TYPE[qtype]))
     w.add_quantization_version(GGML_QUANT_VERSION)
 
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(vocab.model)
     w.add_tokenizer_pre(vocab.pre)
     w.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
     if vocab.merges:
         w.add_token_merges(vocab.merges)
@@ -256,7 +258,7 @@ def _write_kv(w: GGUFWriter, hp: Hparams, vocab: Vocab, qtype: str, metadata: di
         adders[key](tid)
     w.add_add_bos_token(vocab.add_bos)
     w.add_add_eos_token(vocab.add_eos)
-    w.add_add_space_prefix(False)
+    w.add_add_space_prefix(vocab.add_space_prefix)
     if vocab.chat_template:
         w.add_chat_template(vocab.chat_template)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,45 @@ class Vocab:
     add_bos: bool
     add_eos: bool
     chat_template: str | list[dict[str, str]] | None
+    model: str = "gpt2"
+    """`tokenizer.ggml.model`: "gpt2" (byte-level BPE, merges) or "llama" (SentencePiece-style, scores)."""
+    scores: list[float] | None = None
+    add_space_prefix: bool = False
+
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def _sentencepiece_style(tok: dict[str, Any]) -> bool:
+    """BPE with byte fallback and `▁` for spaces (Llama 2, TinyLlama, Mistral, Gemma): llama.cpp's "llama" vocab."""
+    model = tok.get("model") or {}
+    spaces = _contains_type(tok.get("pre_tokenizer"), "Metaspace") or any(
+        n.get("prepend") == "▁" or (n.get("content") == "▁") for n in _normalizers(tok.get("normalizer"))
+    )
+    return bool(model.get("byte_fallback")) and bool(spaces)
+
+
+def _normalizers(node: Any) -> list[dict[str, Any]]:
+    if not isinstance(node, dict):
+        return []
+    return [node, *(c for child in node.get("normalizers") or [] for c in _normalizers(child))]
+
+
+def _space_prefix(tok: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts `▁` before the text (Metaspace prepend_scheme first/always, or Prepend("▁"))."""
+    for meta in _contains_type(tok.get("pre_tokenizer"), "Metaspace"):
+        return meta.get("prepend_scheme", "always") in ("first", "always") and meta.get("add_prefix_space", True)
+    return any(n.get("type") == "Prepend" and n.get("prepend") == "▁" for n in _normalizers(tok.get("normalizer")))
+
+
+def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece-style scores from BPE merges: a token made by merge r scores -r, so llama.cpp's
+    highest-score-first merging applies merges in the tokenizer's rank order; base pieces score 0."""
+    rank = {}
+    for r, m in enumerate(merges):
+        left, _, right = m.partition(" ")
+        rank.setdefault(left + right, r)
+    return [-float(rank[t] + 1) if t in rank else 0.0 for t in tokens]
 
 
 def read_tokenizer(model_dir: Path, cfg: dict[str, Any], hp: Hparams, pre_override: str | None) -> Vocab:
@@ -89,12 +129,19 @@ def read_tokenizer(model_dir: Path, cfg: dict[str, Any], hp: Hparams, pre_overri
         raise ValueError(
             f"tokenizer.json model type {model.get('type')!r} is not supported; GGUF export writes byte-level BPE only"
         )
-    if model.get("byte_fallback"):
-        raise ValueError("SentencePiece-style BPE (byte_fallback) tokenizers are not supported by the GGUF writer yet")
-    if not _contains_type(tok.get("pre_tokenizer"), "ByteLevel") and not _contains_type(
-        tok.get("decoder"), "ByteLevel"
+    spm = _sentencepiece_style(tok)
+    if model.get("byte_fallback") and not spm:
+        raise ValueError(
+            "a byte-fallback BPE tokenizer without `▁` spaces (Metaspace) is not supported by the GGUF writer"
+        )
+    if (
+        not spm
+        and not _contains_type(tok.get("pre_tokenizer"), "ByteLevel")
+        and not _contains_type(tok.get("decoder"), "ByteLevel")
     ):
-        raise ValueError("tokenizer.json is not byte-level BPE (no ByteLevel pre-tokenizer/decoder); not supported")
+        raise ValueError(
+            "tokenizer.json is neither byte-level BPE nor SentencePiece-style BPE with byte fallback; not supported"
+        )
 
     id_to_tok: dict[int, str] = {int(i): t for t, i in (model.get("vocab") or {}).items()}
     added = {int(t["id"]): t for t in tok.get("added_tokens", [])}
@@ -109,6 +156,13 @@ def read_tokenizer(model_dir: Path, cfg: dict[str, Any], hp: Hparams, pre_overri
     types = [int(TokenType.NORMAL if i in id_to_tok else TokenType.UNUSED) for i in range(n)]
     for i, t in added.items():
         types[i] = int(TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED)
+    if spm:
+        for i, piece in enumerate(tokens):
+            if _BYTE_TOKEN.match(piece) and i not in added:
+                types[i] = int(TokenType.BYTE)
+        unk = model.get("unk_token")
+        if unk in tokens:
+            types[tokens.index(unk)] = int(TokenType.UNKNOWN)
     dupes = [t for t, c in Counter(tokens).items() if c > 1]
     if dupes:
         # llama.cpp aborts (GGML_ASSERT id_to_token.size() == token_to_id.size()) on duplicate token strings.
@@ -142,6 +196,21 @@ def read_tokenizer(model_dir: Path, cfg: dict[str, Any], hp: Hparams, pre_overri
     jinja = model_dir / "chat_template.jinja"
     if chat is None and jinja.is_file():
         chat = jinja.read_text(encoding="utf-8")
+    if spm:  # llama.cpp's SentencePiece tokenizer: merges by score, no pre-tokenizer regex
+        scores = _merge_scores(tokens, merges)
+        return Vocab(
+            tokens,
+            types,
+            [],
+            "default",
+            special,
+            bool(add_bos),
+            bool(add_eos),
+            chat,
+            "llama",
+            scores,
+            _space_prefix(tok),
+        )
     pre = pre_override or _detect_pre(hp.family.gguf_pre, tok, tok_cfg, cfg, model_dir, tokens)
     return Vocab(tokens, types, merges, pre, special, bool(add_bos), bool(add_eos), chat)
 

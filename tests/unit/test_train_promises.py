@@ -125,14 +125,16 @@ FAMILIES = {
     "qwen3": ("qwen3", {}),
     "mistral": ("mistral", {"sliding_window": 4096}),
     "llama3.1": ("llama", {"rope_parameters": LLAMA31_ROPE, "tie_word_embeddings": False}),
+    "llama2-sentencepiece": ("llama", {"tokenizer": "sentencepiece"}),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_goes_through_every_stage(family: str, tmp_path: Path, qa_jsonl: Path) -> None:
-    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window), Llama 3.1 (llama3 rope, untied head):
-    prepare → quantize → train → merge → evaluate → export, the GGUF scored by llama.cpp and GPTQ by our reader."""
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window), Llama 3.1 (llama3 rope, untied head),
+    Llama 2 (SentencePiece-style tokenizer, [INST] chat template): prepare → quantize → train → merge → evaluate →
+    export, the GGUF scored by llama.cpp and GPTQ by our reader."""
     arch, overrides = FAMILIES[family]
     model = tiny.make_model_dir(tmp_path / "base", arch, **overrides)
     raw = tiny.params_for(
