@@ -9,6 +9,7 @@ and each writer (GPTQ, GGUF) refuses them with the same kind of message, built b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,57 @@ class Family:
     """Per-layer tensors the family has beyond the Llama set (names under `model.layers.N.`)."""
     llama3_rope: bool = False
     """Takes Llama 3.x `llama3` rope scaling (as a `rope_freqs.weight` tensor in GGUF)."""
+    fused: bool = False
+    """Phi-3's layout: one `qkv_proj` and one `gate_up_proj` per layer instead of q/k/v and gate/up."""
+    gguf_q4_k_m: bool = True
+    """llama.cpp's Q4_K_M gives a fused `attn_qkv` Q5_K, a K-quant the writer does not have: refused up front."""
+
+    @property
+    def linear_sets(self) -> tuple[tuple[str, ...], ...]:
+        """The decoder block's linears grouped by shared input, in execution order (GPTQ calibrates per group)."""
+        return FUSED_LINEAR_SETS if self.fused else LINEAR_SETS
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        """Every projection of the block: LoRA's default targets (the QLoRA recipe adapts all linear layers)."""
+        return tuple(name.rpartition(".")[2] for group in self.linear_sets for name in group)
+
+    def linear_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """`(out, in)` of each block linear, from config.json alone."""
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        q, kv = heads * head_dim, int(config.get("num_key_value_heads") or heads) * head_dim
+        ffn = int(config["intermediate_size"])
+        if self.fused:
+            return {
+                "self_attn.qkv_proj": (q + 2 * kv, hidden),
+                "self_attn.o_proj": (hidden, q),
+                "mlp.gate_up_proj": (2 * ffn, hidden),
+                "mlp.down_proj": (hidden, ffn),
+            }
+        return {
+            "self_attn.q_proj": (q, hidden),
+            "self_attn.k_proj": (kv, hidden),
+            "self_attn.v_proj": (kv, hidden),
+            "self_attn.o_proj": (hidden, q),
+            "mlp.gate_proj": (ffn, hidden),
+            "mlp.up_proj": (ffn, hidden),
+            "mlp.down_proj": (hidden, ffn),
+        }
+
+
+LINEAR_SETS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+FUSED_LINEAR_SETS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.qkv_proj",),
+    ("self_attn.o_proj",),
+    ("mlp.gate_up_proj",),
+    ("mlp.down_proj",),
+)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -49,6 +101,9 @@ FAMILIES: tuple[Family, ...] = (
         gguf_pre="qwen2",
         layer_extras=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
     ),
+    # Phi-3 (mini/medium, 4k/128k without longrope): fused qkv and gate_up; GGUF arch phi3 takes them fused
+    # (attn_qkv, and ffn_up holding gate then up), NEOX rope.
+    Family("Phi3ForCausalLM", "phi3", "phi3", gguf_permute_qk=False, gguf_pre="gpt-2", fused=True, gguf_q4_k_m=False),
 )
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(f.hf_class for f in FAMILIES)
 

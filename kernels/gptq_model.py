@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qlora_pipeline.kernels.architectures import family_of_model_type, unsupported_architecture
+from qlora_pipeline.kernels.architectures import Family, family_of_model_type, unsupported_architecture
 from qlora_pipeline.kernels.gptq import (
     GPTQResult,
     Hessian,
@@ -33,28 +33,26 @@ from qlora_pipeline.kernels.gptq import (
     rtn_quantize,
 )
 
-# Input-sharing sets of a Llama/Qwen2 decoder block, in execution order.
-LINEAR_SETS: tuple[tuple[str, ...], ...] = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
 
 class _StopForward(Exception):
     """Raised from a hook to skip the rest of a forward pass whose remaining work we do not need."""
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a supported model, or a ValueError naming what is supported."""
+def _family(model: nn.Module) -> Family:
     model_type = getattr(model.config, "model_type", None)
-    if family_of_model_type(model_type) is None:
+    family = family_of_model_type(model_type)
+    if family is None:
         arch = (getattr(model.config, "architectures", None) or [model_type or type(model).__name__])[0]
         raise ValueError(unsupported_architecture(arch, "for GPTQ"))
+    return family
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a supported model, or a ValueError naming what is supported."""
+    family = _family(model)
     layers = model.model.layers
     for i, layer in enumerate(layers):
-        for name in (n for s in LINEAR_SETS for n in s):
+        for name in (n for s in family.linear_sets for n in s):
             if not isinstance(layer.get_submodule(name), nn.Linear):
                 raise ValueError(f"model.layers.{i}.{name} is not an nn.Linear; is this model already quantized?")
     return layers
@@ -71,10 +69,10 @@ def check_linear(name: str, out_f: int, in_f: int, bits: int, group_size: int) -
         )
 
 
-def _validate_shapes(layers: nn.ModuleList, bits: int, group_size: int) -> None:
+def _validate_shapes(layers: nn.ModuleList, sets: tuple[tuple[str, ...], ...], bits: int, group_size: int) -> None:
     """Fail before any calibration work if a linear cannot be stored (group size, words per column)."""
     for i, layer in enumerate(layers):
-        for name in (n for s in LINEAR_SETS for n in s):
+        for name in (n for s in sets for n in s):
             out_f, in_f = layer.get_submodule(name).weight.shape
             check_linear(f"model.layers.{i}.{name}", out_f, in_f, bits, group_size)
 
@@ -83,20 +81,10 @@ def check_config(config: dict[str, Any], bits: int, group_size: int) -> None:
     """The checks GPTQ makes on a loaded model, from `config.json` alone (seconds, no weights read), so a run that
     would fail at export can fail before training (prepare's preflight)."""
     model_type = config.get("model_type")
-    if family_of_model_type(model_type) is None:
+    family = family_of_model_type(model_type)
+    if family is None:
         raise ValueError(unsupported_architecture((config.get("architectures") or [model_type])[0], "for GPTQ"))
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    kv, ffn = int(config.get("num_key_value_heads") or heads) * head_dim, int(config["intermediate_size"])
-    shapes = {
-        "self_attn.q_proj": (heads * head_dim, hidden),
-        "self_attn.k_proj": (kv, hidden),
-        "self_attn.v_proj": (kv, hidden),
-        "self_attn.o_proj": (hidden, heads * head_dim),
-        "mlp.gate_proj": (ffn, hidden),
-        "mlp.up_proj": (ffn, hidden),
-        "mlp.down_proj": (hidden, ffn),
-    }
+    shapes = family.linear_shapes(config)
     for name, (out_f, in_f) in shapes.items():
         check_linear(f"model.layers.*.{name}", out_f, in_f, bits, group_size)
 
@@ -200,7 +188,8 @@ def quantize_model_gptq(
     from tqdm.auto import tqdm
 
     layers = _decoder_layers(model)
-    _validate_shapes(layers, bits, group_size)
+    linear_sets = _family(model).linear_sets
+    _validate_shapes(layers, linear_sets, bits, group_size)
     home = next(model.parameters()).device
     device = home if device is None else torch.device(device)
     if device != home:
@@ -212,7 +201,7 @@ def quantize_model_gptq(
 
     inputs = _capture_layer0_inputs(model, layers[0], batches)
     n_tokens = sum(int(h.shape[0] * h.shape[1]) for h, _ in inputs)
-    stages = [[s] for s in LINEAR_SETS] if true_sequential else [list(LINEAR_SETS)]
+    stages = [[s] for s in linear_sets] if true_sequential else [list(linear_sets)]
     quantized: dict[str, Any] = {}
     layer_stats: list[dict[str, Any]] = []
 
@@ -282,4 +271,4 @@ def _move_all_but_layers(model: nn.Module, layers: nn.ModuleList, device: torch.
             layers[i] = layer
 
 
-__all__ = ["LINEAR_SETS", "quantize_model_gptq"]
+__all__ = ["check_config", "quantize_model_gptq"]

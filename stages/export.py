@@ -52,10 +52,13 @@ def check_base_model(model_dir: Path, params: Params) -> None:
         return  # so does prepare for a family the pipeline does not take at all
     if x.gguf_types:
         try:
-            read_tokenizer(model_dir, cfg, read_hparams(cfg), None)
+            hp = read_hparams(cfg)
+            if "Q4_K_M" in x.gguf_types and not hp.family.gguf_q4_k_m:
+                raise ValueError(f"Q4_K_M is not available for {hp.family.hf_class} (its fused attn_qkv needs Q5_K)")
+            read_tokenizer(model_dir, cfg, hp, None)
         except (ValueError, KeyError) as exc:
             raise InputError(
-                f"GGUF export would fail on {model_dir}: {exc}; set export.gguf_types: [] to skip GGUF"
+                f"GGUF export would fail on {model_dir}: {exc}; change export.gguf_types ([] skips GGUF)"
             ) from None
     if x.gptq:
         try:

@@ -62,6 +62,7 @@ def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
         else ""
     )
     rows = "\n".join(f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in ev.items())
+    targets = json.loads((ctx.parent_dir("train") / "adapter" / "adapter_config.json").read_text())["target_modules"]
     t = p.train
     return f"""# {release_id}
 {banner}
@@ -69,7 +70,7 @@ QLoRA fine-tune released by the qlora-pipeline.
 
 - **Base model**: {base}; licence of the base: {BASE_LICENCE.get(p.model.source, "see the base model's licence")}
 - **Data**: {data}
-- **Adapter**: LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout}, targets {", ".join(t.target_modules)};
+- **Adapter**: LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout}, targets {", ".join(targets)};
   {t.max_steps} steps, batch {t.batch_size}×{t.grad_accum}, lr {t.learning_rate}, {t.optimizer}, NF4 base (blocks of
   {p.quantize.blocksize}, double-quantized absmax)
 - **Merged into**: the original 16-bit weights (`model/`), dtype {p.merge.dtype}

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from qlora_pipeline.kernels.architectures import family_of_class
 from qlora_pipeline.kernels.dtypes import dtype_name, torch_dtype
 from qlora_pipeline.stages.contract.artifacts import Manifest, clean_stale_temps, sha256_json
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
@@ -87,7 +88,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     try:
         inject_lora(
             model,
-            t.target_modules,
+            lora_targets(t, model.config.to_dict()),
             r=t.lora_r,
             alpha=t.lora_alpha,
             dropout=t.lora_dropout,
@@ -102,6 +103,37 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable
+
+
+def lora_targets(t: TrainParams, config: dict[str, Any]) -> list[str]:
+    """`train.target_modules`, or every projection of the model's family when it is null."""
+    if t.target_modules is not None:
+        return list(t.target_modules)
+    family = family_of_class((config.get("architectures") or [None])[0])
+    if family is None:
+        raise InputError(f"cannot tell the model family of {config.get('architectures')}; set train.target_modules")
+    return list(family.lora_targets)
+
+
+def check_base_model(model_dir: Path, params: Params) -> None:
+    """At prepare: every name in train.target_modules is a projection of this model's family."""
+    t = params.train
+    config_path = model_dir / "config.json"
+    if t.target_modules is None or not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:
+        return  # prepare names the broken file itself
+    family = family_of_class((config.get("architectures") or [None])[0])
+    if family is None:
+        return
+    unknown = [name for name in t.target_modules if name not in family.lora_targets]
+    if unknown:
+        raise InputError(
+            f"train.target_modules names {unknown[0]}, which {family.hf_class} does not have (its projections: "
+            f"{', '.join(family.lora_targets)}); list some of those, or set train.target_modules: null for all"
+        )
 
 
 def set_checkpointing(model: Any, enabled: bool) -> None:
@@ -266,7 +298,7 @@ def save_adapter(ctx: StageContext, model: Any) -> None:
         model,
         ctx.out / "adapter",
         base_model_name_or_path=PrepareRecord.of(ctx.parents["prepare"]).base_model_id,
-        target_modules=list(t.target_modules),
+        target_modules=lora_targets(t, json.loads((ctx.parent_dir("quantize") / "model" / "config.json").read_text())),
         r=t.lora_r,
         alpha=t.lora_alpha,
         dropout=t.lora_dropout,

@@ -97,7 +97,7 @@ LLAMA2_CHAT = (
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = {
         "vocab_size": vocab_size,
@@ -115,7 +115,10 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) ->
     common.update(overrides)
     if arch == "qwen3":
         common.setdefault("head_dim", common["hidden_size"] // common["num_attention_heads"])
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}[arch]
+    if arch == "phi3":
+        common.setdefault("sliding_window", None)
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}
+    cls = {**classes, "phi3": Phi3Config}[arch]
     return cls(**common)
 
 

@@ -88,6 +88,11 @@ def _choose_type(qtype: str, item: PlannedTensor, hp: Hparams, fallbacks: list[F
     if qtype == "F16":
         return QT.F16
     if qtype == "Q4_K_M":
+        if not hp.family.gguf_q4_k_m:
+            raise ValueError(
+                f"Q4_K_M for {hp.family.hf_class} needs Q5_K for its fused attn_qkv, which this writer does not have; "
+                "export F16, Q8_0 or Q4_0"
+            )
         return kquants.q4_k_m_type_for(
             item.name, item.layer, hp.n_layers, cols, tied_embeddings=hp.tied, fallbacks=fallbacks
         )
@@ -233,6 +238,9 @@ def _write_kv(w: GGUFWriter, hp: Hparams, vocab: Vocab, qtype: str, metadata: di
     if hp.arch == "llama":  # keys llama.cpp's converter writes for the GGUF arch "llama" (Llama and Mistral)
         w.add_rope_dimension_count(hp.head_dim)
         w.add_vocab_size(hp.vocab)
+    if hp.arch == "phi3":  # and for "phi3" (no sliding window unless the config sets one)
+        w.add_rope_dimension_count(hp.head_dim)
+        w.add_sliding_window(int(hp.config.get("sliding_window") or 0))
     if hp.explicit_head_dim:
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)

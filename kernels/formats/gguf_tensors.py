@@ -28,6 +28,7 @@ def read_json(path: Path) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Hparams:
     family: Family
+    config: dict[str, Any]
     arch: str
     n_layers: int
     hidden: int
@@ -83,6 +84,7 @@ def read_hparams(cfg: dict[str, Any]) -> Hparams:
         )
     return Hparams(
         family=family,
+        config=cfg,
         arch=arch,
         hidden=hidden,
         n_head=n_head,
@@ -176,6 +178,8 @@ _LAYER_MAP = {
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",  # gate rows then up rows, as llama.cpp's phi3 splits it
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -183,17 +187,7 @@ _LAYER_MAP = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-_REQUIRED_LAYER = [
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-]
+_NORMS = ["input_layernorm.weight", "post_attention_layernorm.weight"]
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -208,25 +202,22 @@ class PlannedTensor:
     """Data the writer makes itself (Llama 3's `rope_freqs.weight`) instead of reading `hf` from the folder."""
 
 
-def _expected_shapes(hp: Hparams) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(hp: Hparams, cfg_shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
     q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-    return {
-        "input_layernorm.weight": (hp.hidden,),
-        "post_attention_layernorm.weight": (hp.hidden,),
-        "self_attn.q_proj.weight": (q, hp.hidden),
-        "self_attn.k_proj.weight": (kv, hp.hidden),
-        "self_attn.v_proj.weight": (kv, hp.hidden),
-        "self_attn.o_proj.weight": (hp.hidden, q),
-        "self_attn.q_proj.bias": (q,),
-        "self_attn.k_proj.bias": (kv,),
-        "self_attn.v_proj.bias": (kv,),
-        "self_attn.o_proj.bias": (hp.hidden,),
-        "self_attn.q_norm.weight": (hp.head_dim,),
-        "self_attn.k_norm.weight": (hp.head_dim,),
-        "mlp.gate_proj.weight": (hp.ffn, hp.hidden),
-        "mlp.up_proj.weight": (hp.ffn, hp.hidden),
-        "mlp.down_proj.weight": (hp.hidden, hp.ffn),
-    }
+    shapes: dict[str, tuple[int, ...]] = {f"{name}.weight": shape for name, shape in cfg_shapes.items()}
+    shapes.update(
+        {
+            "input_layernorm.weight": (hp.hidden,),
+            "post_attention_layernorm.weight": (hp.hidden,),
+            "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,),
+            "self_attn.o_proj.bias": (hp.hidden,),
+            "self_attn.q_norm.weight": (hp.head_dim,),
+            "self_attn.k_norm.weight": (hp.head_dim,),
+        }
+    )
+    return shapes
 
 
 def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[PlannedTensor]:
@@ -235,7 +226,8 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     if not hp.tied:
         required.append("lm_head.weight")
-    layer_req = _REQUIRED_LAYER + list(hp.family.layer_extras)
+    linears = [f"{name}.weight" for group in hp.family.linear_sets for name in group]
+    layer_req = _NORMS + linears + list(hp.family.layer_extras)
     required += [f"model.layers.{i}.{k}" for i in range(hp.n_layers) for k in layer_req]
     for name in required:
         if name not in have:
@@ -244,7 +236,7 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
                 "re-save the model with save_pretrained"
             )
 
-    expected = _expected_shapes(hp)
+    expected = _expected_shapes(hp, hp.family.linear_shapes(hp.config))
     top = {
         "model.embed_tokens.weight": ("token_embd.weight", (hp.vocab, hp.hidden)),
         "model.norm.weight": ("output_norm.weight", (hp.hidden,)),

@@ -91,15 +91,15 @@ OPTIMIZERS: dict[str, OptimizerKind] = {
     "adamw_8bit": OptimizerKind(8, paged=False),
 }
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class TrainParams(Section):
     lora_r: Annotated[int, Field(ge=1, le=1024)] = 16
     lora_alpha: Annotated[float, Field(gt=0)] = 32.0
     lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     use_rslora: bool = False
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    target_modules: list[str] | None = None
+    """Projections to adapt; null: every projection of the model's family (Llama: q/k/v/o/gate/up/down_proj,
+    Phi-3: qkv/o/gate_up/down_proj), the QLoRA recipe's all-linear default."""
     adapter_dtype: Literal["float32", "bfloat16"] = "float32"
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit"] = "paged_adamw_32bit"
     optimizer_page_budget_mb: Annotated[float, Field(gt=0)] | None = None
@@ -123,8 +123,8 @@ class TrainParams(Section):
 
     @model_validator(mode="after")
     def _targets_known(self) -> TrainParams:
-        if not self.target_modules:
-            raise ValueError("train.target_modules must name at least one projection")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("train.target_modules must name at least one projection (or be null for all of them)")
         return self
 
 

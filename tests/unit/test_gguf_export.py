@@ -68,6 +68,8 @@ def family_dirs(llama_dir: Path, qwen2_dir: Path, tmp_path_factory: pytest.TempP
         "qwen3": tiny.make_model_dir(root / "qwen3", "qwen3", head_dim=128, **DIMS),
         # Llama 2 / Mistral v0.1–0.3 / TinyLlama tokenizer kind: SentencePiece-style BPE with byte fallback
         "llama-spm": tiny.make_model_dir(root / "spm", "llama", tokenizer="sentencepiece", **DIMS),
+        # fused qkv_proj and gate_up_proj; not named "phi3…": llama.cpp then expects Phi-3's own special tokens
+        "phi3": tiny.make_model_dir(root / "p3", "phi3", **DIMS),
     }
 
 
@@ -430,7 +432,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize(("arch", "qtype"), [(a, q) for a in FAMILIES for q in QTYPES])
+@pytest.mark.parametrize(
+    ("arch", "qtype"), [(a, q) for a in FAMILIES for q in QTYPES] + [("phi3", q) for q in QTYPES if q != "Q4_K_M"]
+)
 def test_llama_cpp_loads_tokenizes_and_matches_logits(
     arch: str, qtype: str, family_dirs: dict[str, Path], tmp_path: Path
 ) -> None:

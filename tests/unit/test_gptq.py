@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora_pipeline.kernels.architectures import LINEAR_SETS
 from qlora_pipeline.kernels.formats.gptq_folder import (
     gptq_quantization_config,
     pack_gptq_v1,
@@ -24,7 +25,7 @@ from qlora_pipeline.kernels.formats.gptq_folder import (
     write_gptq_checkpoint,
 )
 from qlora_pipeline.kernels.gptq import GPTQResult, Hessian, gptq_quantize, output_error, rtn_quantize
-from qlora_pipeline.kernels.gptq_model import LINEAR_SETS, quantize_model_gptq
+from qlora_pipeline.kernels.gptq_model import quantize_model_gptq
 from tests import tiny
 from tests.gptq_reader import read_gptq_v1
 

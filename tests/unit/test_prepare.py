@@ -202,7 +202,11 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 @pytest.mark.parametrize(
     ("model_overrides", "export", "expected"),
     [
-        ({"rope_parameters": YARN}, {}, r"GGUF export would fail .*'yarn'.*; set export.gguf_types: \[\] to skip GGUF"),
+        (
+            {"rope_parameters": YARN},
+            {},
+            r"GGUF export would fail .*'yarn'.*; change export.gguf_types \(\[\] skips GGUF\)",
+        ),
         ({}, {"gptq_group_size": 48}, r"GPTQ export would fail .*group size 48 does not divide the 64 input columns"),
     ],
 )
@@ -249,3 +253,13 @@ def test_prepare_reads_a_hub_id_from_the_local_cache_offline(tmp_path, tiny_llam
         prepare.run(parse_params(raw))
     with pytest.raises(ParamsError, match="is not a hub id"):
         parse_params({"model": {"source": "hf", "path": "just-a-name"}})
+
+
+def test_prepare_refuses_lora_targets_the_family_does_not_have(tmp_path, qa_jsonl) -> None:
+    """Phi-3 fuses its projections: Llama's target names are refused at prepare, naming the ones it has."""
+    model = tiny.make_model_dir(tmp_path / "model", "phi3")
+    raw = tiny.params_for(tmp_path, model, qa_jsonl, train={"target_modules": ["q_proj", "v_proj"]})
+    with pytest.raises(
+        InputError, match=r"names q_proj, which Phi3ForCausalLM does not have \(its projections: qkv_proj"
+    ):
+        prepare.run(parse_params(raw))

@@ -126,6 +126,7 @@ FAMILIES = {
     "mistral": ("mistral", {"sliding_window": 4096}),
     "llama3.1": ("llama", {"rope_parameters": LLAMA31_ROPE, "tie_word_embeddings": False}),
     "llama2-sentencepiece": ("llama", {"tokenizer": "sentencepiece"}),
+    "phi3": ("phi3", {}),
 }
 
 
@@ -133,8 +134,8 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_goes_through_every_stage(family: str, tmp_path: Path, qa_jsonl: Path) -> None:
     """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window), Llama 3.1 (llama3 rope, untied head),
-    Llama 2 (SentencePiece-style tokenizer, [INST] chat template): prepare → quantize → train → merge → evaluate →
-    export, the GGUF scored by llama.cpp and GPTQ by our reader."""
+    Llama 2 (SentencePiece-style tokenizer, [INST] chat template), Phi-3 (fused qkv/gate_up, adapted by default):
+    prepare → quantize → train → merge → evaluate → export, the GGUF scored by llama.cpp and GPTQ by our reader."""
     arch, overrides = FAMILIES[family]
     model = tiny.make_model_dir(tmp_path / "base", arch, **overrides)
     raw = tiny.params_for(
