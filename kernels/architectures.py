@@ -30,6 +30,10 @@ class Family:
     """Phi-3's layout: one `qkv_proj` and one `gate_up_proj` per layer instead of q/k/v and gate/up."""
     gguf_q4_k_m: bool = True
     """llama.cpp's Q4_K_M gives a fused `attn_qkv` Q5_K, a K-quant the writer does not have: refused up front."""
+    norm_offset: bool = False
+    """Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so the converter stores w + 1."""
+    gguf_layer_names: tuple[tuple[str, str], ...] = ()
+    """Per-layer GGUF names that differ from Llama's (HF name under `model.layers.N.`, GGUF name under `blk.N.`)."""
 
     @property
     def linear_sets(self) -> tuple[tuple[str, ...], ...]:
@@ -103,6 +107,22 @@ FAMILIES: tuple[Family, ...] = (
     ),
     # Phi-3 (mini/medium, 4k/128k without longrope): fused qkv and gate_up; GGUF arch phi3 takes them fused
     # (attn_qkv, and ffn_up holding gate then up), NEOX rope.
+    # Gemma 2: four norms per layer, (1 + w) norms, embeddings scaled by sqrt(hidden) and tied, attention and final
+    # logit soft-capping, sliding window on alternate layers; llama.cpp's gemma2 arch does each of these itself.
+    Family(
+        "Gemma2ForCausalLM",
+        "gemma2",
+        "gemma2",
+        gguf_permute_qk=False,
+        gguf_pre="default",
+        layer_extras=("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"),
+        norm_offset=True,
+        gguf_layer_names=(
+            ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+            ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+            ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+        ),
+    ),
     Family("Phi3ForCausalLM", "phi3", "phi3", gguf_permute_qk=False, gguf_pre="gpt-2", fused=True, gguf_q4_k_m=False),
 )
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(f.hf_class for f in FAMILIES)

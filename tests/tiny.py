@@ -28,6 +28,16 @@ CORPUS = [
     "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation , . ; : ! ? ( ) [ ] { } ' \" - _",
 ]
 
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+"""Llama 3.1's rope scaling with a 64-token original context, so it moves most frequencies of a tiny model."""
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -97,7 +107,7 @@ LLAMA2_CHAT = (
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common: dict[str, Any] = {
         "vocab_size": vocab_size,
@@ -118,7 +128,11 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) ->
     if arch == "phi3":
         common.setdefault("sliding_window", None)
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}
-    cls = {**classes, "phi3": Phi3Config}[arch]
+    if arch == "gemma2":  # llama.cpp scales queries by 1/sqrt(head_dim) except for the 27B model
+        head_dim = common["hidden_size"] // common["num_attention_heads"]
+        common.setdefault("head_dim", head_dim)
+        common.setdefault("query_pre_attn_scalar", common["head_dim"])
+    cls = {**classes, "phi3": Phi3Config, "gemma2": Gemma2Config}[arch]
     return cls(**common)
 
 

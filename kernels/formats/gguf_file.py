@@ -219,6 +219,8 @@ def _encoded(
         w = it.computed if it.computed is not None else src.get(it.hf)
         if it.permute_heads is not None:
             w = permute_qk(w, it.permute_heads)
+        if it.offset:
+            w = w + np.float32(it.offset)
         if not np.isfinite(w).all():
             raise ValueError(f"tensor {it.hf} contains NaN or Inf; refusing to export a broken model")
         yield _encode(w, t, it.hf)
@@ -238,6 +240,13 @@ def _write_kv(w: GGUFWriter, hp: Hparams, vocab: Vocab, qtype: str, metadata: di
     if hp.arch == "llama":  # keys llama.cpp's converter writes for the GGUF arch "llama" (Llama and Mistral)
         w.add_rope_dimension_count(hp.head_dim)
         w.add_vocab_size(hp.vocab)
+    if hp.arch == "gemma2":  # soft-capping and the sliding window of alternate layers, as the converter writes them
+        w.add_attn_logit_softcapping(float(hp.config.get("attn_logit_softcapping") or 0.0))
+        w.add_final_logit_softcapping(float(hp.config.get("final_logit_softcapping") or 0.0))
+        w.add_sliding_window(int(hp.config.get("sliding_window") or 0))
+        if not hp.explicit_head_dim:
+            w.add_key_length(hp.head_dim)
+            w.add_value_length(hp.head_dim)
     if hp.arch == "phi3":  # and for "phi3" (no sliding window unless the config sets one)
         w.add_rope_dimension_count(hp.head_dim)
         w.add_sliding_window(int(hp.config.get("sliding_window") or 0))

@@ -188,6 +188,7 @@ _LAYER_MAP = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 _NORMS = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -200,6 +201,8 @@ class PlannedTensor:
     layer: int
     computed: np.ndarray | None = None
     """Data the writer makes itself (Llama 3's `rope_freqs.weight`) instead of reading `hf` from the folder."""
+    offset: float = 0.0
+    """Added to the values on export (Gemma's (1 + w) norms become llama.cpp's w)."""
 
 
 def _expected_shapes(hp: Hparams, cfg_shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
@@ -209,6 +212,8 @@ def _expected_shapes(hp: Hparams, cfg_shapes: dict[str, tuple[int, int]]) -> dic
         {
             "input_layernorm.weight": (hp.hidden,),
             "post_attention_layernorm.weight": (hp.hidden,),
+            "pre_feedforward_layernorm.weight": (hp.hidden,),
+            "post_feedforward_layernorm.weight": (hp.hidden,),
             "self_attn.q_proj.bias": (q,),
             "self_attn.k_proj.bias": (kv,),
             "self_attn.v_proj.bias": (kv,),
@@ -246,6 +251,7 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
     if hp.rope_freq_factors is not None:  # first, where llama.cpp's converter puts it
         factors = np.asarray(hp.rope_freq_factors, dtype=np.float32)
         items.append(PlannedTensor("<llama3 rope scaling>", "rope_freqs.weight", factors.shape, None, -1, factors))
+    layer_map = {**_LAYER_MAP, **dict(hp.family.gguf_layer_names)}
     for key in sorted(have, key=_sort_key):
         if key.endswith("rotary_emb.inv_freq"):
             continue  # recomputed by every runtime; the converter drops it too
@@ -256,9 +262,9 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
         if key in top:
             gname, want = top[key]
             layer, permute = -1, None
-        elif m and m.group(2) in _LAYER_MAP and int(m.group(1)) < hp.n_layers:
+        elif m and m.group(2) in layer_map and int(m.group(1)) < hp.n_layers:
             layer, sub = int(m.group(1)), m.group(2)
-            gname, want = f"blk.{layer}.{_LAYER_MAP[sub]}", expected[sub]
+            gname, want = f"blk.{layer}.{layer_map[sub]}", expected[sub]
             permute = None
             if hp.family.gguf_permute_qk and sub.startswith("self_attn.q_proj"):
                 permute = hp.n_head
@@ -270,7 +276,8 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
             )
         if shape != want:
             raise ValueError(f"tensor {key} has shape {list(shape)}, expected {list(want)} from config.json")
-        items.append(PlannedTensor(key, gname, shape, permute, layer))
+        offset = 1.0 if hp.family.norm_offset and key.endswith("norm.weight") else 0.0
+        items.append(PlannedTensor(key, gname, shape, permute, layer, offset=offset))
     return items
 
 

@@ -58,11 +58,14 @@ def summed_loss(model: Any, batch: Batch, chunk: int = 512) -> tuple[torch.Tenso
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_positions)
     y = batch.targets
     weight = getattr(head, "weight", None)
-    if weight is not None and not weight.requires_grad and getattr(head, "bias", None) is None:
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: logits = cap·tanh(logits / cap)
+    if weight is not None and not weight.requires_grad and getattr(head, "bias", None) is None and not cap:
         return frozen_head_cross_entropy(h, weight, y, chunk), batch.n_target_tokens
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         logits = head(h[s : s + chunk]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
         total = total + F.cross_entropy(logits, y[s : s + chunk], reduction="sum")
     return total, batch.n_target_tokens
 

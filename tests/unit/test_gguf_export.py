@@ -31,17 +31,13 @@ LINEAGE = {
     "qlora.dataset_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
     "qlora.git_commit": "4c2f1d0",
 }
-LLAMA31_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
+LLAMA31_ROPE = tiny.LLAMA31_ROPE
 TEXT = "Hello, how are you today? The quick brown fox jumps over the lazy dog."
 QTYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
-FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "llama-spm")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "llama-spm", "gemma2")
+NO_SECOND_READER = {"gemma2"}
+"""transformers' GGUF loader is no second reader for these: it rebuilds Gemma 2 without the query scale our file's
+model uses (measured 0.061 off the source while llama.cpp is 0.0007 off), so llama.cpp is compared with the source."""
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +66,8 @@ def family_dirs(llama_dir: Path, qwen2_dir: Path, tmp_path_factory: pytest.TempP
         "llama-spm": tiny.make_model_dir(root / "spm", "llama", tokenizer="sentencepiece", **DIMS),
         # fused qkv_proj and gate_up_proj; not named "phi3…": llama.cpp then expects Phi-3's own special tokens
         "phi3": tiny.make_model_dir(root / "p3", "phi3", **DIMS),
+        # (1 + w) norms, scaled embeddings, soft-capping, sliding window on alternate layers
+        "gemma2": tiny.make_model_dir(root / "g2", "gemma2", **DIMS),
     }
 
 
@@ -453,14 +451,21 @@ def test_llama_cpp_loads_tokenizes_and_matches_logits(
     got = torch.from_numpy(read["logits"])
     with torch.no_grad():
         ref = _hf_model(d)(ids).logits[0]
-        from_gguf = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
-        hf_gguf = from_gguf.eval()(ids).logits[0]
-    reader_gap, cost = _rel(got, hf_gguf), _rel(hf_gguf, ref)
     top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    print(f"{arch} {qtype}: llama.cpp vs transformers {reader_gap:.4f}, weights vs 16-bit {cost:.4f}, top-1 {top1:.2f}")
-    assert reader_gap < READER_GAP[qtype]
-    assert cost < QUANT_COST[qtype]
-    if qtype in ("F16", "Q8_0"):
+    if arch in NO_SECOND_READER:
+        gap = _rel(got, ref)
+        print(f"{arch} {qtype}: llama.cpp vs transformers on the source {gap:.4f}, top-1 {top1:.2f}")
+        assert gap < READER_GAP[qtype] + QUANT_COST[qtype]
+    else:
+        with torch.no_grad():
+            from_gguf = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+            hf_gguf = from_gguf.eval()(ids).logits[0]
+        reader_gap, cost = _rel(got, hf_gguf), _rel(hf_gguf, ref)
+        print(f"{arch} {qtype}: llama.cpp vs transformers {reader_gap:.4f}, weights vs 16-bit {cost:.4f}")
+        assert reader_gap < READER_GAP[qtype]
+        assert cost < QUANT_COST[qtype]
+    # Q8_0 moves Gemma 2's near-tied random logits enough to flip one of 33 argmaxes (0.97)
+    if qtype == "F16" or (qtype == "Q8_0" and arch not in NO_SECOND_READER):
         assert top1 == 1.0
     assert read["n_tokens"] > 1 and isinstance(read["generated"], str)
 

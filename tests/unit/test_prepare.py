@@ -222,15 +222,9 @@ def test_prepare_refuses_a_model_export_could_not_write(tmp_path, qa_jsonl, mode
 
 def test_prepare_takes_a_llama31_model(tmp_path, qa_jsonl) -> None:
     """Llama 3.1's `llama3` rope scaling and untied head pass the export preflight (the GGUF writer handles both)."""
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
-    model = tiny.make_model_dir(tmp_path / "model", "llama", rope_parameters=rope, tie_word_embeddings=False)
+    model = tiny.make_model_dir(
+        tmp_path / "model", "llama", rope_parameters=tiny.LLAMA31_ROPE, tie_word_embeddings=False
+    )
     m = prepare.run(parse_params(tiny.params_for(tmp_path, model, qa_jsonl)))
     assert m.metrics["architecture"] == "LlamaForCausalLM"
 

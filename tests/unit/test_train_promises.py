@@ -112,14 +112,7 @@ def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, interrup
     assert train.TrainRecord.of(rebuilt).resumed_from_step is None
 
 
-LLAMA31_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
+LLAMA31_ROPE = tiny.LLAMA31_ROPE
 FAMILIES = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
@@ -127,6 +120,7 @@ FAMILIES = {
     "llama3.1": ("llama", {"rope_parameters": LLAMA31_ROPE, "tie_word_embeddings": False}),
     "llama2-sentencepiece": ("llama", {"tokenizer": "sentencepiece"}),
     "phi3": ("phi3", {}),
+    "gemma2": ("gemma2", {}),
 }
 
 
@@ -134,7 +128,8 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_goes_through_every_stage(family: str, tmp_path: Path, qa_jsonl: Path) -> None:
     """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window), Llama 3.1 (llama3 rope, untied head),
-    Llama 2 (SentencePiece-style tokenizer, [INST] chat template), Phi-3 (fused qkv/gate_up, adapted by default):
+    Llama 2 (SentencePiece-style tokenizer, [INST] chat template), Phi-3 (fused qkv/gate_up, adapted by default),
+    Gemma 2 ((1 + w) norms, scaled embeddings, attention and final-logit soft-capping, in our loss too):
     prepare → quantize → train → merge → evaluate → export, the GGUF scored by llama.cpp and GPTQ by our reader."""
     arch, overrides = FAMILIES[family]
     model = tiny.make_model_dir(tmp_path / "base", arch, **overrides)
