@@ -24,6 +24,7 @@ from qlora_pipeline.stages.contract.artifacts import (
 )
 from qlora_pipeline.stages.contract.codedeps import code_hash
 from qlora_pipeline.stages.contract.currency import artifacts_root, check_lineage
+from qlora_pipeline.stages.contract.errors import InputError
 from qlora_pipeline.stages.contract.params import DeclaredParams, Params
 from qlora_pipeline.stages.contract.preflight import preflight
 from qlora_pipeline.stages.contract.registry import STAGES
@@ -48,7 +49,13 @@ class StageRecord:
 
     @classmethod
     def of(cls, manifest: Manifest) -> Self:
-        return cls(**manifest.record)
+        try:
+            return cls(**manifest.record)
+        except TypeError:  # a manifest an older version wrote
+            raise InputError(
+                f"the {manifest.stage} artifact lacks what this version records ({cls.__name__}); "
+                f"re-run `qlora stage {manifest.stage}`"
+            ) from None
 
 
 @dataclass

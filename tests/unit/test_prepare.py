@@ -257,3 +257,9 @@ def test_prepare_refuses_lora_targets_the_family_does_not_have(tmp_path, qa_json
         InputError, match=r"names q_proj, which Phi3ForCausalLM does not have \(its projections: qkv_proj"
     ):
         prepare.run(parse_params(raw))
+
+
+def test_a_manifest_from_an_older_version_is_one_line_not_a_crash() -> None:
+    old = artifacts.Manifest(stage="prepare", params={}, code_version={}, record={"base_model": {"path": "/x"}})
+    with pytest.raises(InputError, match=r"lacks what this version records \(PrepareRecord\); re-run `qlora stage"):
+        prepare.PrepareRecord.of(old)
