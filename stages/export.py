@@ -36,20 +36,16 @@ def check_base_model(model_dir: Path, params: Params) -> None:
     writer takes its architecture, rope scaling and tokenizer, GPTQ its linear shapes. Prepare's preflight calls
     this (`Stage.check_base_model`), so a run that would fail here fails before any training, with the setting to
     change."""
-    from qlora_pipeline.kernels.architectures import family_of_class
-    from qlora_pipeline.kernels.formats.gguf_tensors import read_hparams, read_json
+    from qlora_pipeline.kernels.formats.gguf_tensors import read_hparams
     from qlora_pipeline.kernels.formats.gguf_vocab import read_tokenizer
     from qlora_pipeline.kernels.gptq_model import check_config
+    from qlora_pipeline.stages.lm.modelio import supported_config
 
     x = params.export
-    if not (model_dir / "config.json").is_file():
-        return  # prepare itself says what the folder lacks
-    try:
-        cfg = read_json(model_dir / "config.json")
-    except ValueError:
-        return  # prepare names the broken file itself
-    if family_of_class((cfg.get("architectures") or [None])[0]) is None:
-        return  # so does prepare for a family the pipeline does not take at all
+    found = supported_config(model_dir)
+    if found is None:
+        return  # prepare itself says what is wrong with the folder
+    _, cfg = found
     if x.gguf_types:
         try:
             hp = read_hparams(cfg)

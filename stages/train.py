@@ -27,7 +27,7 @@ from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, exec
 from qlora_pipeline.stages.lm.batching import Batch, batch_stream, collate, token_rows
 from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
-from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id
+from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
 from qlora_pipeline.stages.prepare import PrepareRecord
 
 STAGE = "train"
@@ -118,16 +118,10 @@ def lora_targets(t: TrainParams, config: dict[str, Any]) -> list[str]:
 def check_base_model(model_dir: Path, params: Params) -> None:
     """At prepare: every name in train.target_modules is a projection of this model's family."""
     t = params.train
-    config_path = model_dir / "config.json"
-    if t.target_modules is None or not config_path.is_file():
+    found = supported_config(model_dir) if t.target_modules is not None else None
+    if found is None:
         return
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError:
-        return  # prepare names the broken file itself
-    family = family_of_class((config.get("architectures") or [None])[0])
-    if family is None:
-        return
+    family = found[0]
     unknown = [name for name in t.target_modules if name not in family.lora_targets]
     if unknown:
         raise InputError(
@@ -298,7 +292,7 @@ def save_adapter(ctx: StageContext, model: Any) -> None:
         model,
         ctx.out / "adapter",
         base_model_name_or_path=PrepareRecord.of(ctx.parents["prepare"]).base_model_id,
-        target_modules=lora_targets(t, json.loads((ctx.parent_dir("quantize") / "model" / "config.json").read_text())),
+        target_modules=lora_targets(t, model.config.to_dict()),
         r=t.lora_r,
         alpha=t.lora_alpha,
         dropout=t.lora_dropout,

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.kernels.architectures import family_of_class, unsupported_architecture
+from qlora_pipeline.kernels.architectures import Family, family_of_class, unsupported_architecture
 from qlora_pipeline.kernels.formats.atomic import atomic_dir
 from qlora_pipeline.stages.contract.artifacts import sha256_file, sha256_json
 from qlora_pipeline.stages.contract.errors import InputError
@@ -151,6 +151,17 @@ def base_model_id(source: str, weights_sha256: dict[str, str], model_dir: Path |
         repo = model_dir.parent.parent.name.removeprefix("models--").replace("--", "/")
         return f"{repo}@{model_dir.name}"
     return "sha256:" + sha256_json(dict(sorted(weights_sha256.items())))
+
+
+def supported_config(model_dir: Path) -> tuple[Family, dict[str, Any]] | None:
+    """(family, config.json) of a folder the pipeline takes, for the later stages' checks at prepare; None when the
+    folder, its config or its family is wrong, which prepare's own validation reports in its own words."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    family = family_of_class((config.get("architectures") or [None])[0])
+    return None if family is None else (family, config)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
