@@ -21,62 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from qlora_pipeline.kernels.formats.bnb_folder import bnb_quantization_config, load_nf4_state_dict, quantize_state_dict
+from qlora_pipeline.kernels.formats.hf_folder import INDEX_FILE, LazyTensors, ShardWriter, meta_skeleton, weight_files
 from qlora_pipeline.kernels.linear4bit import replace_linears_with_4bit
-
-_INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
-
-
-def _compute_buffers(model: nn.Module) -> None:
-    """Give the meta skeleton real non-persistent buffers (rotary tables: computed from the config, not loaded).
-
-    They are rebuilt on the CPU by transformers' own initializer (``_init_weights``), which is what its
-    ``from_pretrained`` does after building a model on the meta device. A buffer that initializer does not fill is
-    an error, not garbage: it is pre-filled with NaN and checked.
-    """
-    for module in model.modules():
-        names = [
-            n
-            for n, b in module._buffers.items()
-            if b is not None and b.is_meta and n in module._non_persistent_buffers_set
-        ]
-        if not names:
-            continue
-        for n in names:
-            b = module._buffers[n]
-            module._buffers[n] = torch.full(b.shape, float("nan") if b.is_floating_point() else 0, dtype=b.dtype)
-        model._init_weights(module)
-        unset = [n for n in names if module._buffers[n].is_floating_point() and module._buffers[n].isnan().any()]
-        if unset:
-            raise ValueError(
-                f"{type(module).__name__}.{unset[0]} is a computed buffer the 4-bit loader cannot rebuild; "
-                "this architecture is not supported for 4-bit loading"
-            )
-
-
-def _skeleton(config) -> nn.Module:
-    """The HF causal-LM for ``config`` with meta parameters (no weight memory, no init cost) and real buffers.
-
-    Built under ``torch.device("meta")`` (a per-thread context, nothing patched), then the computed buffers are
-    made real by :func:`_compute_buffers`.
-    """
-    from transformers import AutoModelForCausalLM
-
-    config = type(config).from_dict(config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # we build plain modules and swap the linears ourselves
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except ValueError as exc:
-        arch = getattr(config, "architectures", None) or [config.model_type]
-        raise ValueError(f"unsupported architecture {arch[0]} for 4-bit loading: {exc}") from None
-    _compute_buffers(model)
-    return model
 
 
 def _modules_to_quantize(model: nn.Module) -> set[str]:
@@ -91,22 +41,6 @@ def _modules_to_quantize(model: nn.Module) -> set[str]:
     }
 
 
-def _safetensors_files(model_dir: Path) -> list[str]:
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"{model_dir} has no config.json; expected a Hugging Face model folder")
-    if (model_dir / _INDEX).is_file():
-        weight_map = json.loads((model_dir / _INDEX).read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (model_dir / _SINGLE).is_file():
-        files = [_SINGLE]
-    else:
-        raise ValueError(f"{model_dir} has no {_SINGLE} or {_INDEX} (only safetensors checkpoints are read)")
-    for name in files:
-        if not (model_dir / name).is_file():
-            raise ValueError(f"{model_dir / name} listed in {_INDEX} does not exist")
-    return files
-
-
 def save_4bit_checkpoint(
     model_dir_16bit: Path,
     out_dir: Path,
@@ -117,7 +51,9 @@ def save_4bit_checkpoint(
     """Quantize a 16-bit HF folder into a bnb-layout NF4 folder; returns size and error statistics.
 
     Non-quantized tensors (embeddings, norms, lm_head) are copied unchanged; other files (tokenizer,
-    generation config) are copied; config.json gains ``quantization_config``. Shards map one to one.
+    generation config) are copied; config.json gains ``quantization_config``. One tensor is quantized at a time and
+    written into output shards no larger than the largest input shard (``model.safetensors`` when one holds all), so
+    peak memory is one tensor plus one output shard, not the model.
     ``weight_dtype`` casts every floating tensor first (what ``from_pretrained(dtype=...)`` does before bnb
     quantizes): NF4 bytes depend on the dtype quantized from, so pass the dtype users load the model in
     when the files hold another one. None quantizes the tensors as stored.
@@ -126,40 +62,41 @@ def save_4bit_checkpoint(
 
     t0 = time.perf_counter()
     model_dir_16bit, out_dir = Path(model_dir_16bit), Path(out_dir)
-    files = _safetensors_files(model_dir_16bit)
+    files = weight_files(model_dir_16bit)
     config = AutoConfig.from_pretrained(model_dir_16bit, trust_remote_code=False)
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{model_dir_16bit} is already quantized; quantize a 16-bit model")
-    targets = _modules_to_quantize(_skeleton(config))
+    targets = _modules_to_quantize(meta_skeleton(config))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     layers: dict[str, dict] = {}
-    weight_map: dict[str, str] = {}
-    total_before = total_after = 0
-    for name in files:
-        tensors = load_file(model_dir_16bit / name)
-        total_before += sum(t.numel() * t.element_size() for t in tensors.values())
-        if weight_dtype is not None:
-            tensors = {k: t.to(weight_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+    source = LazyTensors(model_dir_16bit)
+    # Output shards no larger than the largest input shard: one tensor in, its NF4 form out, one shard buffered.
+    writer = ShardWriter(out_dir, max((model_dir_16bit / f).stat().st_size for f in files))
+    total_before = 0
+    for key in source.names():
+        tensor = source.read([key])[key]
+        total_before += tensor.numel() * tensor.element_size()
+        if weight_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(weight_dtype)
         new, stats = quantize_state_dict(
-            tensors, skip=lambda k: k.removesuffix(".weight") not in targets, blocksize=blocksize
+            {key: tensor}, skip=lambda k: k.removesuffix(".weight") not in targets, blocksize=blocksize
         )
         layers.update(stats)
-        total_after += sum(t.numel() * t.element_size() for t in new.values())
-        weight_map.update(dict.fromkeys(new, name))
-        save_file(new, out_dir / name, metadata={"format": "pt"})
+        for k, v in new.items():
+            writer.add(k, v)
+        del tensor, new
     missing = sorted(targets - layers.keys())
     if missing:
         raise ValueError(f"linear weight {missing[0]}.weight not found in {model_dir_16bit} safetensors")
-    if len(files) > 1 or (model_dir_16bit / _INDEX).is_file():
-        index = {"metadata": {"total_size": total_after}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    writer.finish()
+    total_after = writer.total_bytes
 
     raw_config = json.loads((model_dir_16bit / "config.json").read_text())
     raw_config["quantization_config"] = bnb_quantization_config(compute_dtype)
     (out_dir / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True) + "\n")
     for path in sorted(model_dir_16bit.iterdir()):
-        if path.is_file() and path.name not in ("config.json", _INDEX) and path.suffix != ".safetensors":
+        if path.is_file() and path.name not in ("config.json", INDEX_FILE) and path.suffix != ".safetensors":
             if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
                 continue  # pickles are never read or passed on
             shutil.copy2(path, out_dir / path.name)
@@ -191,9 +128,9 @@ def load_4bit_model(model_dir: Path, compute_dtype: torch.dtype | None = None) -
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
-    files = _safetensors_files(model_dir)
+    files = weight_files(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    model = _skeleton(config)
+    model = meta_skeleton(config)
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         tensors.update(load_file(model_dir / name))

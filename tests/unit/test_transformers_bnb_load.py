@@ -165,3 +165,30 @@ def test_weight_dtype_casts_before_quantizing(folders: dict, tmp_path: Path) -> 
     assert b'"dtype": "float16"' in blob
     assert torch.equal(tensors[key], quantize_nf4(src.half()).packed)
     assert tensors["model.norm.weight"].dtype == torch.float16
+
+
+def test_sharded_source_is_quantized_into_bounded_shards_transformers_loads(folders: dict, tmp_path: Path) -> None:
+    """A source saved as several shards is quantized one tensor at a time into output shards no larger than the
+    largest input shard, with an index; the tensors equal those of the single-file run and transformers+bnb loads
+    the sharded folder to the same logits."""
+    src = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(folders["root"] / "bf16", dtype=torch.bfloat16).save_pretrained(
+        src, max_shard_size="300KB"
+    )
+    inputs = sorted(src.glob("*.safetensors"))
+    assert len(inputs) > 2
+    save_4bit_checkpoint(src, tmp_path / "nf4")
+    index = json.loads((tmp_path / "nf4" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[-1] == f"model-{len(shards):05d}-of-{len(shards):05d}.safetensors"
+    largest_input = max(f.stat().st_size for f in inputs)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in shards:
+        part = load_file(tmp_path / "nf4" / name)
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= largest_input or len(part) == 1
+        tensors.update(part)
+    single = load_file(folders["root"] / "nf4" / "model.safetensors")
+    assert tensors.keys() == single.keys() and all(torch.equal(tensors[k], single[k]) for k in single)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
+    with torch.no_grad():
+        assert torch.equal(ours(folders["batch"]).logits, folders["ref_logits"])
