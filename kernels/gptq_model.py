@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +33,19 @@ from qlora_pipeline.kernels.gptq import (
     output_error,
     rtn_quantize,
 )
+
+
+@dataclass(frozen=True)
+class LayerStream:
+    """How decoder blocks come into memory for their turn and leave after it, so a model larger than host memory
+    calibrates one block at a time: ``enter(i, layer, device)`` makes block ``i``'s weights real on ``device``;
+    ``leave(i, layer)`` runs once its linears hold their dequantized weights and may drop them (to the meta
+    device); ``captured()`` runs once the inputs of block 0 are captured (the embeddings are no longer needed).
+    Without a stream the model is in memory and blocks just move to ``device`` and back."""
+
+    enter: Callable[[int, nn.Module, torch.device], None]
+    leave: Callable[[int, nn.Module], None]
+    captured: Callable[[], None]
 
 
 class _StopForward(Exception):
@@ -167,21 +181,25 @@ def quantize_model_gptq(
     progress: bool = True,
     true_sequential: bool = True,
     device: torch.device | str | None = None,
-    pack: Callable[[GPTQResult, Tensor | None], Any] | None = None,
+    pack: Callable[[str, GPTQResult, Tensor | None], Any] | None = None,
+    stream: LayerStream | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """GPTQ every decoder-block linear of a HF Llama/Qwen2 causal LM, layer by layer.
 
     ``calibration_input_ids`` is a list of ``[seq]`` or ``[batch, seq]`` token-id tensors (unpadded; each item is
     one forward pass, so lengths may differ). Returns ``(quantized, stats)``: ``quantized`` maps the full module name
-    of every quantized linear (``model.layers.0.self_attn.q_proj``) to ``pack(result, bias)``, called as soon as that
-    linear is quantized (so a compact packing such as the v1 checkpoint's keeps memory low), or to its
+    of every quantized linear (``model.layers.0.self_attn.q_proj``) to ``pack(name, result, bias)``, called as soon as
+    that linear is quantized (so a compact packing such as the v1 checkpoint's, or a write to disk, keeps memory low),
+    or to its
     :class:`~qlora_pipeline.kernels.gptq.GPTQResult` when ``pack`` is None. The model is modified in place: its
     quantized linears hold their dequantized weights afterwards, so it can be evaluated as the quantized model, and
     its other tensors are the ones a checkpoint stores unquantized. ``stats`` gives
     per-module output errors (mean over calibration tokens of ``||W x - Q x||²``) for GPTQ and for RTN on the same
     inputs, damping used, and time. ``device`` (default: where the model is) is where calibration computes: the
     embeddings, rotary tables and head move there once, each decoder block only while it is quantized, so a model
-    larger than the device still calibrates one block at a time; the model is back where it was at the end. Pass an
+    larger than the device still calibrates one block at a time; the model is back where it was at the end. With a
+    ``stream`` (:class:`LayerStream`) the blocks may live on the meta device outside their turn, so a model larger
+    than host memory calibrates too; then placement is the stream's business. Pass an
     fp32 model: in bf16 the dequantized weights written back lose mantissa bits, so later layers would calibrate on
     activations slightly different from those the checkpoint produces.
     """
@@ -190,8 +208,10 @@ def quantize_model_gptq(
     layers = _decoder_layers(model)
     linear_sets = _family(model).linear_sets
     _validate_shapes(layers, linear_sets, bits, group_size)
-    home = next(model.parameters()).device
+    home = next(p.device for p in model.parameters() if not p.is_meta)
     device = home if device is None else torch.device(device)
+    enter = stream.enter if stream else lambda _i, layer, dev: layer.to(dev)
+    leave = stream.leave if stream else lambda _i, layer: layer.to(home)
     if device != home:
         _move_all_but_layers(model, layers, device)
     batches = _as_batches(calibration_input_ids, model.config.vocab_size, device)
@@ -200,6 +220,8 @@ def quantize_model_gptq(
     model.eval()
 
     inputs = _capture_layer0_inputs(model, layers[0], batches)
+    if stream:
+        stream.captured()
     n_tokens = sum(int(h.shape[0] * h.shape[1]) for h, _ in inputs)
     stages = [[s] for s in linear_sets] if true_sequential else [list(linear_sets)]
     quantized: dict[str, Any] = {}
@@ -207,7 +229,7 @@ def quantize_model_gptq(
 
     for i, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress)):
         t_layer = time.perf_counter()
-        layer.to(device)
+        enter(i, layer, device)
         module_stats: dict[str, dict[str, Any]] = {}
         for stage in stages:
             hessians = _collect_hessians(layer, stage, inputs)
@@ -223,7 +245,7 @@ def quantize_model_gptq(
                     err_gptq, err_rtn = output_error(W, res.dequantized, H), output_error(W, rtn.dequantized, H)
                     linear.weight.copy_(res.dequantized.to(linear.weight.dtype))
                     bias = linear.bias.detach() if linear.bias is not None else None
-                    quantized[full] = res if pack is None else pack(res, bias)
+                    quantized[full] = res if pack is None else pack(full, res, bias)
                     module_stats[name] = {
                         "gptq_error": err_gptq,
                         "rtn_error": err_rtn,
@@ -234,11 +256,12 @@ def quantize_model_gptq(
                     }
                 del hessians[s]
         inputs = [(_run_layer(layer, h, kw).detach(), kw) for h, kw in inputs]
-        layer.to(home)
+        leave(i, layer)
         layer_stats.append({"layer": i, "seconds": time.perf_counter() - t_layer, "modules": module_stats})
 
     model.train(was_training)
-    model.to(home)
+    if not stream:
+        model.to(home)
     gptq_total = sum(m["gptq_error"] for ls in layer_stats for m in ls["modules"].values())
     rtn_total = sum(m["rtn_error"] for ls in layer_stats for m in ls["modules"].values())
     stats = {
@@ -271,4 +294,4 @@ def _move_all_but_layers(model: nn.Module, layers: nn.ModuleList, device: torch.
             layers[i] = layer
 
 
-__all__ = ["check_config", "quantize_model_gptq"]
+__all__ = ["LayerStream", "check_config", "quantize_model_gptq"]

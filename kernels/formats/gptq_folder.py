@@ -30,12 +30,13 @@ from torch import Tensor, nn
 from qlora_pipeline.kernels.architectures import family_of_model_type, unsupported_architecture
 from qlora_pipeline.kernels.dtypes import config_dtype
 from qlora_pipeline.kernels.formats.atomic import atomic_dir
+from qlora_pipeline.kernels.formats.hf_folder import LazyTensors, ShardWriter, meta_skeleton, weight_files
 from qlora_pipeline.kernels.gptq import GPTQResult
-from qlora_pipeline.kernels.gptq_model import quantize_model_gptq
+from qlora_pipeline.kernels.gptq_model import LayerStream, quantize_model_gptq
 
 QUANTIZER_ID = "qlora-pipeline:0.1.0"
 _PACKABLE_BITS = (2, 4, 8)  # 3-bit straddles words (10/1/10/1/10); llama.cpp's reader refuses it too
-_WEIGHT_FILE = "model.safetensors"
+_BLOCKS = "model.layers."  # decoder blocks of every supported family
 # Files copied verbatim next to the weights: tokenizer, chat template, generation defaults.
 _COPY_NAMES = (
     "tokenizer.json",
@@ -159,27 +160,70 @@ def gptq_quantization_config(
     }
 
 
-def _packed_on_cpu(result: GPTQResult, bias: Tensor | None) -> dict[str, Tensor]:
-    """What calibration keeps of each linear for the checkpoint: its v1 tensors, on the CPU."""
-    return {k: v.cpu() for k, v in pack_gptq_v1(result, bias).items()}
+class _StreamedCheckpoint:
+    """The GPTQ checkpoint built while calibration streams the model: every tensor goes to a :class:`ShardWriter`
+    as soon as it is final (packed linears when quantized, a block's other tensors when it leaves, the rest from
+    the source), so memory holds one block, its calibration activations and one output shard."""
 
+    def __init__(self, src: Path, tmp: Path, keep_dtype: torch.dtype, device: torch.device) -> None:
+        self.source = LazyTensors(src)
+        self.keep_dtype, self.device = keep_dtype, device
+        self.writer = ShardWriter(tmp, max((src / f).stat().st_size for f in weight_files(src)))
+        self.quantized: set[str] = set()
 
-def _gptq_state_dict(model: nn.Module, packed: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
-    """The model's tensors with each quantized linear's weight/bias replaced by its packed v1 tensors."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        module, _, leaf = key.rpartition(".")
-        if module in packed and leaf in ("weight", "bias"):
-            continue
-        if id(tensor) in seen:  # tied weights (lm_head ↔ embed_tokens) are one Parameter; safetensors refuses both
-            continue
-        seen.add(id(tensor))
-        out[key] = tensor.detach().cpu()
-    for module, tensors in packed.items():
-        for leaf, tensor in tensors.items():
-            out[f"{module}.{leaf}"] = tensor
-    return out
+    def block_keys(self, i: int) -> list[str]:
+        prefix = f"{_BLOCKS}{i}."
+        return [k for k in self.source.names() if k.startswith(prefix)]
+
+    def load_outside(self, model: nn.Module) -> list[str]:
+        """Real fp32 tensors for what runs before block 0 (embeddings, final norm) on the calibration device; the
+        output head stays on the meta device (calibration never reaches it). Returns the keys loaded."""
+        head = {f"{n}.weight" for n, m in model.named_modules() if m is model.get_output_embeddings()}
+        keys = [k for k in self.source.names() if not k.startswith(_BLOCKS) and k not in head]
+        tensors = {k: v.to(self.device) for k, v in self.source.read(keys, torch.float32).items()}
+        model.load_state_dict(tensors, strict=False, assign=True)
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        return keys
+
+    def stream(self, model: nn.Module, outside: list[str]) -> LayerStream:
+        def enter(i: int, layer: nn.Module, device: torch.device) -> None:
+            prefix = f"{_BLOCKS}{i}."
+            tensors = self.source.read(self.block_keys(i), torch.float32)
+            layer.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True, assign=True)
+            layer.to(device)
+
+        def leave(i: int, layer: nn.Module) -> None:
+            for name, tensor in layer.state_dict().items():
+                if name.rpartition(".")[0] not in self.quantized_in(i):
+                    self.add(f"{_BLOCKS}{i}.{name}", tensor)
+            layer.to("meta")
+
+        def captured() -> None:
+            for name, module in model.named_modules():
+                if f"{name}.weight" in outside and not name.startswith("model.layers"):
+                    module.to("meta")
+
+        return LayerStream(enter=enter, leave=leave, captured=captured)
+
+    def quantized_in(self, i: int) -> set[str]:
+        prefix = f"{_BLOCKS}{i}."
+        return {m.removeprefix(prefix) for m in self.quantized if m.startswith(prefix)}
+
+    def add(self, key: str, tensor: Tensor) -> None:
+        self.writer.add(key, tensor.to(self.keep_dtype) if tensor.is_floating_point() else tensor)
+
+    def pack(self, name: str, result: GPTQResult, bias: Tensor | None) -> None:
+        """Called by calibration as each linear is quantized: its v1 tensors go straight to the writer."""
+        self.quantized.add(name)
+        for leaf, tensor in pack_gptq_v1(result, bias).items():
+            self.writer.add(f"{name}.{leaf}", tensor)
+
+    def finish(self, outside: list[str]) -> list[str]:
+        """The tensors outside the blocks, as stored in the source (cast to the config's dtype), then the shards."""
+        for key in outside + [k for k in self.source.names() if k not in outside and not k.startswith(_BLOCKS)]:
+            self.add(key, self.source.read([key])[key])
+        return self.writer.finish()
 
 
 def write_gptq_checkpoint(
@@ -195,13 +239,16 @@ def write_gptq_checkpoint(
 ) -> dict[str, Any]:
     """Quantize a 16-bit HF folder with GPTQ and write a v1 GPTQ checkpoint folder; returns the stats.
 
-    The folder has ``model.safetensors`` (packed linears, other tensors in the source dtype), ``config.json`` with
-    ``quantization_config``, ``quantize_config.json`` (for vLLM), and the tokenizer/generation files. Calibration
-    runs in fp32 (bf16 matmuls are slow on CPU and fp32 activations make better Hessians). ``out_dir`` is replaced
-    atomically (:func:`~qlora_pipeline.kernels.formats.atomic.atomic_dir`); on any error nothing is left behind.
+    The folder has the safetensors (packed linears, other tensors in the config's dtype; shards no larger than the
+    source's largest, with an index when there are several), ``config.json`` with ``quantization_config``,
+    ``quantize_config.json`` (for vLLM), and the tokenizer/generation files. The model is never loaded whole: its
+    skeleton is built on the meta device, each decoder block is read from the source in fp32 for its turn and
+    dropped after (:class:`~qlora_pipeline.kernels.gptq_model.LayerStream`), so host memory is one block, the
+    calibration activations and one output shard. Calibration runs in fp32 (bf16 matmuls are slow on CPU and fp32
+    activations make better Hessians). ``out_dir`` is replaced atomically
+    (:func:`~qlora_pipeline.kernels.formats.atomic.atomic_dir`); on any error nothing is left behind.
     """
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     src, out_dir = Path(model_dir_16bit), Path(out_dir)
     config_path = src / "config.json"
@@ -214,42 +261,36 @@ def write_gptq_checkpoint(
     if family_of_model_type(config.get("model_type")) is None:
         arch = (config.get("architectures") or [config.get("model_type")])[0]
         raise ValueError(unsupported_architecture(arch, "for GPTQ"))
-
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    packed, stats = quantize_model_gptq(
-        model,
-        calibration_input_ids,
-        bits,
-        group_size,
-        damp_percent,
-        progress=progress,
-        true_sequential=true_sequential,
-        device=device,
-        pack=_packed_on_cpu,
-    )
-    state_dict = _gptq_state_dict(model, packed)
-    del model
-    # Unquantized tensors go back to the source dtype; packed tensors keep the dtypes the format fixes (fp16 scales
-    # and bias, int32 words).
-    keep_dtype = config_dtype(config)
-    quantized = {k.rpartition(".")[0] for k in state_dict if k.endswith(".qweight")}
-    state_dict = {
-        k: (v.to(keep_dtype) if v.is_floating_point() and k.rpartition(".")[0] not in quantized else v).contiguous()
-        for k, v in state_dict.items()
-    }
     qcfg = gptq_quantization_config(
         bits, group_size, damp_percent, sym=True, desc_act=False, true_sequential=true_sequential
     )
-    config["quantization_config"] = qcfg
+    device = torch.device(device) if device is not None else torch.device("cpu")
 
     with atomic_dir(out_dir) as tmp:
-        save_file(state_dict, str(tmp / _WEIGHT_FILE), metadata={"format": "pt"})
+        model = meta_skeleton(AutoConfig.from_pretrained(src, trust_remote_code=False))
+        checkpoint = _StreamedCheckpoint(src, tmp, config_dtype(config), device)
+        outside = checkpoint.load_outside(model)
+        _, stats = quantize_model_gptq(
+            model,
+            calibration_input_ids,
+            bits,
+            group_size,
+            damp_percent,
+            progress=progress,
+            true_sequential=true_sequential,
+            device=device,
+            pack=checkpoint.pack,
+            stream=checkpoint.stream(model, outside),
+        )
+        del model
+        names = checkpoint.finish(outside)
+        config["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
         for f in sorted(src.iterdir()):
             if f.is_file() and (f.name in _COPY_NAMES or f.suffix in _COPY_SUFFIXES):
                 shutil.copy2(f, tmp / f.name)
-    stats["bytes"] = (out_dir / _WEIGHT_FILE).stat().st_size
+    stats["bytes"] = sum((out_dir / name).stat().st_size for name in names)
     return stats
 
 

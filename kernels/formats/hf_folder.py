@@ -12,9 +12,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -90,7 +90,7 @@ class ShardWriter:
         if not self.pending:
             return
         name = f"shard-{len(self.written):05d}.tmp"
-        save_file(self.pending, str(self.out_dir / name), metadata={"format": "pt"})
+        safetensors.torch.save_file(self.pending, str(self.out_dir / name), metadata={"format": "pt"})
         self.written.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

@@ -462,3 +462,54 @@ def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unsupported architecture GPT2LMHeadModel for GPTQ; supported: Llama"):
         write_gptq_checkpoint(src, tmp_path / "out", [torch.zeros(4, dtype=torch.long)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_checkpoint_streams_one_block_at_a_time_into_bounded_shards(
+    gptq_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sharded source is calibrated with one decoder block real at a time (the others and, after the capture, the
+    embeddings on the meta device) and written into shards no larger than the largest input shard, with an index;
+    the tensors equal the single-file run's."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.kernels.formats import gptq_folder
+    from qlora_pipeline.kernels.gptq_model import LayerStream
+
+    src = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(gptq_run["src"], dtype=torch.bfloat16).save_pretrained(
+        src, max_shard_size="60KB"
+    )
+    for f in gptq_run["src"].iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            (src / f.name).write_bytes(f.read_bytes())
+    inputs = sorted(src.glob("*.safetensors"))
+    assert len(inputs) > 2
+    real_blocks: list[tuple[int, list[int], bool]] = []
+    streamed = gptq_folder._StreamedCheckpoint.stream
+
+    def spy(self, model, outside):  # the product's stream, wrapped
+        stream = streamed(self, model, outside)
+
+        def enter(i: int, layer: torch.nn.Module, device: torch.device) -> None:
+            stream.enter(i, layer, device)
+            real = [j for j, b in enumerate(model.model.layers) if not any(p.is_meta for p in b.parameters())]
+            real_blocks.append((i, real, model.model.embed_tokens.weight.is_meta))
+
+        return LayerStream(enter=enter, leave=stream.leave, captured=stream.captured)
+
+    monkeypatch.setattr(gptq_folder._StreamedCheckpoint, "stream", spy)
+    write_gptq_checkpoint(src, tmp_path / "gptq", list(gptq_run["calib"].split(8)), group_size=64)
+    assert real_blocks == [(0, [0], True), (1, [1], True)]
+
+    out = tmp_path / "gptq"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    largest_input = max(f.stat().st_size for f in inputs)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in shards:
+        part = load_file(out / name)
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= largest_input or len(part) == 1
+        tensors.update(part)
+    single = load_file(gptq_run["out"] / "model.safetensors")
+    assert tensors.keys() == single.keys() and all(torch.equal(tensors[k], single[k]) for k in single)
