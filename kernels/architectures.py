@@ -34,6 +34,9 @@ class Family:
     """Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so the converter stores w + 1."""
     gguf_layer_names: tuple[tuple[str, str], ...] = ()
     """Per-layer GGUF names that differ from Llama's (HF name under `model.layers.N.`, GGUF name under `blk.N.`)."""
+    gguf_query_scale_27b_layers: int = 0
+    """Gemma: llama.cpp scales queries by 1/sqrt(head_dim), except in the model with this many layers (the 27B), by
+    1/sqrt(hidden / heads); a config whose `query_pre_attn_scalar` is neither cannot be written."""
 
     @property
     def linear_sets(self) -> tuple[tuple[str, ...], ...]:
@@ -83,6 +86,12 @@ FUSED_LINEAR_SETS: tuple[tuple[str, ...], ...] = (
 )
 
 
+GEMMA_LAYER_NAMES = (
+    ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+    ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+    ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+)
+
 FAMILIES: tuple[Family, ...] = (
     Family("LlamaForCausalLM", "llama", "llama", gguf_permute_qk=True, gguf_pre="gpt-2", llama3_rope=True),
     Family(
@@ -117,11 +126,26 @@ FAMILIES: tuple[Family, ...] = (
         gguf_pre="default",
         layer_extras=("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"),
         norm_offset=True,
-        gguf_layer_names=(
-            ("post_attention_layernorm.weight", "post_attention_norm.weight"),
-            ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
-            ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+        gguf_layer_names=GEMMA_LAYER_NAMES,
+        gguf_query_scale_27b_layers=46,
+    ),
+    # Gemma 3 (text: 270M/1B as Gemma3ForCausalLM): Gemma 2's layout plus (1 + w) RMSNorms over each head of q and k,
+    # no soft-capping, 5 sliding layers to 1 global with their own rope bases (10k local, 1M global + linear scaling).
+    Family(
+        "Gemma3ForCausalLM",
+        "gemma3_text",
+        "gemma3",
+        gguf_permute_qk=False,
+        gguf_pre="default",
+        layer_extras=(
+            "pre_feedforward_layernorm.weight",
+            "post_feedforward_layernorm.weight",
+            "self_attn.q_norm.weight",
+            "self_attn.k_norm.weight",
         ),
+        norm_offset=True,
+        gguf_layer_names=GEMMA_LAYER_NAMES,
+        gguf_query_scale_27b_layers=62,
     ),
     Family("Phi3ForCausalLM", "phi3", "phi3", gguf_permute_qk=False, gguf_pre="gpt-2", fused=True, gguf_q4_k_m=False),
 )

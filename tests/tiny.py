@@ -107,7 +107,15 @@ LLAMA2_CHAT = (
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) -> Any:
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common: dict[str, Any] = {
         "vocab_size": vocab_size,
@@ -128,11 +136,15 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) ->
     if arch == "phi3":
         common.setdefault("sliding_window", None)
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}
-    if arch == "gemma2":  # llama.cpp scales queries by 1/sqrt(head_dim) except for the 27B model
+    if arch in ("gemma2", "gemma3"):  # llama.cpp scales queries by 1/sqrt(head_dim) except for the 27B model
         head_dim = common["hidden_size"] // common["num_attention_heads"]
         common.setdefault("head_dim", head_dim)
         common.setdefault("query_pre_attn_scalar", common["head_dim"])
-    cls = {**classes, "phi3": Phi3Config, "gemma2": Gemma2Config}[arch]
+    if arch == "gemma3":  # a sliding layer (window 8, rope base 10k) then a global one (1M), as 5:1 models alternate
+        n = common["num_hidden_layers"]
+        common.setdefault("sliding_window", 8)
+        common.setdefault("layer_types", ["sliding_attention"] * (n - 1) + ["full_attention"])
+    cls = {**classes, "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}[arch]
     return cls(**common)
 
 

@@ -247,10 +247,19 @@ def _write_kv(w: GGUFWriter, hp: Hparams, vocab: Vocab, qtype: str, metadata: di
         if not hp.explicit_head_dim:
             w.add_key_length(hp.head_dim)
             w.add_value_length(hp.head_dim)
+    if hp.arch == "gemma3":  # head dims, soft-capping only when set, and the sliding layers with their rope base
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)
+        if hp.config.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(hp.config["final_logit_softcapping"]))
+        if hp.swa_layers is not None and any(hp.swa_layers):
+            w.add_sliding_window(int(hp.config["sliding_window"]))
+            w.add_sliding_window_pattern(list(hp.swa_layers))
+            w.add_rope_freq_base_swa(hp.rope_theta_swa if hp.rope_theta_swa is not None else hp.rope_theta)
     if hp.arch == "phi3":  # and for "phi3" (no sliding window unless the config sets one)
         w.add_rope_dimension_count(hp.head_dim)
         w.add_sliding_window(int(hp.config.get("sliding_window") or 0))
-    if hp.explicit_head_dim:
+    if hp.explicit_head_dim and hp.arch != "gemma3":
         w.add_key_length(hp.head_dim)
         w.add_value_length(hp.head_dim)
     if hp.rope_linear_factor is not None:

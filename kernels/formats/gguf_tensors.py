@@ -45,6 +45,10 @@ class Hparams:
     explicit_head_dim: bool
     rope_freq_factors: tuple[float, ...] | None = None
     """Llama 3.x (`rope_type: llama3`): a divisor per rotary frequency, written as the `rope_freqs.weight` tensor."""
+    rope_theta_swa: float | None = None
+    """Gemma 3: the rope base of the sliding-window layers (the global ones take `rope_theta`)."""
+    swa_layers: tuple[bool, ...] | None = None
+    """Which layers attend within `sliding_window` (from `layer_types`), None when the config names no types."""
 
 
 def read_hparams(cfg: dict[str, Any]) -> Hparams:
@@ -68,6 +72,13 @@ def read_hparams(cfg: dict[str, Any]) -> Hparams:
     except KeyError as e:
         raise ValueError(f"config.json lacks {e.args[0]!r}, which GGUF export needs") from None
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta_swa = None
+    if "full_attention" in rope:  # Gemma 3: one rope per attention type; llama.cpp scales only the global one
+        local = rope.get("sliding_attention") or {}
+        if str(local.get("rope_type", "default")) != "default":
+            raise ValueError(f"sliding-layer rope type {local.get('rope_type')!r} is not supported by the GGUF writer")
+        theta_swa = float(local.get("rope_theta", 10000.0))
+        rope = rope["full_attention"]
     theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = str(rope.get("rope_type", rope.get("type", "default")) or "default")
     head_dim = cfg.get("head_dim")
@@ -82,20 +93,39 @@ def read_hparams(cfg: dict[str, Any]) -> Hparams:
         raise ValueError(
             f"rope scaling type {rope_type!r} is not supported by the GGUF writer (default, linear, llama3 for Llama)"
         )
+    head_dim_value = int(head_dim) if head_dim else hidden // n_head
+    check_query_scale(cfg, family, hp["n_layers"], hidden // n_head, head_dim_value)
+    types = cfg.get("layer_types")
     return Hparams(
         family=family,
         config=cfg,
         arch=arch,
         hidden=hidden,
         n_head=n_head,
-        head_dim=int(head_dim) if head_dim else hidden // n_head,
+        head_dim=head_dim_value,
         rope_theta=theta,
         rope_linear_factor=linear,
         tied=bool(cfg.get("tie_word_embeddings", False)),  # transformers' default for both classes
         explicit_head_dim=bool(head_dim),
         rope_freq_factors=factors,
+        rope_theta_swa=theta_swa,
+        swa_layers=tuple(t == "sliding_attention" for t in types) if types and cfg.get("sliding_window") else None,
         **hp,
     )
+
+
+def check_query_scale(cfg: dict[str, Any], family: Family, n_layers: int, wide: int, head_dim: int) -> None:
+    """Gemma's query scale is `query_pre_attn_scalar ** -0.5`; llama.cpp has no key for it and uses head_dim (the
+    27B: hidden / heads), so a model with another scalar would load and attend wrongly: refused."""
+    scalar = cfg.get("query_pre_attn_scalar")
+    if not family.gguf_query_scale_27b_layers or scalar is None:
+        return
+    used = wide if n_layers == family.gguf_query_scale_27b_layers else head_dim
+    if int(scalar) != used:
+        raise ValueError(
+            f"query_pre_attn_scalar is {scalar} but llama.cpp scales a {n_layers}-layer {family.gguf_arch} model's "
+            f"queries by 1/sqrt({used}); the GGUF file would attend differently from the model"
+        )
 
 
 def llama3_rope_factors(rope: dict[str, Any], theta: float, head_dim: int) -> tuple[float, ...]:

@@ -34,10 +34,11 @@ LINEAGE = {
 LLAMA31_ROPE = tiny.LLAMA31_ROPE
 TEXT = "Hello, how are you today? The quick brown fox jumps over the lazy dog."
 QTYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
-FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "llama-spm", "gemma2")
-NO_SECOND_READER = {"gemma2"}
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "llama-spm", "gemma2", "gemma3")
+NO_SECOND_READER = {"gemma2", "gemma3"}
 """transformers' GGUF loader is no second reader for these: it rebuilds Gemma 2 without the query scale our file's
-model uses (measured 0.061 off the source while llama.cpp is 0.0007 off), so llama.cpp is compared with the source."""
+model uses (measured 0.061 off the source while llama.cpp is 0.0007 off) and Gemma 3 without its sliding layers and
+their rope base (0.596 off, llama.cpp 0.0008), so llama.cpp is compared with the source."""
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,8 @@ def family_dirs(llama_dir: Path, qwen2_dir: Path, tmp_path_factory: pytest.TempP
         "phi3": tiny.make_model_dir(root / "p3", "phi3", **DIMS),
         # (1 + w) norms, scaled embeddings, soft-capping, sliding window on alternate layers
         "gemma2": tiny.make_model_dir(root / "g2", "gemma2", **DIMS),
+        # + q/k norms, a sliding layer (window 8 < the test text, rope base 10k) then a global one (rope base 1M)
+        "gemma3": tiny.make_model_dir(root / "g3", "gemma3", **DIMS),
     }
 
 
@@ -555,3 +558,40 @@ def test_llama_cpp_tokenizes_like_transformers_with_a_sentencepiece_vocab(
     write_gguf(d, out, "F16")
     ids = AutoTokenizer.from_pretrained(d)(text)["input_ids"]
     assert llama_oracle.read(out, text, ids)["tokens"] == ids
+
+
+def test_gemma3_sliding_layers_and_their_rope_base_reach_llama_cpp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 3's per-layer attention: which layers slide (from `layer_types`, not llama.cpp's default 5:1 pattern)
+    and their own rope base (here 50k, not llama.cpp's default 10k) are in the file, and llama.cpp's logits match the
+    source only with them: each dropped in turn moves its logits far past the reader gap."""
+    from gguf import GGUFWriter
+
+    rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 50000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+    }
+    d = tiny.make_model_dir(tmp_path / "g3", "gemma3", rope_parameters=rope, **DIMS)
+    ids = _ids(d)
+    with torch.no_grad():
+        ref = _hf_model(d)(ids).logits[0]
+
+    def gap(name: str) -> float:
+        out = tmp_path / f"{name}.gguf"
+        write_gguf(d, out, "F16")
+        measured = _rel(torch.from_numpy(llama_oracle.read(out, TEXT, ids[0].tolist())["logits"]), ref)
+        print(f"gemma3 {name}: llama.cpp vs the source {measured:.4f}")
+        return measured
+
+    assert gap("full") < READER_GAP["F16"]
+    fields = _fields(tmp_path / "full.gguf")
+    assert fields["gemma3.attention.sliding_window"] == 8
+    assert fields["gemma3.attention.sliding_window_pattern"] == [True, False]
+    assert fields["gemma3.rope.freq_base_swa"] == 50000.0 and fields["gemma3.rope.freq_base"] == 1000000.0
+    with monkeypatch.context() as m:
+        m.setattr(GGUFWriter, "add_sliding_window_pattern", lambda *_a: None)
+        assert gap("no-pattern") > 0.1  # llama.cpp's default pattern makes the global layer slide too
+    with monkeypatch.context() as m:
+        m.setattr(GGUFWriter, "add_rope_freq_base_swa", lambda *_a: None)
+        assert gap("no-local-base") > 0.02  # the sliding layer rotates with 10k instead of 50k

@@ -200,19 +200,34 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 
 
 @pytest.mark.parametrize(
-    ("model_overrides", "export", "expected"),
+    ("arch", "model_overrides", "export", "expected"),
     [
         (
+            "llama",
             {"rope_parameters": YARN},
             {},
             r"GGUF export would fail .*'yarn'.*; change export.gguf_types \(\[\] skips GGUF\)",
         ),
-        ({}, {"gptq_group_size": 48}, r"GPTQ export would fail .*group size 48 does not divide the 64 input columns"),
+        (
+            "llama",
+            {},
+            {"gptq_group_size": 48},
+            r"GPTQ export would fail .*group size 48 does not divide the 64 input columns",
+        ),
+        (
+            "gemma3",
+            {"query_pre_attn_scalar": 32},
+            {},
+            r"GGUF export would fail .*query_pre_attn_scalar is 32 but llama\.cpp scales a 2-layer gemma3 model's "
+            r"queries by 1/sqrt\(16\)",
+        ),
     ],
 )
-def test_prepare_refuses_a_model_export_could_not_write(tmp_path, qa_jsonl, model_overrides, export, expected) -> None:
+def test_prepare_refuses_a_model_export_could_not_write(
+    tmp_path, qa_jsonl, arch, model_overrides, export, expected
+) -> None:
     """A run that would fail at export fails at prepare's preflight: one line, the setting to change, no artifact."""
-    model = tiny.make_model_dir(tmp_path / "model", "llama", **model_overrides)
+    model = tiny.make_model_dir(tmp_path / "model", arch, **model_overrides)
     params = parse_params(tiny.params_for(tmp_path, model, qa_jsonl, export=export))
     with pytest.raises(InputError, match=expected) as err:
         prepare.run(params)

@@ -121,6 +121,7 @@ FAMILIES = {
     "llama2-sentencepiece": ("llama", {"tokenizer": "sentencepiece"}),
     "phi3": ("phi3", {}),
     "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3", {}),
 }
 
 
@@ -129,7 +130,8 @@ FAMILIES = {
 def test_each_family_goes_through_every_stage(family: str, tmp_path: Path, qa_jsonl: Path) -> None:
     """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral (sliding window), Llama 3.1 (llama3 rope, untied head),
     Llama 2 (SentencePiece-style tokenizer, [INST] chat template), Phi-3 (fused qkv/gate_up, adapted by default),
-    Gemma 2 ((1 + w) norms, scaled embeddings, attention and final-logit soft-capping, in our loss too):
+    Gemma 2 ((1 + w) norms, scaled embeddings, attention and final-logit soft-capping, in our loss too), Gemma 3
+    (q/k norms, a sliding layer with window 8 < the sequences and its own rope base, then a global one):
     prepare → quantize → train → merge → evaluate → export, the GGUF scored by llama.cpp and GPTQ by our reader."""
     arch, overrides = FAMILIES[family]
     model = tiny.make_model_dir(tmp_path / "base", arch, **overrides)
