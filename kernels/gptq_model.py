@@ -1,8 +1,9 @@
-"""Layer-wise sequential GPTQ for HF Llama / Qwen2 causal LMs (the v1 checkpoint writer is in
-:mod:`qlora_pipeline.kernels.formats.gptq_folder`).
+"""Layer-wise sequential GPTQ for the HF causal LMs of :mod:`qlora_pipeline.kernels.architectures` (the v1 checkpoint
+writer is in :mod:`qlora_pipeline.kernels.formats.gptq_folder`).
 
-The driver follows the paper's sequential scheme: capture what enters decoder layer 0, then for each decoder layer
-collect the Hessian of each linear's input over the calibration batches, GPTQ the weights, put the *dequantized*
+The driver follows the paper's sequential scheme: capture what enters decoder layer 0 (and the mask and rotary tables
+the model hands each layer, which differ between sliding and global layers), then for each decoder layer collect the
+Hessian of each linear's input over the calibration batches, GPTQ the weights, put the *dequantized*
 weights back into the layer and re-run it, so the next layer is calibrated on the activations the quantized model
 will actually produce (errors do not compound unseen). With ``true_sequential`` the four input-sharing sets of a block
 — [q,k,v], [o], [gate,up], [down] — are quantized in execution order, each on inputs that already pass through the
@@ -119,24 +120,40 @@ def _as_batches(calibration_input_ids: list[Tensor], vocab_size: int, device: to
     return batches
 
 
-def _capture_layer0_inputs(model: nn.Module, layer0: nn.Module, batches: list[Tensor]) -> list[tuple[Tensor, dict]]:
-    """Hidden states and keyword arguments (mask, rotary cos/sin, positions) with which the model calls layer 0."""
-    captured: list[tuple[Tensor, dict]] = []
+class _Recorder(nn.Module):
+    """Stands in for decoder block ``index`` while the model runs once per batch: keeps the keyword arguments the
+    model calls that block with (its mask and rotary tables depend on the block's attention type: Gemma's sliding and
+    global blocks differ) and, for block 0, the hidden states; returns the hidden states unchanged."""
 
-    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), kwargs))
-        raise _StopForward
+    def __init__(self, index: int, last: bool, calls: list[list[tuple[Tensor | None, dict]]]) -> None:
+        super().__init__()
+        self.index, self.last, self.calls = index, last, calls
 
-    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    def forward(self, hidden_states: Tensor, **kwargs: Any) -> Tensor:
+        self.calls[self.index].append((hidden_states.detach() if self.index == 0 else None, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def _capture_block_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[Tensor]) -> tuple[list, list]:
+    """What the model hands each decoder block per batch: block 0's hidden states, and every block's keyword
+    arguments (mask, rotary cos/sin, positions), from one pass with the blocks replaced by :class:`_Recorder`."""
+    calls: list[list[tuple[Tensor | None, dict]]] = [[] for _ in layers]
+    held = list(layers)
+    for i in range(len(held)):
+        layers[i] = _Recorder(i, i == len(held) - 1, calls)
     try:
         for ids in batches:
             with contextlib.suppress(_StopForward):
                 model(input_ids=ids, use_cache=False)
     finally:
-        handle.remove()
-    return captured
+        for i, layer in enumerate(held):
+            layers[i] = layer
+    if any(len(c) != len(batches) for c in calls):
+        raise ValueError("the model did not call every decoder block once per batch; GPTQ cannot calibrate it")
+    hidden = [h for h, _ in calls[0]]
+    return hidden, [[kw for _, kw in c] for c in calls]
 
 
 def _run_layer(layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
@@ -219,10 +236,10 @@ def quantize_model_gptq(
     was_training = model.training
     model.eval()
 
-    inputs = _capture_layer0_inputs(model, layers[0], batches)
+    hidden, block_kwargs = _capture_block_inputs(model, layers, batches)
     if stream:
         stream.captured()
-    n_tokens = sum(int(h.shape[0] * h.shape[1]) for h, _ in inputs)
+    n_tokens = sum(int(h.shape[0] * h.shape[1]) for h in hidden)
     stages = [[s] for s in linear_sets] if true_sequential else [list(linear_sets)]
     quantized: dict[str, Any] = {}
     layer_stats: list[dict[str, Any]] = []
@@ -230,6 +247,7 @@ def quantize_model_gptq(
     for i, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress)):
         t_layer = time.perf_counter()
         enter(i, layer, device)
+        inputs = list(zip(hidden, block_kwargs[i], strict=True))
         module_stats: dict[str, dict[str, Any]] = {}
         for stage in stages:
             hessians = _collect_hessians(layer, stage, inputs)
@@ -255,7 +273,7 @@ def quantize_model_gptq(
                         "seconds": time.perf_counter() - t_mod,
                     }
                 del hessians[s]
-        inputs = [(_run_layer(layer, h, kw).detach(), kw) for h, kw in inputs]
+        hidden = [_run_layer(layer, h, kw).detach() for h, kw in inputs]
         leave(i, layer)
         layer_stats.append({"layer": i, "seconds": time.perf_counter() - t_layer, "modules": module_stats})
 

@@ -513,3 +513,39 @@ def test_checkpoint_streams_one_block_at_a_time_into_bounded_shards(
         tensors.update(part)
     single = load_file(gptq_run["out"] / "model.safetensors")
     assert tensors.keys() == single.keys() and all(torch.equal(tensors[k], single[k]) for k in single)
+
+
+def test_each_block_is_calibrated_with_its_own_mask_and_rotary_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma 3 alternates global blocks (full mask, rope base 1M) and sliding ones (window 8 < the sequence, base
+    10k): every block is calibrated on exactly the inputs the quantized model itself feeds it, which takes that
+    block's own mask and rotary tables, not block 0's."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.kernels import gptq_model
+
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    config = tiny.tiny_config("gemma3", vocab_size=VOCAB, num_hidden_layers=3, layer_types=types)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    fed: dict[int, list[torch.Tensor]] = {}
+    run_layer = gptq_model._run_layer
+
+    def spy(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        fed.setdefault(id(layer), []).append(hidden)
+        return run_layer(layer, hidden, kwargs)
+
+    monkeypatch.setattr(gptq_model, "_run_layer", spy)
+    calib = list(torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3)).split(1))
+    quantize_model_gptq(model, calib, group_size=32, progress=False)
+
+    true: dict[int, list[torch.Tensor]] = {}
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(
+            lambda m, args, _kw: true.setdefault(id(m), []).append(args[0]), with_kwargs=True
+        )
+    with torch.no_grad():
+        for ids in calib:
+            model(input_ids=ids, use_cache=False)
+    for i, layer in enumerate(model.model.layers):
+        for k in range(len(calib)):
+            torch.testing.assert_close(fed[id(layer)][k], true[id(layer)][k], atol=1e-5, rtol=1e-5, msg=f"block {i}")
