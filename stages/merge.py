@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from qlora_pipeline.kernels.dtypes import torch_dtype
 from qlora_pipeline.kernels.lora import lora_delta_weight, merged_weight
@@ -81,35 +79,28 @@ def merge_shards(
     scaling: float,
     dtype: torch.dtype,
 ) -> dict[str, float]:
-    """Merge one base shard at a time and write it as an output shard of the same name (with an index when the base
-    has several), so peak memory is about one shard, not the model; returns the relative update per layer."""
+    """Merge one base tensor at a time into output shards no larger than the base's largest (with an index when there
+    are several; one `model.safetensors` when one holds all), so peak memory is one tensor and one output shard, not
+    the model; returns the relative update per layer."""
+    from qlora_pipeline.kernels.formats.hf_folder import LazyTensors, ShardWriter
+
     files = safetensors_files(base_dir)
-    keys: dict[Path, list[str]] = {}
-    for f in files:  # names only (header reads), so a wrong adapter fails before any tensor is loaded
-        with safe_open(f, framework="pt") as st:
-            keys[f] = list(st.keys())
-    missing = set(deltas) - {k for names in keys.values() for k in names}
+    source = LazyTensors(base_dir)  # header reads only, so a wrong adapter fails before any tensor is loaded
+    missing = set(deltas) - set(source.names())
     if missing:
         raise InputError(
             f"the adapter targets {sorted(missing)[0]} but the base model has no such weight; the adapter "
             "belongs to another model architecture"
         )
+    writer = ShardWriter(out, max(f.stat().st_size for f in files))
     rel: dict[str, float] = {}
-    weight_map: dict[str, str] = {}
-    total = 0
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            base = {k: st.get_tensor(k) for k in keys[f]}
-        name = f.name if len(files) > 1 else "model.safetensors"
-        merged, shard_rel = merge_state_dict(base, {k: v for k, v in deltas.items() if k in base}, scaling, dtype)
-        save_file(merged, str(out / name), metadata={"format": "pt"})
-        rel.update(shard_rel)
-        weight_map.update(dict.fromkeys(merged, name))
-        total += sum(v.numel() * v.element_size() for v in merged.values())
+    for key in source.names():
+        base = source.read([key])
+        merged, one_rel = merge_state_dict(base, {key: deltas[key]} if key in deltas else {}, scaling, dtype)
+        writer.add(key, merged[key])
+        rel.update(one_rel)
         del base, merged
-    if len(files) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    writer.finish()
     return rel
 
 

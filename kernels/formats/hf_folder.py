@@ -2,7 +2,7 @@
 its model class, and a sharded safetensors writer.
 
 These are what lets quantize, merge and GPTQ hold one shard or one decoder layer at a time instead of the model
-(docs/architecture.md, memory on one host). Never unpickles: only safetensors are read.
+(docs/architecture.md, Memory on one host). Never unpickles: only safetensors are read.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ def test_evaluate_four_models_report_and_exact_rerun(trained) -> None:
 
 
 def test_merge_streams_shard_by_shard_and_writes_the_same_weights(tmp_path) -> None:
-    """A sharded base is merged one shard at a time into shards of the same names plus an index; the weights equal
+    """A sharded base is merged one tensor at a time into bounded shards plus an index; the weights equal
     those of merging the same base stored as one file."""
     from safetensors.torch import load_file, save_file
 
@@ -195,6 +195,10 @@ def test_merge_streams_shard_by_shard_and_writes_the_same_weights(tmp_path) -> N
     keys = sorted(base)
     save_file({k: base[k] for k in keys[:2]}, str(two / "model-00001-of-00002.safetensors"))
     save_file({k: base[k] for k in keys[2:]}, str(two / "model-00002-of-00002.safetensors"))
+    shard_of = {k: f"model-0000{1 + (i >= 2)}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (two / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shard_of}))
+    for d in (one, two):
+        (d / "config.json").write_text("{}")
     rel_one = merge.merge_shards(one, tmp_path / "out1", deltas, 2.0, torch.bfloat16)
     rel_two = merge.merge_shards(two, tmp_path / "out2", deltas, 2.0, torch.bfloat16)
     assert rel_one == rel_two and len(rel_one) == 3
