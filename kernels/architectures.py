@@ -28,8 +28,6 @@ class Family:
     """Takes Llama 3.x `llama3` rope scaling (as a `rope_freqs.weight` tensor in GGUF)."""
     fused: bool = False
     """Phi-3's layout: one `qkv_proj` and one `gate_up_proj` per layer instead of q/k/v and gate/up."""
-    gguf_q4_k_m: bool = True
-    """llama.cpp's Q4_K_M gives a fused `attn_qkv` Q5_K, a K-quant the writer does not have: refused up front."""
     norm_offset: bool = False
     """Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so the converter stores w + 1."""
     gguf_layer_names: tuple[tuple[str, str], ...] = ()
@@ -147,7 +145,7 @@ FAMILIES: tuple[Family, ...] = (
         gguf_layer_names=GEMMA_LAYER_NAMES,
         gguf_query_scale_27b_layers=62,
     ),
-    Family("Phi3ForCausalLM", "phi3", "phi3", gguf_permute_qk=False, gguf_pre="gpt-2", fused=True, gguf_q4_k_m=False),
+    Family("Phi3ForCausalLM", "phi3", "phi3", gguf_permute_qk=False, gguf_pre="gpt-2", fused=True),
 )
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(f.hf_class for f in FAMILIES)
 

@@ -1,14 +1,15 @@
-"""GGML K-quants (Q4_K, Q6_K) in numpy, written to reproduce llama.cpp's reference quantizers byte for byte.
+"""GGML K-quants (Q4_K, Q5_K, Q6_K) in numpy, written to reproduce llama.cpp's reference quantizers byte for byte.
 
 Why our own code: the `gguf` wheel only *decodes* K-quants (its `quantize` raises NotImplementedError for them), and
 llama.cpp's `llama-quantize` is a C tool we do not ship. Q4_K_M is still the format people expect to download, so we
-implement the two block formats it needs.
+implement the three block formats it needs (Q5_K only for a fused `attn_qkv`, Phi-3's).
 
 What "reference" means here: without an importance matrix, `llama_model_quantize` calls `quantize_q4_K` /
-`quantize_q6_K` with `quant_weights == NULL`, which go straight to `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref`
-in `ggml/src/ggml-quants.c` (the `make_qkx2_quants` min/scale search for Q4_K and the `make_qx_quants` RMSE search for
-Q6_K). Those live in ggml-base, which llama-cpp-python compiles with `-O3 -std=gnu11` and *no* `-march` flag, so the
-arithmetic is plain IEEE float32, one rounding per operation, sums accumulated left to right. We mirror exactly that:
+`quantize_q6_K` (and `quantize_q5_K`) with `quant_weights == NULL`, which go straight to `quantize_row_q4_K_ref` /
+`quantize_row_q5_K_ref` / `quantize_row_q6_K_ref` in `ggml/src/ggml-quants.c` (the `make_qkx2_quants` min/scale
+search for Q4_K and Q5_K, the `make_qx_quants` RMSE search for Q6_K). Those live in ggml-base, which
+llama-cpp-python compiles with `-O3 -std=gnu11` and *no* `-march` flag, so the arithmetic is plain IEEE float32, one
+rounding per operation, sums accumulated left to right. We mirror exactly that:
 
 * every intermediate is float32 (numpy keeps float32 for float32 ⊗ float32 and for weak Python scalars, NEP 50);
 * every sum over the 16 or 32 values of a sub-block uses `np.add.accumulate` along the block, which is sequential
@@ -25,22 +26,21 @@ Byte layouts (`ggml-common.h`), per super-block of QK_K = 256 values:
 * ``block_q4_K`` (144 bytes): ``d`` fp16, ``dmin`` fp16, ``scales[12]`` (eight 6-bit scales and eight 6-bit mins),
   ``qs[128]`` (4-bit quants; byte ``32*c + l`` holds value ``64*c + l`` in the low nibble and ``64*c + 32 + l`` in the
   high nibble). A value decodes as ``d*sc*q - dmin*m``.
+* ``block_q5_K`` (176 bytes): ``d``, ``dmin``, ``scales[12]`` as Q4_K, then ``qh[32]`` (bit ``2c`` of byte ``l`` is
+  the fifth bit of value ``64*c + l``, bit ``2c + 1`` that of ``64*c + 32 + l``) and ``qs[128]`` (low 4 bits, as Q4_K).
 * ``block_q6_K`` (210 bytes): ``ql[128]`` (low 4 bits), ``qh[64]`` (high 2 bits), ``scales[16]`` int8, ``d`` fp16.
   A value decodes as ``d*scale*(q - 32)``.
 
-The Q4_K_M *mix* (which tensor gets which type) is `q4_k_m_type_for`, following `src/llama-quant.cpp`.
+The Q4_K_M *mix* (which tensor gets which type) is :mod:`qlora_pipeline.kernels.kquant_mix`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
-
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 
 QK_K = 256
 Q4_K_BLOCK_BYTES = 144
+Q5_K_BLOCK_BYTES = 176
 Q6_K_BLOCK_BYTES = 210
 # GROUP_MAX_EPS in ggml-quants.c: below this absolute max a 16-value group counts as all-zero.
 _GROUP_MAX_EPS = np.float32(1e-15)
@@ -49,13 +49,12 @@ _CHUNK_SUBBLOCKS = 1 << 14
 
 __all__ = [
     "Q4_K_BLOCK_BYTES",
+    "Q5_K_BLOCK_BYTES",
     "Q6_K_BLOCK_BYTES",
     "QK_K",
-    "Fallback",
-    "q4_k_m_type_for",
     "quantize_q4_k",
+    "quantize_q5_k",
     "quantize_q6_k",
-    "use_more_bits",
 ]
 
 _F32 = np.float32
@@ -150,13 +149,19 @@ def _make_qkx2_quants(
     return scale, (-mn).astype(_F32), L
 
 
-def _quantize_q4_k_blocks(xb: np.ndarray) -> np.ndarray:
-    """xb: (nb, 256) float32 super-blocks -> (nb, 144) uint8, as quantize_row_q4_K_ref."""
+_K_MIN_PARAMS = {4: (15, -1.0, 0.1, 20, Q4_K_BLOCK_BYTES), 5: (31, -0.5, 0.1, 15, Q5_K_BLOCK_BYTES)}
+"""bits -> (nmax, rmin, rdelta, nstep, block bytes): the `make_qkx2_quants` search of quantize_row_q4_K_ref and
+quantize_row_q5_K_ref, which differ in nothing else before the bit packing."""
+
+
+def _quantize_k_min_blocks(xb: np.ndarray, bits: int) -> np.ndarray:
+    """xb: (nb, 256) float32 super-blocks -> (nb, 144) Q4_K or (nb, 176) Q5_K uint8, as quantize_row_q{4,5}_K_ref."""
+    nmax, rmin, rdelta, nstep, nbytes = _K_MIN_PARAMS[bits]
     nb = xb.shape[0]
     xs = xb.reshape(nb * 8, 32)
     av_x = np.sqrt(_seq_sum(xs * xs) / _F32(32))
     weights = av_x[:, None] + np.abs(xs)
-    scales, mins, L = _make_qkx2_quants(xs, weights, 15, -1.0, 0.1, 20)
+    scales, mins, L = _make_qkx2_quants(xs, weights, nmax, rmin, rdelta, nstep)
     scales = scales.reshape(nb, 8)
     mins = mins.reshape(nb, 8)
     L = L.reshape(nb, 8, 32)
@@ -186,15 +191,34 @@ def _quantize_q4_k_blocks(xb: np.ndarray) -> np.ndarray:
     dm = dmin32[:, None] * lm.astype(_F32)
     keep = d == 0  # `if (!d) continue;` keeps the L from the search
     with np.errstate(divide="ignore", invalid="ignore"):
-        lq = np.clip(np.rint((xb.reshape(nb, 8, 32) + dm[:, :, None]) / d[:, :, None]), 0, 15)
+        lq = np.clip(np.rint((xb.reshape(nb, 8, 32) + dm[:, :, None]) / d[:, :, None]), 0, nmax)
     L = np.where(keep[:, :, None], L, lq).astype(np.uint8).reshape(nb, 4, 2, 32)
 
-    out = np.empty((nb, Q4_K_BLOCK_BYTES), dtype=np.uint8)
+    out = np.empty((nb, nbytes), dtype=np.uint8)
     out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
     out[:, 2:4] = dmin16.view(np.uint8).reshape(nb, 2)
     out[:, 4:16] = packed
-    out[:, 16:] = (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(nb, 128)
+    low = L & 0xF
+    if bits == 5:  # qh[32]: bit 2c of byte l is the 5th bit of value 64c + l, bit 2c + 1 that of value 64c + 32 + l
+        high = (L >> 4).astype(np.uint8)  # (nb, 4 chunks, 2 halves, 32)
+        shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None, None] + np.arange(2, dtype=np.uint8)[
+            None, None, :, None
+        ]
+        out[:, 16:48] = np.bitwise_or.reduce((high << shifts).reshape(nb, 8, 32), axis=1)
+    out[:, nbytes - 128 :] = (low[:, :, 0, :] | (low[:, :, 1, :] << 4)).reshape(nb, 128)
     return out
+
+
+def _quantize_k_min(x: np.ndarray, bits: int, name: str) -> np.ndarray:
+    x = _check_input(x, name)
+    rows, cols = x.shape
+    nbytes = _K_MIN_PARAMS[bits][4]
+    blocks = x.reshape(-1, QK_K)
+    out = np.empty((blocks.shape[0], nbytes), dtype=np.uint8)
+    step = max(1, _CHUNK_SUBBLOCKS // 8)
+    for s in range(0, blocks.shape[0], step):
+        out[s : s + step] = _quantize_k_min_blocks(blocks[s : s + step], bits)
+    return out.reshape(rows, cols // QK_K * nbytes)
 
 
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
@@ -203,14 +227,13 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     cols must be a multiple of 256. The result has the byte shape `gguf.GGUFWriter.add_tensor(..., raw_dtype=Q4_K)`
     and `gguf.quants.dequantize(..., Q4_K)` expect.
     """
-    x = _check_input(x, "quantize_q4_k")
-    rows, cols = x.shape
-    blocks = x.reshape(-1, QK_K)
-    out = np.empty((blocks.shape[0], Q4_K_BLOCK_BYTES), dtype=np.uint8)
-    step = max(1, _CHUNK_SUBBLOCKS // 8)
-    for s in range(0, blocks.shape[0], step):
-        out[s : s + step] = _quantize_q4_k_blocks(blocks[s : s + step])
-    return out.reshape(rows, cols // QK_K * Q4_K_BLOCK_BYTES)
+    return _quantize_k_min(x, 4, "quantize_q4_k")
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    """Quantize a (rows, cols) float array to GGML Q5_K; returns uint8 (rows, cols // 256 * 176). As Q4_K with
+    5-bit values: the fifth bits in `qh`, the search over 31 levels (what Q4_K_M gives a fused `attn_qkv`)."""
+    return _quantize_k_min(x, 5, "quantize_q5_k")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -314,85 +337,3 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     for s in range(0, blocks.shape[0], step):
         out[s : s + step] = _quantize_q6_k_blocks(blocks[s : s + step])
     return out.reshape(rows, cols // QK_K * Q6_K_BLOCK_BYTES)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The Q4_K_M mix (src/llama-quant.cpp, llama_tensor_get_type_impl + tensor_type_fallback)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """One tensor that could not get the type the mix asked for, and why (llama.cpp logs the same warning)."""
-
-    tensor: str
-    wanted: str
-    used: str
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def use_more_bits(i_layer: int, n_layers: int) -> bool:
-    """llama.cpp's rule for the layers whose attn_v/ffn_down get Q6_K in Q4_K_M: first and last eighth plus every
-    third layer in between (C integer division; the operands are never negative where it matters)."""
-    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
-
-
-_BLOCK_SIZE = {QT.Q4_K: 256, QT.Q6_K: 256, QT.Q5_0: 32, QT.Q8_0: 32, QT.Q4_0: 32, QT.F16: 1, QT.F32: 1}
-_SHAPE_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q6_K: QT.Q8_0}
-
-
-def _shape_fallback(name: str, wanted: QT, cols: int, fallbacks: list[Fallback] | None) -> QT:
-    """tensor_type_fallback: a row length the block size does not divide gets the 32-block type, else F16."""
-    if cols % _BLOCK_SIZE[wanted] == 0:
-        return wanted
-    used = _SHAPE_FALLBACK.get(wanted, QT.F16)
-    reason = f"ncols {cols} not divisible by {_BLOCK_SIZE[wanted]} (required for {wanted.name})"
-    if cols % _BLOCK_SIZE[used] != 0:
-        used = QT.F16
-        reason += "; fallback type does not fit either, using F16"
-    if fallbacks is not None:
-        fallbacks.append(Fallback(name, wanted.name, used.name, reason))
-    return used
-
-
-def q4_k_m_type_for(
-    tensor_name: str,
-    layer: int,
-    n_layers: int,
-    cols: int,
-    *,
-    tied_embeddings: bool = True,
-    fallbacks: list[Fallback] | None = None,
-) -> QT:
-    """The GGML type llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_K_M gives a tensor (no imatrix, dense llama/qwen2 model).
-
-    tensor_name is the GGUF name (e.g. "blk.3.attn_v.weight"), layer its block index (llama.cpp counts attn_v and
-    ffn_down tensors in file order, which is the block index; ignored for non-block tensors),
-    cols the row length (GGUF ne[0]). tied_embeddings mirrors llama.cpp's `has_tied_embeddings` (true when the file
-    has no output.weight): a tied token_embd is quantized like the output head. When the chosen type does not fit the
-    row length, the fallback is appended to `fallbacks` (if given) so callers can report it.
-
-    Rules: norms and non-"weight" tensors stay F32; output.weight (and tied token_embd) -> Q6_K, or Q8_0 when
-    cols % 256 != 0; attn_v and ffn_down -> Q6_K in `use_more_bits` layers, else Q4_K; everything else Q4_K; then
-    Q4_K -> Q5_0 and Q6_K -> Q8_0 when cols % 256 != 0, and F16 when even 32 does not divide cols.
-    """
-    if not tensor_name.endswith("weight") or "_norm.weight" in tensor_name:
-        return QT.F32
-    is_output = tensor_name == "output.weight" or (tied_embeddings and tensor_name == "token_embd.weight")
-    if is_output:
-        if cols % QK_K != 0:
-            used = QT.Q8_0 if cols % 32 == 0 else QT.F16
-            if fallbacks is not None:
-                fallbacks.append(
-                    Fallback(tensor_name, "Q6_K", used.name, f"ncols {cols} not divisible by 256 (output-tensor rule)")
-                )
-            return used
-        return QT.Q6_K
-    if "attn_v.weight" in tensor_name or "ffn_down" in tensor_name:
-        wanted = QT.Q6_K if use_more_bits(layer, n_layers) else QT.Q4_K
-    else:
-        wanted = QT.Q4_K
-    return _shape_fallback(tensor_name, wanted, cols, fallbacks)

@@ -110,12 +110,12 @@ def copy_bundle_files(root: Path, bundle: Path) -> None:
     _copy(root / "export" / "export_report.md", bundle / "report" / "export_report.md")
 
 
-GGUF_PREFERENCE = ("Q4_K_M", "Q8_0", "Q4_0", "F16")
+GGUF_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "F16")
 
 
 def write_modelfile(ctx: StageContext, bundle: Path) -> str | None:
-    """`Modelfile` for Ollama next to the GGUF files (the smallest good type: Q4_K_M, else Q8_0, Q4_0, F16), with the
-    system prompt training used (data.system_prompt, else the one the chat template inserts itself)."""
+    """`Modelfile` for Ollama next to the GGUF files (the smallest good type: Q4_K_M, else Q5_K_M, Q8_0, Q4_0, F16),
+    with the system prompt training used (data.system_prompt, else the one the chat template inserts itself)."""
     from transformers import AutoTokenizer
 
     from qlora_pipeline.stages.lm.modelfile import chat_format, render_modelfile, template_system_prompt

@@ -20,8 +20,8 @@ Quantized types mirror what llama.cpp itself produces:
 * Q8_0: every 2-D weight Q8_0 through `gguf.quants` (bit-exact with ggml's reference);
 * Q4_0: 2-D weights Q4_0 through `gguf.quants`, except the output head (or tied token embedding), which
   `llama-quantize` always lifts to Q6_K (Q8_0 when its rows are not a multiple of 256);
-* Q4_K_M: the llama.cpp mix from `qlora_pipeline.kernels.kquants.q4_k_m_type_for` with our Q4_K/Q6_K quantizers,
-  and Q5_0/Q8_0 for row lengths that are not a multiple of 256 (e.g. SmolLM2's 576).
+* Q4_K_M, Q5_K_M: the llama.cpp mixes from `qlora_pipeline.kernels.kquant_mix.k_m_type_for` with our Q4_K/Q5_K/Q6_K
+  quantizers, and Q5_0/Q5_1/Q8_0 for row lengths that are not a multiple of 256 (e.g. SmolLM2's 576).
 A tensor that no block type fits (row length not a multiple of 32) is written F16, as llama.cpp does; every such
 substitution is listed in the returned stats.
 
@@ -56,17 +56,18 @@ from qlora_pipeline.kernels.formats.gguf_tensors import (
     read_json,
 )
 from qlora_pipeline.kernels.formats.gguf_vocab import Vocab, read_tokenizer
-from qlora_pipeline.kernels.kquants import Fallback
+from qlora_pipeline.kernels.kquant_mix import MIX_BASE, Fallback, k_m_type_for
 
 QT = GGMLQuantizationType
 
-QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M")
+QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M")
 _FILE_TYPE = {
     "F32": LlamaFileType.ALL_F32,
     "F16": LlamaFileType.MOSTLY_F16,
     "Q8_0": LlamaFileType.MOSTLY_Q8_0,
     "Q4_0": LlamaFileType.MOSTLY_Q4_0,
     "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M,
+    "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M,
 }
 GGML_QUANT_VERSION = 2
 _FP16_MAX = 65504.0
@@ -87,14 +88,9 @@ def _choose_type(qtype: str, item: PlannedTensor, hp: Hparams, fallbacks: list[F
         return QT.F32
     if qtype == "F16":
         return QT.F16
-    if qtype == "Q4_K_M":
-        if not hp.family.gguf_q4_k_m:
-            raise ValueError(
-                f"Q4_K_M for {hp.family.hf_class} needs Q5_K for its fused attn_qkv, which this writer does not have; "
-                "export F16, Q8_0 or Q4_0"
-            )
-        return kquants.q4_k_m_type_for(
-            item.name, item.layer, hp.n_layers, cols, tied_embeddings=hp.tied, fallbacks=fallbacks
+    if qtype in MIX_BASE:
+        return k_m_type_for(
+            qtype, item.name, item.layer, hp.n_layers, cols, tied_embeddings=hp.tied, fallbacks=fallbacks
         )
     wanted = QT.Q8_0 if qtype == "Q8_0" else QT.Q4_0
     if qtype == "Q4_0" and (item.name == "output.weight" or (hp.tied and item.name == "token_embd.weight")):
@@ -120,6 +116,8 @@ def _encode(w: np.ndarray, t: QT, name: str) -> np.ndarray:
         return w.astype(np.float16)
     if t == QT.Q4_K:
         return kquants.quantize_q4_k(w)
+    if t == QT.Q5_K:
+        return kquants.quantize_q5_k(w)
     if t == QT.Q6_K:
         return kquants.quantize_q6_k(w)
     return gguf_quantize(np.ascontiguousarray(w, dtype=np.float32), t)
@@ -150,7 +148,8 @@ def write_gguf(
 ) -> dict[str, Any]:
     """Export the HF folder `model_dir` (config.json, *.safetensors, tokenizer.json) to `out_path` as GGUF.
 
-    qtype is one of "F16", "Q8_0", "Q4_0", "Q4_K_M" ("F32" too, mainly to feed llama.cpp's own quantizer in tests).
+    qtype is one of "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M" ("F32" too, mainly to feed llama.cpp's own quantizer in
+    tests).
     metadata adds string keys (lineage: e.g. "general.source.repo_url", "general.uuid", "qlora.dataset_sha256",
     "qlora.git_commit"); "general.name" overrides the default name and "tokenizer.ggml.pre" overrides the detected
     pre-tokenizer. Keys the writer owns (architecture, hyperparameters, tokenizer, file type) are refused.

@@ -140,7 +140,7 @@ class MergeParams(Section):
 
 
 class ExportParams(Section):
-    gguf_types: list[Literal["F16", "Q8_0", "Q4_0", "Q4_K_M"]] = Field(
+    gguf_types: list[Literal["F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M"]] = Field(
         default_factory=lambda: ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
     )
     gptq: bool = True

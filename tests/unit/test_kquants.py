@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 
-from qlora_pipeline.kernels.kquants import Fallback, q4_k_m_type_for, quantize_q4_k, quantize_q6_k, use_more_bits
+from qlora_pipeline.kernels.kquant_mix import Fallback, k_m_type_for, use_more_bits
+from qlora_pipeline.kernels.kquants import quantize_q4_k, quantize_q5_k, quantize_q6_k
 from tests import llama_oracle
 
 
@@ -64,6 +65,27 @@ def test_q4_k_exact_grid_and_byte_layout() -> None:
         assert (qs[32 * c + lane] >> (4 * h)) & 0xF == L[0, e]
 
 
+def test_q5_k_exact_grid_and_byte_layout() -> None:
+    # Values L * 63/64 with L in 0..31 (both ends in every 32-value sub-block): sub-scale 63, d = 1/64, min 0.
+    rng = np.random.default_rng(3)
+    L = rng.integers(0, 32, size=(3, 512)).astype(np.float32)
+    L[:, ::32], L[:, 1::32] = 0, 31
+    x = L * np.float32(63 / 64)
+    q = quantize_q5_k(x)
+    assert q.shape == (3, 2 * 176) and q.dtype == np.uint8
+    np.testing.assert_array_equal(dequantize(q, QT.Q5_K), x)
+
+    blk = q[0, :176]
+    assert np.frombuffer(blk[0:2].tobytes(), np.float16)[0] == np.float16(1 / 64)  # d
+    assert blk[4:16].tolist() == [255] * 4 + [0] * 4 + [15] * 4  # scales packed as Q4_K's
+    qh, qs = blk[16:48], blk[48:]
+    for e in range(256):  # value 64c + 32h + l: low nibble h of qs[32c + l], fifth bit at bit 2c + h of qh[l]
+        c, h, lane = e // 64, (e % 64) // 32, e % 32
+        low = (qs[32 * c + lane] >> (4 * h)) & 0xF
+        high = (qh[lane] >> (2 * c + h)) & 1
+        assert low | (high << 4) == L[0, e]
+
+
 def test_q6_k_exact_grid_and_byte_layout() -> None:
     # Integers in [-32, 31] times a power of two, with -32 in every 16-value sub-block: sub-scale -128 (int8) and
     # d = -s/128 reproduce them exactly.
@@ -91,10 +113,11 @@ def test_q6_k_exact_grid_and_byte_layout() -> None:
 def test_all_zero_input_gives_zero_blocks() -> None:
     z = np.zeros((2, 256), np.float32)
     assert not quantize_q4_k(z).any()
+    assert not quantize_q5_k(z).any()
     assert not quantize_q6_k(z).any()  # memset(&y[i], 0, ...) branch
 
 
-@pytest.mark.parametrize("fn", [quantize_q4_k, quantize_q6_k])
+@pytest.mark.parametrize("fn", [quantize_q4_k, quantize_q5_k, quantize_q6_k])
 def test_bad_input_is_refused(fn) -> None:
     with pytest.raises(ValueError, match="multiple of 256"):
         fn(np.ones((2, 576), np.float32))
@@ -113,20 +136,25 @@ def test_round_trip_error_matches_what_the_formats_allow() -> None:
     x = (np.random.default_rng(0).standard_normal((64, 1024)) * 0.02).astype(np.float32)
     err = {
         "Q4_K": _rel_rmse(dequantize(quantize_q4_k(x), QT.Q4_K), x),
+        "Q5_K": _rel_rmse(dequantize(quantize_q5_k(x), QT.Q5_K), x),
         "Q6_K": _rel_rmse(dequantize(quantize_q6_k(x), QT.Q6_K), x),
         "Q4_0": _rel_rmse(dequantize(quantize(x, QT.Q4_0), QT.Q4_0), x),
         "Q8_0": _rel_rmse(dequantize(quantize(x, QT.Q8_0), QT.Q8_0), x),
     }
     print("relative RMSE on N(0, 0.02):", {k: round(v, 5) for k, v in err.items()})
-    # Measured: Q8_0 0.0054, Q6_K 0.0178, Q4_K 0.0715, Q4_0 0.0862.
-    assert err["Q8_0"] < err["Q6_K"] < err["Q4_K"] < err["Q4_0"]
+    # Measured: Q8_0 0.0054, Q6_K 0.0178, Q5_K 0.0363, Q4_K 0.0715, Q4_0 0.0862.
+    assert err["Q8_0"] < err["Q6_K"] < err["Q5_K"] < err["Q4_K"] < err["Q4_0"]
     assert err["Q4_K"] < 0.075 and err["Q6_K"] < 0.019
     assert err["Q4_K"] < 0.88 * err["Q4_0"]  # the min/scale search buys >12% over plain absmax Q4_0
 
 
 def test_heavy_tailed_and_degenerate_blocks_stay_accurate() -> None:
     x = _heavy_tailed(8, 512, seed=3)
-    for qt, fn, bound in [(QT.Q4_K, quantize_q4_k, 0.12), (QT.Q6_K, quantize_q6_k, 0.04)]:
+    for qt, fn, bound in [
+        (QT.Q4_K, quantize_q4_k, 0.12),
+        (QT.Q5_K, quantize_q5_k, 0.07),
+        (QT.Q6_K, quantize_q6_k, 0.04),
+    ]:
         y = dequantize(fn(x), qt)
         assert np.isfinite(y).all()
         assert _rel_rmse(y, x) < bound
@@ -147,23 +175,23 @@ def test_q4_k_m_mix_and_fallbacks() -> None:
     n = 8
     for i in range(n):
         expect = QT.Q6_K if i in (0, 3, 6, 7) else QT.Q4_K
-        assert q4_k_m_type_for(f"blk.{i}.attn_v.weight", i, n, 256) == expect
-        assert q4_k_m_type_for(f"blk.{i}.ffn_down.weight", i, n, 1024) == expect
+        assert k_m_type_for("Q4_K_M", f"blk.{i}.attn_v.weight", i, n, 256) == expect
+        assert k_m_type_for("Q4_K_M", f"blk.{i}.ffn_down.weight", i, n, 1024) == expect
         for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
-            assert q4_k_m_type_for(f"blk.{i}.{t}.weight", i, n, 256) == QT.Q4_K
-    assert q4_k_m_type_for("output.weight", -1, n, 256) == QT.Q6_K
-    assert q4_k_m_type_for("token_embd.weight", -1, n, 256, tied_embeddings=True) == QT.Q6_K
-    assert q4_k_m_type_for("token_embd.weight", -1, n, 256, tied_embeddings=False) == QT.Q4_K
-    assert q4_k_m_type_for("blk.0.attn_norm.weight", 0, n, 256) == QT.F32
-    assert q4_k_m_type_for("blk.0.attn_q.bias", 0, n, 256) == QT.F32
+            assert k_m_type_for("Q4_K_M", f"blk.{i}.{t}.weight", i, n, 256) == QT.Q4_K
+    assert k_m_type_for("Q4_K_M", "output.weight", -1, n, 256) == QT.Q6_K
+    assert k_m_type_for("Q4_K_M", "token_embd.weight", -1, n, 256, tied_embeddings=True) == QT.Q6_K
+    assert k_m_type_for("Q4_K_M", "token_embd.weight", -1, n, 256, tied_embeddings=False) == QT.Q4_K
+    assert k_m_type_for("Q4_K_M", "blk.0.attn_norm.weight", 0, n, 256) == QT.F32
+    assert k_m_type_for("Q4_K_M", "blk.0.attn_q.bias", 0, n, 256) == QT.F32
 
     # SmolLM2 shapes: 576 columns do not fit a 256 super-block.
     fb: list[Fallback] = []
-    assert q4_k_m_type_for("blk.4.attn_q.weight", 4, 30, 576, fallbacks=fb) == QT.Q5_0
-    assert q4_k_m_type_for("blk.5.attn_v.weight", 5, 30, 576, fallbacks=fb) == QT.Q8_0
-    assert q4_k_m_type_for("blk.5.ffn_down.weight", 5, 30, 1536, fallbacks=fb) == QT.Q6_K  # 1536 = 6*256 fits
-    assert q4_k_m_type_for("token_embd.weight", -1, 30, 576, fallbacks=fb) == QT.Q8_0
-    assert q4_k_m_type_for("blk.0.ffn_up.weight", 0, 30, 100, fallbacks=fb) == QT.F16  # not even 32 fits
+    assert k_m_type_for("Q4_K_M", "blk.4.attn_q.weight", 4, 30, 576, fallbacks=fb) == QT.Q5_0
+    assert k_m_type_for("Q4_K_M", "blk.5.attn_v.weight", 5, 30, 576, fallbacks=fb) == QT.Q8_0
+    assert k_m_type_for("Q4_K_M", "blk.5.ffn_down.weight", 5, 30, 1536, fallbacks=fb) == QT.Q6_K  # 1536 = 6*256 fits
+    assert k_m_type_for("Q4_K_M", "token_embd.weight", -1, 30, 576, fallbacks=fb) == QT.Q8_0
+    assert k_m_type_for("Q4_K_M", "blk.0.ffn_up.weight", 0, 30, 100, fallbacks=fb) == QT.F16  # not even 32 fits
     assert [(f.tensor, f.wanted, f.used) for f in fb] == [
         ("blk.4.attn_q.weight", "Q4_K", "Q5_0"),
         ("blk.5.attn_v.weight", "Q6_K", "Q8_0"),
@@ -171,6 +199,22 @@ def test_q4_k_m_mix_and_fallbacks() -> None:
         ("blk.0.ffn_up.weight", "Q4_K", "F16"),
     ]
     assert "576" in fb[0].reason and fb[0].to_dict()["used"] == "Q5_0"
+
+
+def test_q5_k_m_mix_and_phi3_fused_qkv() -> None:
+    """Q5_K_M: the same Q6_K layers, Q5_K elsewhere (Q5_1 when 256 does not divide the row); a fused attn_qkv
+    is counted as attn_v in both mixes (measured against llama_model_quantize in test_gguf_export)."""
+    n = 8
+    for i in range(n):
+        more = QT.Q6_K if i in (0, 3, 6, 7) else None
+        assert k_m_type_for("Q5_K_M", f"blk.{i}.attn_v.weight", i, n, 256) == (more or QT.Q5_K)
+        assert k_m_type_for("Q5_K_M", f"blk.{i}.attn_qkv.weight", i, n, 256) == (more or QT.Q5_K)
+        assert k_m_type_for("Q4_K_M", f"blk.{i}.attn_qkv.weight", i, n, 256) == (more or QT.Q4_K)
+        assert k_m_type_for("Q5_K_M", f"blk.{i}.ffn_up.weight", i, n, 256) == QT.Q5_K
+    assert k_m_type_for("Q5_K_M", "output.weight", -1, n, 256) == QT.Q6_K
+    fb: list[Fallback] = []
+    assert k_m_type_for("Q5_K_M", "blk.4.attn_q.weight", 4, 30, 576, fallbacks=fb) == QT.Q5_1
+    assert [(f.wanted, f.used) for f in fb] == [("Q5_K", "Q5_1")]
 
 
 # ---------------------------------------------------------------------------------------------------- llama.cpp oracle
