@@ -88,7 +88,9 @@ QLoRA fine-tune released by the qlora-pipeline.
 ## Files
 
 - `model/`: merged HF folder (transformers, no peft or bitsandbytes needed)
-- `gguf/`: llama.cpp / Ollama files; `ollama create NAME -f Modelfile` in the bundle serves one with its chat template
+- `gguf/`: llama.cpp / Ollama files; `ollama create NAME -f Modelfile` in the bundle serves one with its chat template;
+  `gguf/lora-adapter.gguf` is the adapter alone, for a server that already runs the base model's GGUF
+  (`llama-server -m BASE.gguf --lora gguf/lora-adapter.gguf`)
 - `gptq/`: GPTQ v1 checkpoint (transformers with gptqmodel, vLLM)
 - `adapter/`: the LoRA adapter alone, PEFT format
 - `report/`: evaluation report (open `report.html`)
@@ -108,6 +110,27 @@ def copy_bundle_files(root: Path, bundle: Path) -> None:
         if (root / "evaluate" / name).exists():
             _copy(root / "evaluate" / name, bundle / "report" / name)
     _copy(root / "export" / "export_report.md", bundle / "report" / "export_report.md")
+
+
+GGUF_ADAPTER = "lora-adapter.gguf"
+
+
+def write_gguf_adapter(ctx: StageContext, bundle: Path) -> bool:
+    """The adapter alone as a llama.cpp LoRA file next to the GGUF models, when the export wrote any."""
+    from qlora_pipeline.kernels.formats.gguf_lora import write_gguf_lora
+
+    if not any((bundle / "gguf").glob("model-*.gguf")):
+        return False
+    try:
+        write_gguf_lora(
+            ctx.parent_dir("train") / "adapter",
+            ctx.parent_dir("prepare") / "model",
+            bundle / "gguf" / GGUF_ADAPTER,
+            {"general.name": "LoRA adapter"},
+        )
+    except ValueError as exc:
+        raise InputError(f"cannot write the GGUF LoRA adapter: {exc}; set export.gguf_types: [] to skip GGUF") from None
+    return True
 
 
 GGUF_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "F16")
@@ -168,6 +191,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     bundle = ctx.out / release_id
     bundle.mkdir()
     copy_bundle_files(ctx.artifacts_root, bundle)
+    write_gguf_adapter(ctx, bundle)
     write_modelfile(ctx, bundle)
     (bundle / "README.md").write_text(model_card(ctx, release_id, cv))
     lineage = lineage_record(ctx, release_id, cv, bundle)

@@ -25,10 +25,11 @@ def require() -> None:
         pytest.skip("llama-cpp-python is not installed (make reader)")
 
 
-def read(path: Path, text: str, ids: list[int], n_generate: int = 4) -> dict[str, Any]:
-    """Tokenize `text`, detokenize `ids`, logits of `ids` and a short greedy generation, from one load of `path`."""
+def read(path: Path, text: str, ids: list[int], n_generate: int = 4, lora: Path | None = None) -> dict[str, Any]:
+    """Tokenize `text`, detokenize `ids`, logits of `ids` and a short greedy generation, from one load of `path`
+    (with the GGUF LoRA adapter `lora` applied, when given)."""
     require()
-    payload = {"path": str(path), "text": text, "ids": ids, "n_generate": n_generate}
+    payload = {"path": str(path), "text": text, "ids": ids, "n_generate": n_generate, "lora": lora and str(lora)}
     return call_reader(ORACLE, f"{__name__}:_read", payload, path, TIMEOUT_S)
 
 
@@ -45,7 +46,15 @@ def _read(payload: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=payload["path"], logits_all=True, n_ctx=128, n_threads=2, verbose=False, seed=0)
+    llm = Llama(
+        model_path=payload["path"],
+        lora_path=payload.get("lora"),
+        logits_all=True,
+        n_ctx=128,
+        n_threads=2,
+        verbose=False,
+        seed=0,
+    )
     ids = payload["ids"]
     tokens = llm.tokenize(payload["text"].encode(), add_bos=False, special=False)
     detok = llm.detokenize(ids).decode()

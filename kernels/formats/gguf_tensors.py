@@ -281,25 +281,21 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
     if hp.rope_freq_factors is not None:  # first, where llama.cpp's converter puts it
         factors = np.asarray(hp.rope_freq_factors, dtype=np.float32)
         items.append(PlannedTensor("<llama3 rope scaling>", "rope_freqs.weight", factors.shape, None, -1, factors))
-    layer_map = {**_LAYER_MAP, **dict(hp.family.gguf_layer_names)}
     for key in sorted(have, key=_sort_key):
         if key.endswith("rotary_emb.inv_freq"):
             continue  # recomputed by every runtime; the converter drops it too
         if key == "lm_head.weight" and hp.tied:
             continue  # tied: llama.cpp reuses token_embd
         shape = src.shape(key)
-        m = _LAYER_KEY.match(key)
+        in_layer = layer_tensor(hp, key)
         if key in top:
             gname, want = top[key]
             layer, permute = -1, None
-        elif m and m.group(2) in layer_map and int(m.group(1)) < hp.n_layers:
-            layer, sub = int(m.group(1)), m.group(2)
-            gname, want = f"blk.{layer}.{layer_map[sub]}", expected[sub]
-            permute = None
-            if hp.family.gguf_permute_qk and sub.startswith("self_attn.q_proj"):
-                permute = hp.n_head
-            elif hp.family.gguf_permute_qk and sub.startswith("self_attn.k_proj"):
-                permute = hp.n_head_kv
+        elif in_layer is not None:
+            gname, permute = in_layer
+            m = _LAYER_KEY.match(key)
+            assert m is not None
+            layer, want = int(m.group(1)), expected[m.group(2)]
         else:
             raise ValueError(
                 f"unexpected tensor {key} in {model_dir}; the {hp.arch} GGUF writer does not know where it goes"
@@ -309,6 +305,22 @@ def plan_tensors(src: TensorSource, hp: Hparams, model_dir: Path) -> list[Planne
         offset = 1.0 if hp.family.norm_offset and key.endswith("norm.weight") else 0.0
         items.append(PlannedTensor(key, gname, shape, permute, layer, offset=offset))
     return items
+
+
+def layer_tensor(hp: Hparams, key: str) -> tuple[str, int | None] | None:
+    """The GGUF name of a decoder-layer HF tensor (``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight``)
+    and the head count its rows are permuted with (None: not permuted), or None when the writer does not place it."""
+    m = _LAYER_KEY.match(key)
+    layer_map = {**_LAYER_MAP, **dict(hp.family.gguf_layer_names)}
+    if not m or m.group(2) not in layer_map or int(m.group(1)) >= hp.n_layers:
+        return None
+    sub = m.group(2)
+    permute = None
+    if hp.family.gguf_permute_qk and sub.startswith("self_attn.q_proj"):
+        permute = hp.n_head
+    elif hp.family.gguf_permute_qk and sub.startswith("self_attn.k_proj"):
+        permute = hp.n_head_kv
+    return f"blk.{m.group(1)}.{layer_map[sub]}", permute
 
 
 def _sort_key(key: str) -> tuple[int, int, str]:

@@ -283,3 +283,24 @@ def test_the_bundle_has_an_ollama_modelfile_that_prompts_as_the_chat_template_do
     (system,) = spec["SYSTEM"]  # the template's own default system prompt, since data.system_prompt is unset
     assert system == "You are a tiny test assistant"
     assert _render_go_messages(spec["TEMPLATE"][0], [{"role": "system", "content": system}, *user]) == expected
+
+
+def test_the_bundle_has_the_adapter_alone_as_a_gguf_lora_file(released) -> None:
+    """Next to the GGUF models: the trained adapter as a llama.cpp LoRA file (what llama.cpp computes with it is
+    checked in test_gguf_lora.py), one lora_a/lora_b pair per adapted linear, listed in the lineage."""
+    from gguf import GGUFReader
+
+    from qlora_pipeline.kernels.formats.peft_adapter import read_adapter_config
+
+    _, _, _, bundle = released
+    path = bundle / "gguf" / "lora-adapter.gguf"
+    reader = GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    config = read_adapter_config(bundle / "adapter")
+    assert fields["adapter.lora.alpha"] == pytest.approx(config.scaling * config.r)
+    names = {t.name for t in reader.tensors}
+    peft = json.loads((bundle / "adapter" / "adapter_config.json").read_text())
+    assert names and all(n.endswith((".lora_a", ".lora_b")) for n in names)
+    assert len(names) == 2 * len({n.rsplit(".", 1)[0] for n in names}) and peft["r"] == config.r
+    assert "gguf/lora-adapter.gguf" in json.loads((bundle / "lineage.json").read_text())["files"]
