@@ -5,6 +5,8 @@
 - `prepare` checks that export can write the base model's family, rope scaling and tokenizer, and that GPTQ's group
   size fits its linears, from config.json and tokenizer.json alone, so a run that would fail at export fails in
   seconds, before training;
+- `prepare` checks that the disk holding the artifacts has room for everything the run writes
+  (`stages/contract/disk.py`);
 - with `export.score_gguf` on, `prepare` checks that the GGUF reader is installed and has loaded a model on this
   machine (a smoke load in a child process, remembered per reader build and CPU), so a reader that crashes on
   this CPU stops the run at `prepare`, not after training; `export` checks that it is installed (its own reads
@@ -44,6 +46,36 @@ def check_base_model(params: Params) -> None:
         check = load_stage(name).check_base_model
         if check is not None:
             check(model_dir, params)
+    check_disk(params, model_dir)
+
+
+def check_disk(params: Params, model_dir: Path) -> None:
+    """The whole run's artifacts fit on the disk that holds them (stages.contract.disk estimates them from the base
+    model's size); silent when the folder has no weights yet, which prepare itself reports."""
+    import torch
+
+    from qlora_pipeline.kernels.dtypes import config_dtype
+    from qlora_pipeline.stages.contract.currency import artifacts_root
+    from qlora_pipeline.stages.contract.disk import estimate_run_bytes, free_bytes
+
+    source = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) if model_dir.is_dir() else 0
+    if not source or not (model_dir / "config.json").is_file():
+        return
+    try:  # 16-bit unless the config says otherwise: the larger parameter count, the safer estimate
+        per_param = config_dtype(json.loads((model_dir / "config.json").read_text()), torch.bfloat16).itemsize
+    except ValueError:
+        return  # an unreadable config.json is prepare's own error
+    size = estimate_run_bytes(params, source, per_param)
+    root = artifacts_root(params)
+    free = free_bytes(root)
+    if size.total > free:
+        gib = 2**30
+        parts = ", ".join(f"{k} {v / gib:.1f}" for k, v in size.per_stage.items())
+        raise InputError(
+            f"this run writes about {size.total / gib:.1f} GiB under {root} ({parts} GiB, from a "
+            f"{source / gib:.1f} GiB base) but {free / gib:.1f} GiB are free there; free space, set "
+            "tracking.artifacts_dir to a larger disk, or export fewer formats (export.gguf_types, export.gptq)"
+        )
 
 
 def preflight_run(params: Params, stages: list[str]) -> None:

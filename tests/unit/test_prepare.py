@@ -278,3 +278,25 @@ def test_a_manifest_from_an_older_version_is_one_line_not_a_crash() -> None:
     old = artifacts.Manifest(stage="prepare", params={}, code_version={}, record={"base_model": {"path": "/x"}})
     with pytest.raises(InputError, match=r"lacks what this version records \(PrepareRecord\); re-run `qlora stage"):
         prepare.PrepareRecord.of(old)
+
+
+def test_prepare_refuses_a_run_the_disk_cannot_hold(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
+    """The whole run's artifacts, estimated from the base's size, must fit where they go: one line with the
+    estimate per stage and the free space, no artifact. With room, the same run prepares."""
+    from qlora_pipeline.stages.contract import disk
+
+    params = parse_params(tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl))
+    source = sum(f.stat().st_size for f in tiny_llama_dir.glob("*.safetensors"))
+    size = disk.estimate_run_bytes(params, source, 2)
+    # 16-bit base: prepare copies it, quantize ~4.1 bits, merge bf16, 4 GGUF types + GPTQ, release 3 copies
+    assert size.per_stage["prepare"] == int(source * disk.MARGIN)
+    assert (
+        size.per_stage["release"] == 3 * (size.per_stage["merge"] + size.per_stage["export"])
+        or abs(size.per_stage["release"] - 3 * (size.per_stage["merge"] + size.per_stage["export"])) <= 3
+    )
+    monkeypatch.setattr(disk, "free_bytes", lambda _path: size.total - 1)
+    with pytest.raises(InputError, match=r"this run writes about .* GiB under .*artifacts \(prepare .*release .* but "):
+        prepare.run(params)
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+    monkeypatch.setattr(disk, "free_bytes", lambda _path: size.total)
+    assert prepare.run(params).metrics["architecture"] == "LlamaForCausalLM"
