@@ -211,9 +211,8 @@ def check_safetensors(files: list[Path]) -> int:
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise InputError(f"{f} is not a readable safetensors file ({exc}); re-copy or re-save the model") from None
         size = f.stat().st_size
-        header_len = int.from_bytes(f.read_bytes()[:8], "little") if size >= 8 else 0
-        with open(f, "rb") as fh:
-            fh.seek(8)
+        with open(f, "rb") as fh:  # the 8-byte length and the header only, never the tensor data
+            header_len = int.from_bytes(fh.read(8), "little") if size >= 8 else 0
             header = json.loads(fh.read(header_len))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + header_len + end > size:
