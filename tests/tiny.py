@@ -140,9 +140,10 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides: Any) ->
         head_dim = common["hidden_size"] // common["num_attention_heads"]
         common.setdefault("head_dim", head_dim)
         common.setdefault("query_pre_attn_scalar", common["head_dim"])
-    if arch == "gemma3":  # a sliding layer (window 8, rope base 10k) then a global one (1M), as 5:1 models alternate
-        n = common["num_hidden_layers"]
+    if arch in ("gemma2", "gemma3"):  # a window shorter than the test texts, so sliding layers differ from global
         common.setdefault("sliding_window", 8)
+    if arch == "gemma3":  # a sliding layer (rope base 10k) then a global one (1M), as its 5:1 layers alternate
+        n = common["num_hidden_layers"]
         common.setdefault("layer_types", ["sliding_attention"] * (n - 1) + ["full_attention"])
     cls = {**classes, "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}[arch]
     return cls(**common)

@@ -67,7 +67,7 @@ def family_dirs(llama_dir: Path, qwen2_dir: Path, tmp_path_factory: pytest.TempP
         "llama-spm": tiny.make_model_dir(root / "spm", "llama", tokenizer="sentencepiece", **DIMS),
         # fused qkv_proj and gate_up_proj; not named "phi3…": llama.cpp then expects Phi-3's own special tokens
         "phi3": tiny.make_model_dir(root / "p3", "phi3", **DIMS),
-        # (1 + w) norms, scaled embeddings, soft-capping, sliding window on alternate layers
+        # (1 + w) norms, scaled embeddings, soft-capping, sliding window (8 < the text) on alternate layers
         "gemma2": tiny.make_model_dir(root / "g2", "gemma2", **DIMS),
         # + q/k norms, a sliding layer (window 8 < the test text, rope base 10k) then a global one (rope base 1M)
         "gemma3": tiny.make_model_dir(root / "g3", "gemma3", **DIMS),
