@@ -19,7 +19,7 @@ from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.stage import StageContext, execute
 from qlora_pipeline.stages.lm.batching import token_rows
-from qlora_pipeline.stages.lm.dataio import Record
+from qlora_pipeline.stages.lm.conversations import Record
 from qlora_pipeline.stages.lm.formatting import prompt_text
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id
@@ -125,6 +125,13 @@ def render_markdown(metrics: dict[str, Any], gens: list[dict[str, Any]], stages:
     return "\n".join(lines) + "\n"
 
 
+def test_record(row: dict[str, Any]) -> Record:
+    """A test row as prepare stored it: its own system prompt and earlier turns go into its generation prompt
+    (prepare data from before those columns existed has neither)."""
+    history = tuple((role, text) for role, text in json.loads(row.get("history") or "[]"))
+    return Record(row["prompt"], row["response"], system=row.get("system") or None, history=history)
+
+
 def body(ctx: StageContext) -> dict[str, Any]:
     import datasets
     from transformers import AutoTokenizer
@@ -140,7 +147,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     rows = token_rows(test)
     n_gen = min(e.num_generations, len(test))
     system = ctx.params.data.system_prompt
-    prompts = [prompt_text(tok, Record(test[i]["prompt"], test[i]["response"]), system) for i in range(n_gen)]
+    prompts = [prompt_text(tok, test_record(test[i]), system) for i in range(n_gen)]
     dtype = torch.bfloat16
     results: dict[str, dict[str, float]] = {}
     outputs: dict[str, list[str]] = {}

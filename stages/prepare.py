@@ -6,6 +6,7 @@ token ids, response-only labels and the source text), `manifest.json`.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
 from qlora_pipeline.stages.lm import dataio, modelio
+from qlora_pipeline.stages.lm.conversations import FieldNames, Record
 from qlora_pipeline.stages.lm.formatting import IGNORE_INDEX, check_chat_template, encode_record, end_of_turn_ids
 
 STAGE = "prepare"
@@ -44,7 +46,23 @@ def load_records(params: Params) -> dataio.RawData:
     d = params.data
     if d.source == "embedded":
         return dataio.load_chatterbot()
-    return dataio.load_user_data(_user_data_path(params), d.prompt_field, d.response_field, d.system_field)
+    fields = FieldNames(prompt=d.prompt_field, response=d.response_field, system=d.system_field)
+    return dataio.load_user_data(_user_data_path(params), d.format, fields)
+
+
+def check_bad_rows(raw: dataio.RawData, max_fraction: float) -> dict[str, int]:
+    """Rows that could not be read, per reason; more than `max_fraction` of the rows read is one line naming the
+    commonest reason and its first row."""
+    counts = {reason: len(rows) for reason, rows in sorted(raw.bad.items(), key=lambda kv: -len(kv[1]))}
+    n_bad = sum(counts.values())
+    if raw.n_read and n_bad / raw.n_read > max_fraction:
+        reason = next(iter(counts))
+        raise InputError(
+            f"{n_bad} of {raw.n_read} rows ({n_bad / raw.n_read:.0%}) cannot be read as {raw.format} data, most "
+            f"for '{reason}' ({counts[reason]}, first at row {raw.bad[reason][0]}); fix the data or set "
+            f"data.format / data.max_bad_fraction (now {max_fraction})"
+        )
+    return counts
 
 
 def external_inputs(params: Params) -> dict[str, str]:
@@ -71,9 +89,7 @@ def _token_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def tokenize_splits(
-    splits: dict[str, list[dataio.Record]], tokenizer: Any, params: Params
-) -> tuple[Any, dict[str, Any]]:
+def tokenize_splits(splits: dict[str, list[Record]], tokenizer: Any, params: Params) -> tuple[Any, dict[str, Any]]:
     import datasets
     from tqdm import tqdm
 
@@ -82,10 +98,11 @@ def tokenize_splits(
     out = {}
     stats: dict[str, Any] = {}
     for name, records in splits.items():
-        rows: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "prompt", "response", "category")}
+        columns = ("input_ids", "labels", "prompt", "response", "category", "system", "history")
+        rows: dict[str, list[Any]] = {k: [] for k in columns}
         dropped = truncated = 0
         for rec in tqdm(records, desc=f"tokenize {name}", leave=False):
-            enc = encode_record(tokenizer, rec, d.system_prompt, d.max_length, eot)
+            enc = encode_record(tokenizer, rec, d.system_prompt, d.max_length, eot, d.train_on)
             if enc is None:
                 dropped += 1
                 continue
@@ -95,6 +112,8 @@ def tokenize_splits(
             rows["prompt"].append(rec.prompt)
             rows["response"].append(rec.response)
             rows["category"].append(rec.category)
+            rows["system"].append(rec.system or "")
+            rows["history"].append(json.dumps([list(t) for t in rec.history]))
         features = datasets.Features(
             {
                 "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -102,6 +121,8 @@ def tokenize_splits(
                 "prompt": datasets.Value("string"),
                 "response": datasets.Value("string"),
                 "category": datasets.Value("string"),
+                "system": datasets.Value("string"),
+                "history": datasets.Value("string"),
             }
         )
         out[name] = datasets.Dataset.from_dict(rows, features=features)
@@ -135,6 +156,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
     raw = load_records(params)
     for label, digest in raw.source_files.items():
         ctx.inputs[f"dataset/{label}"] = digest
+    bad = check_bad_rows(raw, params.data.max_bad_fraction)
     records = dataio.dedupe_by_prompt(raw.records)
     if params.data.max_examples is not None:
         records = records[: params.data.max_examples]
@@ -160,6 +182,9 @@ def body(ctx: StageContext) -> dict[str, Any]:
     )
     return {
         "records_read": raw.n_read,
+        "data_format": raw.format,
+        "bad_rows": bad,
+        "multi_turn_records": sum(1 for r in records if r.history),
         "records_after_dedupe": len(records),
         "splits": stats,
         "architecture": info["architecture"],

@@ -66,6 +66,37 @@ def build_tokenizer(vocab_size: int = 384) -> Any:
     return fast
 
 
+LLAMA3_CHAT = (
+    "{{- bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+"""Llama 3's chat template (3.0, without tools): BOS, a header per turn, `<|eot_id|>` closing each."""
+
+
+def build_llama3_tokenizer(vocab_size: int = 384) -> Any:
+    """A byte-level BPE with Llama 3's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>"
+    )
+    fast.chat_template = LLAMA3_CHAT
+    return fast
+
+
 def build_sentencepiece_tokenizer(vocab_size: int = 512) -> Any:
     """Llama 2 / Mistral / TinyLlama style: BPE with byte fallback (`<0x00>`…`<0xFF>` in the vocab), `▁` for
     spaces put before the text (Metaspace, prepend "first"), `<unk>`/`<s>`/`</s>`, no BOS added by the post-processor

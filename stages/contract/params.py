@@ -49,10 +49,18 @@ class DataParams(Section):
     source: Literal["embedded", "local"] = "embedded"
     """`embedded`: English chatterbot-corpus pairs; `local`: JSONL/CSV/Parquet file or a datasets folder at `path`."""
     path: str | None = None
+    format: Literal["auto", "pairs", "alpaca", "messages", "sharegpt"] = "auto"
+    """`auto` reads it off the columns: `prompt_field` + `response_field` (pairs), `messages` (OpenAI chat),
+    `conversations` (ShareGPT), `instruction` + `output` (alpaca, with an optional `input`)."""
     prompt_field: str = "instruction"
     response_field: str = "response"
     system_field: str | None = None
     system_prompt: str | None = None
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
+    """Multi-turn conversations: the loss covers every assistant turn, or only the last one."""
+    max_bad_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    """Rows that cannot be read (unknown role, empty reply, ...) are counted and skipped; above this share of the
+    rows read, prepare fails naming the commonest reason."""
     max_length: Annotated[int, Field(ge=16, le=131072)] = 256
     val_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.1
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1

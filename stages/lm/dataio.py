@@ -1,4 +1,4 @@
-"""Reading instruction data (embedded chatterbot corpus or the user's file) into prompt/response records."""
+"""Reading instruction data (embedded chatterbot corpus or the user's file) into records, and splitting them."""
 
 from __future__ import annotations
 
@@ -6,22 +6,22 @@ import importlib.util
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.stages.contract.artifacts import sha256_file
 from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.lm.conversations import (
+    BadRow,
+    FieldNames,
+    Record,
+    detect_format,
+    parse_row,
+    required_columns,
+)
 
 USER_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-@dataclass(frozen=True)
-class Record:
-    prompt: str
-    response: str
-    system: str | None = None
-    category: str = ""
 
 
 @dataclass
@@ -30,6 +30,9 @@ class RawData:
     source_files: dict[str, str]
     """sha256 of every source file read: the dataset bytes an auditor traces a model back to."""
     n_read: int
+    bad: dict[str, list[int]] = field(default_factory=dict)
+    """Rows that could not be read, by reason: the row numbers (0-based, in file order)."""
+    format: str = "pairs"
 
 
 def chatterbot_dir() -> Path:
@@ -74,7 +77,7 @@ def user_data_hashes(path: Path) -> dict[str, str]:
     return {str(path): sha256_file(path)}
 
 
-def load_user_data(path: Path, prompt_field: str, response_field: str, system_field: str | None) -> RawData:
+def _read_table(path: Path) -> Any:
     """JSONL/CSV/Parquet file, or a folder written by `datasets.save_to_disk` (its 'train' split or itself)."""
     import datasets
 
@@ -90,47 +93,57 @@ def load_user_data(path: Path, prompt_field: str, response_field: str, system_fi
         if isinstance(ds, datasets.DatasetDict):
             split = "train" if "train" in ds else next(iter(ds))
             ds = ds[split]
-    else:
-        kind = USER_FORMATS.get(path.suffix.lower())
-        if kind is None:
-            raise InputError(
-                f"unsupported dataset format '{path.suffix}' for {path}; use one of "
-                f"{', '.join(USER_FORMATS)} or a datasets folder"
-            )
-        try:
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        except Exception as exc:
-            raise InputError(f"could not read {path} as {kind} ({str(exc).splitlines()[0]}); check the file") from None
-    hashes = user_data_hashes(path)
+        return ds
+    kind = USER_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise InputError(
+            f"unsupported dataset format '{path.suffix}' for {path}; use one of "
+            f"{', '.join(USER_FORMATS)} or a datasets folder"
+        )
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:
+        raise InputError(f"could not read {path} as {kind} ({str(exc).splitlines()[0]}); check the file") from None
+
+
+def load_user_data(path: Path, data_format: str, fields: FieldNames) -> RawData:
+    """The user's table in any of the formats of :mod:`qlora_pipeline.stages.lm.conversations` (`auto`: detected
+    from its columns); unreadable rows are counted by reason, not fatal (prepare decides)."""
+    ds = _read_table(path)
     found = list(ds.column_names)
-    for name, field in (
-        ("data.prompt_field", prompt_field),
-        ("data.response_field", response_field),
-        ("data.system_field", system_field),
-    ):
-        if field is not None and field not in found:
-            raise InputError(
-                f"dataset {path} has no field '{field}' ({name}); fields found: {', '.join(found)}; "
-                f"set {name} in params.yaml"
+    fmt = detect_format(found, fields) if data_format == "auto" else data_format
+    for column in required_columns(fmt, fields):  # type: ignore[arg-type]
+        if column not in found:
+            hint = (
+                "set data.prompt_field / data.response_field / data.system_field"
+                if fmt == "pairs"
+                else "set data.format"
             )
-    records = []
-    for row in ds:
-        p, r = row[prompt_field], row[response_field]
-        if p is None or r is None:
-            continue
-        s = row[system_field] if system_field else None
-        records.append(Record(prompt=str(p).strip(), response=str(r).strip(), system=s))
-    return RawData(records=records, source_files=hashes, n_read=len(ds))
+            raise InputError(
+                f"dataset {path} has no field '{column}' for the {fmt} format; fields found: {', '.join(found)}; "
+                f"{hint} in params.yaml"
+            )
+    records: list[Record] = []
+    bad: dict[str, list[int]] = {}
+    for i, row in enumerate(ds):
+        parsed = parse_row(i, row, fmt, fields)  # type: ignore[arg-type]
+        if isinstance(parsed, BadRow):
+            bad.setdefault(parsed.reason, []).append(i)
+        else:
+            records.append(parsed)
+    return RawData(records=records, source_files=user_data_hashes(path), n_read=len(ds), bad=bad, format=fmt)
 
 
 def dedupe_by_prompt(records: list[Record]) -> list[Record]:
-    """Keep the first response of each prompt: repeated prompts would leak across the splits."""
+    """Keep the first response of each prompt (with the turns before it): repeated prompts would leak across the
+    splits."""
     seen: set[str] = set()
     out = []
     for r in records:
         if not r.prompt or not r.response:
             continue
-        key = " ".join(r.prompt.lower().split())
+        text = " ".join([*(t for _, t in r.history), r.prompt])
+        key = " ".join(text.lower().split())
         if key not in seen:
             seen.add(key)
             out.append(r)

@@ -1,7 +1,9 @@
 """Chat-template formatting, tokenization and response-only labels.
 
-The loss covers the assistant's reply and the token that closes its turn (so the model learns to stop),
-never the system prompt, the user's message or the template's framing.
+The loss covers the assistant's replies and the token that closes each turn (so the model learns to stop), never
+the system prompt, the user's messages or the template's framing. A multi-turn conversation is rendered prefix by
+prefix: the text up to each assistant turn (with the generation prompt) and through it; every rendering must extend
+the previous one, which is what lets each token be attributed to the turn that produced it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora_pipeline.stages.contract.errors import InputError
-from qlora_pipeline.stages.lm.dataio import Record
+from qlora_pipeline.stages.lm.conversations import Record
 
 IGNORE_INDEX = -100
 
@@ -23,10 +25,12 @@ class Encoded:
 
 
 def messages_for(record: Record, system_prompt: str | None) -> list[dict[str, str]]:
+    """The conversation up to (not including) the reply: system, earlier turns, the last user message."""
     msgs = []
     system = record.system or system_prompt
     if system:
         msgs.append({"role": "system", "content": system})
+    msgs += [{"role": role, "content": text} for role, text in record.history]
     msgs.append({"role": "user", "content": record.prompt})
     return msgs
 
@@ -57,29 +61,57 @@ def check_chat_template(tokenizer: Any, where: str) -> None:
         )
 
 
+def _reply_labels(reply_ids: list[int], eot: set[int], trained: bool) -> list[int]:
+    """Label a reply through its first end-of-turn token; whatever the template adds after it is framing."""
+    n_reply = next((i + 1 for i, t in enumerate(reply_ids) if t in eot), len(reply_ids))
+    if not trained:
+        return [IGNORE_INDEX] * len(reply_ids)
+    return reply_ids[:n_reply] + [IGNORE_INDEX] * (len(reply_ids) - n_reply)
+
+
 def encode_record(
-    tokenizer: Any, record: Record, system_prompt: str | None, max_length: int, eot: set[int]
+    tokenizer: Any,
+    record: Record,
+    system_prompt: str | None,
+    max_length: int,
+    eot: set[int],
+    train_on: str = "all_assistant_turns",
 ) -> Encoded | None:
-    """Token ids and labels; None when the prompt alone leaves no room for a reply within max_length."""
+    """Token ids and labels; None when the prompt alone leaves no room for a reply within max_length.
+
+    Too long a conversation is cut after the last assistant turn that fits (a turn boundary), else at max_length.
+    """
     msgs = messages_for(record, system_prompt)
-    head = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template([*msgs, {"role": "assistant", "content": record.response}], tokenize=False)
-    if not full.startswith(head):
-        raise InputError(
-            "the chat template renders the prompt differently with and without the reply; "
-            "response-only labels need a prefix-stable template"
-        )
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    tail_ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
-    if len(head_ids) >= max_length:
+    turns = [*msgs, {"role": "assistant", "content": record.response}]
+    replies = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
+    ids: list[int] = []
+    labels: list[int] = []
+    boundaries: list[int] = []  # token count after each assistant turn
+    rendered = ""
+    for i in replies:
+        head = tokenizer.apply_chat_template(turns[:i], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(turns[: i + 1], tokenize=False)
+        if not (head.startswith(rendered) and full.startswith(head)):
+            raise InputError(
+                "the chat template renders a conversation's earlier turns differently once later turns follow; "
+                "per-turn labels need a prefix-stable template (set data.train_on: last_assistant_turn and give "
+                "single-turn rows, or fix the template)"
+            )
+        head_ids = tokenizer(head[len(rendered) :], add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
+        trained = train_on == "all_assistant_turns" or i == replies[-1]
+        ids += head_ids + reply_ids
+        labels += [IGNORE_INDEX] * len(head_ids) + _reply_labels(reply_ids, eot, trained)
+        boundaries.append(len(ids))
+        rendered = full
+    first_label = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+    if len(ids) <= max_length:
+        return Encoded(input_ids=ids, labels=labels, truncated=False)
+    fitting = [b for b in boundaries if b <= max_length and any(lab != IGNORE_INDEX for lab in labels[:b])]
+    if fitting:
+        cut = fitting[-1]
+    elif first_label >= max_length:
         return None
-    # Label the reply through the first end-of-turn token; whatever the template adds after it is framing.
-    n_reply = len(tail_ids)
-    for i, t in enumerate(tail_ids):
-        if t in eot:
-            n_reply = i + 1
-            break
-    ids = head_ids + tail_ids
-    labels = [IGNORE_INDEX] * len(head_ids) + tail_ids[:n_reply] + [IGNORE_INDEX] * (len(tail_ids) - n_reply)
-    truncated = len(ids) > max_length
-    return Encoded(input_ids=ids[:max_length], labels=labels[:max_length], truncated=truncated)
+    else:
+        cut = max_length
+    return Encoded(input_ids=ids[:cut], labels=labels[:cut], truncated=True)

@@ -16,6 +16,7 @@ from qlora_pipeline.stages.contract import artifacts
 from qlora_pipeline.stages.contract.errors import InputError, ParamsError
 from qlora_pipeline.stages.contract.params import parse_params
 from qlora_pipeline.stages.lm import dataio
+from qlora_pipeline.stages.lm.conversations import Record
 from tests import tiny
 
 
@@ -60,7 +61,7 @@ def test_labels_cover_exactly_the_response(tmp_path, tiny_llama_dir, qa_jsonl) -
 
 
 def test_split_is_deterministic_and_seeded() -> None:
-    recs = [dataio.Record(f"p{i}", f"r{i}") for i in range(101)]
+    recs = [Record(f"p{i}", f"r{i}") for i in range(101)]
     a = dataio.split_records(recs, 0.1, 0.1, seed=0)
     b = dataio.split_records(recs, 0.1, 0.1, seed=0)
     c = dataio.split_records(recs, 0.1, 0.1, seed=1)
@@ -81,10 +82,12 @@ def test_missing_field_names_it_and_lists_found(tmp_path, tiny_llama_dir) -> Non
     data = tiny.write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}] * 5)
     with pytest.raises(
         InputError,
-        match=r"has no field 'instruction' \(data.prompt_field\); fields found: "
-        r"question, answer",
+        match=r"cannot tell the dataset's format from its fields \(answer, question\): expected 'instruction' \+ "
+        r"'response' \(data.prompt_field / data.response_field\), 'messages'",
     ):
         _run(tmp_path, tiny_llama_dir, data)
+    with pytest.raises(InputError, match=r"has no field 'instruction' for the pairs format; fields found: question"):
+        _run(tmp_path, tiny_llama_dir, data, data={"format": "pairs"})
     assert not (tmp_path / "artifacts" / "prepare").exists()
 
 
@@ -105,7 +108,7 @@ def test_empty_after_dedupe(tmp_path, tiny_llama_dir) -> None:
         match=r"has 1 usable example\(s\) after dropping empty and duplicate prompts "
         r"\(read 11\)",
     ):
-        _run(tmp_path, tiny_llama_dir, data)
+        _run(tmp_path, tiny_llama_dir, data, data={"max_bad_fraction": 0.5})  # the empty prompt is a bad row
     assert not (tmp_path / "artifacts" / "prepare").exists()
 
 
