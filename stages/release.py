@@ -64,6 +64,8 @@ def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in ev.items())
     targets = json.loads((ctx.parent_dir("train") / "adapter" / "adapter_config.json").read_text())["target_modules"]
     t = p.train
+    steps = ctx.parents["train"].metrics.get("steps", t.max_steps)
+    schedule = f"{t.lr_schedule} lr {t.learning_rate}"
     return f"""# {release_id}
 {banner}
 QLoRA fine-tune released by the qlora-pipeline.
@@ -71,7 +73,7 @@ QLoRA fine-tune released by the qlora-pipeline.
 - **Base model**: {base}; licence of the base: {BASE_LICENCE.get(p.model.source, "see the base model's licence")}
 - **Data**: {data}
 - **Adapter**: LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout}, targets {", ".join(targets)};
-  {t.max_steps} steps, batch {t.batch_size}×{t.grad_accum}, lr {t.learning_rate}, {t.optimizer}, NF4 base (blocks of
+  {steps} steps, batch {t.batch_size}×{t.grad_accum}, {schedule}, {t.optimizer}, NF4 base (blocks of
   {p.quantize.blocksize}, double-quantized absmax)
 - **Merged into**: the original 16-bit weights (`model/`), dtype {p.merge.dtype}
 - **Code**: commit {cv.get("commit")} (dirty: {dirty})

@@ -60,12 +60,25 @@ def non_finite(what: str, value: float, step: int, lr: float, ckpt_root: Path) -
     )
 
 
-def lr_at(step: int, t: TrainParams) -> float:
-    """Linear warmup over warmup_ratio of the steps, then constant (the QLoRA paper's schedule)."""
-    warmup = math.ceil(t.warmup_ratio * t.max_steps)
+def total_steps(t: TrainParams, n_rows: int) -> int:
+    """`train.max_steps`, or with `train.epochs` the optimizer steps that many passes over `n_rows` take."""
+    if t.epochs is None:
+        return t.max_steps
+    return max(1, math.ceil(t.epochs * n_rows / (t.batch_size * t.grad_accum)))
+
+
+def lr_at(step: int, t: TrainParams, total: int) -> float:
+    """Linear warmup over warmup_ratio of the `total` steps, then `train.lr_schedule`: constant (the QLoRA paper's),
+    linear decay to 0 or cosine decay to 0 at the last step (the shapes of transformers' schedulers)."""
+    warmup = math.ceil(t.warmup_ratio * total)
     if warmup and step < warmup:
         return t.learning_rate * (step + 1) / warmup
-    return t.learning_rate
+    if t.lr_schedule == "constant":
+        return t.learning_rate
+    progress = (step - warmup) / max(1, total - warmup)
+    if t.lr_schedule == "linear":
+        return t.learning_rate * max(0.0, 1.0 - progress)
+    return t.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
@@ -216,9 +229,10 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
     start, losses, log = resume(ctx, model, opt, ckpt_root)
     stream = batch_stream([len(ids) for ids, _ in rows], t.batch_size, t.seed, start=start * t.grad_accum)
     model.train()
-    bar = tqdm(range(start, t.max_steps), desc="train", initial=start, total=t.max_steps)
+    total = total_steps(t, len(rows))
+    bar = tqdm(range(start, total), desc="train", initial=start, total=total)
     for step in bar:
-        lr = lr_at(step, t)
+        lr = lr_at(step, t, total)
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
@@ -252,7 +266,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
         metrics = {"loss": step_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
         ctx.tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step + 1)
         bar.set_postfix(loss=f"{step_value:.3f}", tok_s=f"{tokens / dt:.0f}")
-        if (step + 1) % t.checkpoint_every == 0 and step + 1 < t.max_steps:
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
             save_checkpoint(ckpt_root, step + 1, adapter_tensors(model), opt, losses, {"log": log})
     # Checkpoints go only once the adapter artifact is published; a crash before that resumes from them.
     ctx.after_publish.append(lambda: shutil.rmtree(ckpt_root, ignore_errors=True))

@@ -30,10 +30,10 @@ def main(mode: str, at: int, params_path: str) -> int:
     if mode == "step":
         real_lr_at = train.lr_at
 
-        def lr_at(step: int, t):  # called first thing in every step
+        def lr_at(step: int, t, total: int):  # called first thing in every step
             if step == at:
                 _die()
-            return real_lr_at(step, t)
+            return real_lr_at(step, t, total)
 
         train.lr_at = lr_at
     elif mode == "checkpoint-write":

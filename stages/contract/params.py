@@ -114,10 +114,14 @@ class TrainParams(Section):
     learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 2e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After warmup: constant (the QLoRA paper's), or linear / cosine decay to 0 at the last step."""
     max_grad_norm: Annotated[float, Field(gt=0)] = 0.3
     batch_size: Annotated[int, Field(ge=1)] = 8
     grad_accum: Annotated[int, Field(ge=1)] = 1
     max_steps: Annotated[int, Field(ge=1)] = 60
+    epochs: Annotated[float, Field(gt=0)] | None = None
+    """Passes over the training split; when set, the step count comes from it instead of max_steps."""
     gradient_checkpointing: bool = True
     checkpoint_min_tokens: Annotated[int, Field(ge=0)] = 512
     """Batches with fewer padded tokens skip recomputation (they fit anyway); 0 = always recompute."""
@@ -133,6 +137,10 @@ class TrainParams(Section):
     def _targets_known(self) -> TrainParams:
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("train.target_modules must name at least one projection (or be null for all of them)")
+        if self.epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError(
+                "set train.epochs or train.max_steps, not both: remove max_steps from params.yaml to train by epochs"
+            )
         return self
 
 

@@ -31,10 +31,10 @@ def interrupt_training(monkeypatch: pytest.MonkeyPatch):
     def run(params, step: int) -> None:
         real_lr_at = train.lr_at
 
-        def lr_at(s, t):
+        def lr_at(s, t, total):
             if s == step:
                 raise KeyboardInterrupt("killed")
-            return real_lr_at(s, t)
+            return real_lr_at(s, t, total)
 
         monkeypatch.setattr(train, "lr_at", lr_at)
         try:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qlora_pipeline.stages import evaluate, export, merge, prepare, quantize, train
+from qlora_pipeline.stages.contract.errors import ParamsError
 from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
@@ -158,3 +159,38 @@ def test_each_family_goes_through_every_stage(family: str, tmp_path: Path, qa_js
     # llama.cpp reading the F16 file scores the same test split as transformers on the merged model
     assert abs(formats["gguf_F16"]["loss"] - merged) < 0.01
     assert math.isfinite(formats["gptq"]["loss"]) and formats["gptq"]["loss"] < models["base_16bit"]["loss"]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_decay_schedules_match_transformers_after_warmup(schedule: str) -> None:
+    """After warmup, linear and cosine decay give transformers' scheduler values step for step (during warmup ours
+    ramps (step + 1) / warmup, so no step runs at lr 0), and reach 0 only after the last step."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    t = parse_params({"train": {"learning_rate": 1e-3, "warmup_ratio": 0.1, "lr_schedule": schedule}}).train
+    total, warmup = 50, 5
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=t.learning_rate)
+    make = get_linear_schedule_with_warmup if schedule == "linear" else get_cosine_schedule_with_warmup
+    sched = make(opt, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total):
+        ours = train.lr_at(step, t, total)
+        if step < warmup:
+            assert ours == pytest.approx(t.learning_rate * (step + 1) / warmup)
+        else:
+            assert ours == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+        opt.step()
+        sched.step()
+    assert 0 < train.lr_at(total - 1, t, total) < t.learning_rate / 10
+
+
+def test_epochs_decide_the_step_count(quantized) -> None:
+    """`train.epochs` runs ceil(epochs × rows / (batch × accum)) steps; with max_steps as well it is refused."""
+    tmp, model, data = quantized
+    import datasets
+
+    n_rows = len(datasets.load_from_disk(str(tmp / "artifacts" / "prepare" / "data"))["train"])
+    m = train.run(_params(tmp, model, data, batch_size=4, grad_accum=2, epochs=1.5))
+    assert m.metrics["steps"] == math.ceil(1.5 * n_rows / 8) == len(_log(tmp))
+    with pytest.raises(ParamsError, match=r"set train\.epochs or train\.max_steps, not both"):
+        _params(tmp, model, data, epochs=1.0, max_steps=10)
