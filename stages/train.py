@@ -28,6 +28,8 @@ from qlora_pipeline.stages.lm.batching import Batch, batch_stream, collate, toke
 from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
+from qlora_pipeline.stages.lm.schedule import lr_at, total_steps
+from qlora_pipeline.stages.lm.validation import ValidationState
 from qlora_pipeline.stages.prepare import PrepareRecord
 
 STAGE = "train"
@@ -45,6 +47,7 @@ class TrainResult:
     """One entry per step: loss, lr, grad norm, seconds, tokens."""
     paging: dict[str, Any] | None
     """The optimizer's paging statistics, for paged optimizers."""
+    validation: ValidationState
 
 
 class NonFiniteLoss(PipelineError):
@@ -58,27 +61,6 @@ def non_finite(what: str, value: float, step: int, lr: float, ckpt_root: Path) -
         f"{what} became {value} at step {step + 1} (lr {lr:.3g}); {kept}; lower train.learning_rate or check the "
         "data, then run train again to resume"
     )
-
-
-def total_steps(t: TrainParams, n_rows: int) -> int:
-    """`train.max_steps`, or with `train.epochs` the optimizer steps that many passes over `n_rows` take."""
-    if t.epochs is None:
-        return t.max_steps
-    return max(1, math.ceil(t.epochs * n_rows / (t.batch_size * t.grad_accum)))
-
-
-def lr_at(step: int, t: TrainParams, total: int) -> float:
-    """Linear warmup over warmup_ratio of the `total` steps, then `train.lr_schedule`: constant (the QLoRA paper's),
-    linear decay to 0 or cosine decay to 0 at the last step (the shapes of transformers' schedulers)."""
-    warmup = math.ceil(t.warmup_ratio * total)
-    if warmup and step < warmup:
-        return t.learning_rate * (step + 1) / warmup
-    if t.lr_schedule == "constant":
-        return t.learning_rate
-    progress = (step - warmup) / max(1, total - warmup)
-    if t.lr_schedule == "linear":
-        return t.learning_rate * max(0.0, 1.0 - progress)
-    return t.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
@@ -183,16 +165,20 @@ def restore_adapter(model: Any, tensors: dict[str, torch.Tensor]) -> None:
         params[k].data.copy_(v)
 
 
-def resume(ctx: StageContext, model: Any, opt: torch.optim.Optimizer, ckpt_root: Path) -> tuple[int, list, list]:
-    """(start step, losses, log) from the last complete checkpoint of this exact run, or a fresh start."""
+def resume(
+    ctx: StageContext, model: Any, opt: torch.optim.Optimizer, ckpt_root: Path
+) -> tuple[int, list, list, ValidationState]:
+    """(start step, losses, log, validation state) from the last complete checkpoint of this exact run, or a fresh
+    start."""
     clean_stale_temps(ckpt_root)  # a checkpoint a killed run was still writing
     last = latest_checkpoint(ckpt_root)
     if last is None:
-        return 0, [], []
+        return 0, [], [], ValidationState()
     tensors, state = load_checkpoint(last, opt)
     restore_adapter(model, tensors)
     ctx.record = TrainRecord(resumed_from_step=state.step)
-    return state.step, state.losses, state.extra.get("log", [])
+    validation = ValidationState.from_json(state.extra.get("validation"), state.best_adapter)
+    return state.step, state.losses, state.extra.get("log", []), validation
 
 
 def accumulate_gradients(model: Any, batches: list[Batch], t: TrainParams, step: int, device: torch.device) -> Any:
@@ -219,14 +205,14 @@ def accumulate_gradients(model: Any, batches: list[Batch], t: TrainParams, step:
     return step_loss
 
 
-def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_id: int) -> TrainResult:
+def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_rows: list, pad_id: int) -> TrainResult:
     from tqdm import tqdm
 
     t = ctx.params.train
     device = next(p.device for p in trainable)
     opt = make_optimizer(trainable, t)
     ckpt_root = checkpoint_root(ctx)
-    start, losses, log = resume(ctx, model, opt, ckpt_root)
+    start, losses, log, validation = resume(ctx, model, opt, ckpt_root)
     stream = batch_stream([len(ids) for ids, _ in rows], t.batch_size, t.seed, start=start * t.grad_accum)
     model.train()
     total = total_steps(t, len(rows))
@@ -266,12 +252,23 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, pad_i
         metrics = {"loss": step_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
         ctx.tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step + 1)
         bar.set_postfix(loss=f"{step_value:.3f}", tok_s=f"{tokens / dt:.0f}")
-        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(ckpt_root, step + 1, adapter_tensors(model), opt, losses, {"log": log})
+        if t.eval_every and (step + 1) % t.eval_every == 0:
+            val_loss = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id)["loss"]
+            model.train()
+            validation.record(step + 1, val_loss, adapter_tensors(model))
+            ctx.tracker.log_metrics({"train.val_loss": val_loss}, step=step + 1)
+        stop = validation.should_stop(t.early_stopping_patience)
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total and not stop:
+            extra = {"log": log, "validation": validation.to_json()}
+            save_checkpoint(ckpt_root, step + 1, adapter_tensors(model), opt, losses, extra, validation.best_adapter)
+        if stop:
+            break
     # Checkpoints go only once the adapter artifact is published; a crash before that resumes from them.
     ctx.after_publish.append(lambda: shutil.rmtree(ckpt_root, ignore_errors=True))
+    if validation.best_adapter is not None:  # the best validated adapter is the one trained
+        restore_adapter(model, validation.best_adapter)
     paging = getattr(opt, "paging_stats", None)
-    return TrainResult(log=log, paging=paging() if callable(paging) else None)
+    return TrainResult(log=log, paging=paging() if callable(paging) else None, validation=validation)
 
 
 def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> None:
@@ -343,7 +340,9 @@ def body(ctx: StageContext) -> dict[str, Any]:
     model, trainable = build_model(ctx.parent_dir("quantize") / "model", t, device, dtype)
     n_trainable = sum(p.numel() for p in trainable)
     before = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
-    result = train_loop(ctx, model, trainable, rows, pad_id)
+    if t.eval_every and not val_rows:
+        raise InputError("train.eval_every needs a validation split; set data.val_fraction above 0")
+    result = train_loop(ctx, model, trainable, rows, val_rows, pad_id)
     after = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
 
     save_adapter(ctx, model)
@@ -366,6 +365,13 @@ def body(ctx: StageContext) -> dict[str, Any]:
     }
     if result.paging:
         metrics["optimizer_paging"] = result.paging
+    if t.eval_every:
+        v = result.validation
+        metrics |= {
+            "best_step": v.best_step,
+            "best_val_loss": v.best_loss,
+            "stopped_early": len(log) < total_steps(t, len(rows)),
+        }
     return metrics
 
 

@@ -122,6 +122,10 @@ class TrainParams(Section):
     max_steps: Annotated[int, Field(ge=1)] = 60
     epochs: Annotated[float, Field(gt=0)] | None = None
     """Passes over the training split; when set, the step count comes from it instead of max_steps."""
+    eval_every: Annotated[int, Field(ge=1)] | None = None
+    """Validation loss every N steps; the adapter with the lowest one is the one trained (null: the last)."""
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many validations without improvement (needs eval_every)."""
     gradient_checkpointing: bool = True
     checkpoint_min_tokens: Annotated[int, Field(ge=0)] = 512
     """Batches with fewer padded tokens skip recomputation (they fit anyway); 0 = always recompute."""
@@ -137,6 +141,8 @@ class TrainParams(Section):
     def _targets_known(self) -> TrainParams:
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("train.target_modules must name at least one projection (or be null for all of them)")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("train.early_stopping_patience needs train.eval_every (how often to validate)")
         if self.epochs is not None and "max_steps" in self.model_fields_set:
             raise ValueError(
                 "set train.epochs or train.max_steps, not both: remove max_steps from params.yaml to train by epochs"

@@ -21,6 +21,7 @@ from qlora_pipeline.kernels.formats.atomic import atomic_dir
 from qlora_pipeline.stages.contract.artifacts import sha256_file
 
 KEEP = 2
+BEST_ADAPTER = "best_adapter.safetensors"
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TrainState:
     step: int
     losses: list[float]
     extra: dict[str, Any]
+    best_adapter: dict[str, torch.Tensor] | None = None
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -44,10 +46,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     losses: list[float],
     extra: dict[str, Any],
+    best_adapter: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     final = root / f"step-{step:07d}"
     with atomic_dir(final) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
+        if best_adapter is not None:  # periodic validation's best so far (stages/lm/validation.py)
+            save_file({k: v.contiguous() for k, v in best_adapter.items()}, str(tmp / BEST_ADAPTER))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "cuda": _cuda_rng()}, tmp / "rng.pt")
         state = {
@@ -89,7 +94,8 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[
         torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((path / "state.json").read_text())
     random.setstate(_py_rng_from_json(state["python_random"]))
-    return adapter, TrainState(step=state["step"], losses=state["losses"], extra=state["extra"])
+    best = load_file(str(path / BEST_ADAPTER)) if (path / BEST_ADAPTER).is_file() else None
+    return adapter, TrainState(step=state["step"], losses=state["losses"], extra=state["extra"], best_adapter=best)
 
 
 def _cuda_rng() -> list[torch.Tensor] | None:

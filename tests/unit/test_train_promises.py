@@ -194,3 +194,44 @@ def test_epochs_decide_the_step_count(quantized) -> None:
     assert m.metrics["steps"] == math.ceil(1.5 * n_rows / 8) == len(_log(tmp))
     with pytest.raises(ParamsError, match=r"set train\.epochs or train\.max_steps, not both"):
         _params(tmp, model, data, epochs=1.0, max_steps=10)
+
+
+def test_validation_keeps_the_best_adapter_stops_early_and_resumes_exactly(quantized, monkeypatch, interrupt_training):
+    """eval_every 2, patience 2, scripted validation losses (best at step 4, worse at 6 and 8): training stops after
+    step 8 and the adapter is exactly the one a 4-step run trains; killed at step 5 and resumed (from the step-4
+    checkpoint, which carries the best adapter and the patience count), the outcome is identical."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    tmp, model, data = quantized
+    scripted = {2: 3.0, 4: 2.0, 6: 2.5, 8: 2.6, 10: 2.7, 12: 2.8}
+    real = train.heldout_loss
+
+    def heldout(m, rows, bs, pad):  # the loop's validations get scripted losses by step; before/after are real
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "train_loop":
+            return {"loss": scripted[caller.f_locals["step"] + 1]}
+        return real(m, rows, bs, pad)
+
+    monkeypatch.setattr(train, "heldout_loss", heldout)
+    over = {"batch_size": 4, "max_steps": 12, "checkpoint_every": 2, "eval_every": 2, "early_stopping_patience": 2}
+    adapter = tmp / "artifacts" / "train" / "adapter" / "adapter_model.safetensors"
+
+    m = train.run(_params(tmp, model, data, **over)).metrics
+    assert (m["steps"], m["best_step"], m["best_val_loss"], m["stopped_early"]) == (8, 4, 2.0, True)
+    stopped = load_file(adapter)
+    train.run(_params(tmp, model, data, batch_size=4, max_steps=4, checkpoint_every=2))
+    four = load_file(adapter)
+    assert stopped.keys() == four.keys() and all(torch.equal(stopped[k], four[k]) for k in four)
+
+    interrupt_training(_params(tmp, model, data, **over), 5)
+    resumed = train.run(_params(tmp, model, data, **over))
+    assert train.TrainRecord.of(resumed).resumed_from_step == 4
+    assert {k: resumed.metrics[k] for k in ("steps", "best_step", "stopped_early")} == {
+        "steps": 8,
+        "best_step": 4,
+        "stopped_early": True,
+    }
+    again = load_file(adapter)
+    assert all(torch.equal(again[k], four[k]) for k in four)
