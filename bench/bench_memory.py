@@ -218,6 +218,7 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     ap.add_argument("--before", default="f571cb7", help="git revision measured as 'before'")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep the other rows of bench/results/memory.json")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-memory-"))
     before_root = work / "before-checkout"
@@ -240,8 +241,13 @@ def main() -> None:
                 rows.append(row)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before_root)], check=False)
+    out = ROOT / "bench" / "results" / "memory.json"
+    kept = json.loads(out.read_text())["rows"] if args.keep and out.exists() else []
+    measured = {(r["size"], r["op"]) for r in rows}
+    rows = [r for r in kept if (r["size"], r["op"]) not in measured] + rows
+    rows.sort(key=lambda r: (list(SIZES).index(r["size"]), OPS.index(r["op"])))
     result = {"machine": platform.processor() or platform.machine(), "before": args.before, "rows": rows}
-    (ROOT / "bench" / "results" / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(rows))
 
 

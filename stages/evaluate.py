@@ -20,6 +20,7 @@ from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.stage import StageContext, execute
 from qlora_pipeline.stages.lm.batching import token_rows
 from qlora_pipeline.stages.lm.conversations import Record
+from qlora_pipeline.stages.lm.data_report import data_section
 from qlora_pipeline.stages.lm.formatting import prompt_text
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id
@@ -79,7 +80,9 @@ def stage_table(ctx: StageContext) -> list[dict[str, Any]]:
     return rows
 
 
-def render_markdown(metrics: dict[str, Any], gens: list[dict[str, Any]], stages: list[dict[str, Any]]) -> str:
+def render_markdown(
+    metrics: dict[str, Any], gens: list[dict[str, Any]], stages: list[dict[str, Any]], data: list[str]
+) -> str:
     lines = [
         "# Evaluation report",
         "",
@@ -98,6 +101,7 @@ def render_markdown(metrics: dict[str, Any], gens: list[dict[str, Any]], stages:
         "",
         "![training loss](loss_curve.png)",
         "",
+        *data,
         "## Stages: wall time and peak memory",
         "",
         *markdown_table(
@@ -180,9 +184,12 @@ def body(ctx: StageContext) -> dict[str, Any]:
     plot = ctx.parent_dir("train") / "loss_curve.png"
     if plot.exists():
         shutil.copyfile(plot, ctx.out / "loss_curve.png")
-    md = render_markdown(metrics, gens, stage_table(ctx))
+    if (ctx.parent_dir("prepare") / "token_lengths.png").exists():
+        shutil.copyfile(ctx.parent_dir("prepare") / "token_lengths.png", ctx.out / "token_lengths.png")
+    md = render_markdown(metrics, gens, stage_table(ctx), data_section(ctx.parents["prepare"].metrics))
     (ctx.out / "report.md").write_text(md)
-    page = html_page(md, "Evaluation", images={"loss_curve.png": ctx.out / "loss_curve.png"})
+    images = {name: ctx.out / name for name in ("loss_curve.png", "token_lengths.png")}
+    page = html_page(md, "Evaluation", images=images)
     (ctx.out / "report.html").write_text(page)
     (ctx.out / "generations.json").write_text(json.dumps(gens, indent=1, ensure_ascii=False))
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))

@@ -19,6 +19,7 @@ from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
 from qlora_pipeline.stages.lm import dataio, modelio
 from qlora_pipeline.stages.lm.conversations import FieldNames, Record
+from qlora_pipeline.stages.lm.data_report import data_section, loss_token_share, plot_token_lengths
 from qlora_pipeline.stages.lm.formatting import IGNORE_INDEX, check_chat_template, encode_record, end_of_turn_ids
 
 STAGE = "prepare"
@@ -171,6 +172,10 @@ def body(ctx: StageContext) -> dict[str, Any]:
     model_out = ctx.out / "model"
     modelio.copy_model_dir(src_dir, model_out)
     dsd.save_to_disk(str(ctx.out / "data"))
+    for split in stats.values():
+        split["loss_token_share"] = loss_token_share(split)
+    lengths = {name: [len(ids) for ids in dsd[name]["input_ids"]] for name in dsd}
+    plot_token_lengths(lengths, params.data.max_length, ctx.out / "token_lengths.png")
     ctx.record = PrepareRecord(
         base_model_source=params.model.source,
         base_model_path=str(src_dir),
@@ -180,7 +185,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         architecture=info["architecture"],
         config_sha256=sha256_file(src_dir / "config.json"),
     )
-    return {
+    metrics = {
         "records_read": raw.n_read,
         "data_format": raw.format,
         "bad_rows": bad,
@@ -189,6 +194,10 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "splits": stats,
         "architecture": info["architecture"],
     }
+    (ctx.out / "data_report.md").write_text("\n".join(data_section(metrics)))
+    for name in ("data_report.md", "token_lengths.png"):
+        ctx.tracker.log_artifact(ctx.out / name)
+    return metrics
 
 
 def run(params: Params, parent_run_id: str | None = None) -> Manifest:

@@ -162,6 +162,8 @@ def test_bad_rows_are_counted_by_reason_and_too_many_fail_in_one_line(tmp_path: 
         "no assistant turn": 1,
     }
     assert m.metrics["records_read"] == 46 and m.metrics["records_after_dedupe"] == 40
+    report = (tmp_path / "artifacts" / "prepare" / "data_report.md").read_text()
+    assert "Format `messages`: 46 rows read, 6 unreadable, 40 kept" in report and "| unknown role | 1 |" in report
 
     data = _write(tmp_path / "worse.jsonl", good[:4] + [BAD_ROWS[0]] * 3 + BAD_ROWS[1:3])
     params = tiny.params_for(tmp_path / "w", tiny_llama_dir, data)

@@ -169,8 +169,9 @@ def test_evaluate_four_models_report_and_exact_rerun(trained) -> None:
     assert abs(models["merged"]["loss"] - models["nf4_adapter"]["loss"]) < 0.02
     md = (out / "report.md").read_text()
     assert "| NF4 base + adapter |" in md and "## Greedy generations" in md
+    assert "## Data" in md and "| train |" in md and "loss tokens" in md  # prepare's data section, repeated
     page = (out / "report.html").read_text()
-    assert "<table>" in page and "data:image/png;base64," in page
+    assert "<table>" in page and page.count("data:image/png;base64,") == 2  # loss curve and token lengths
     gens = json.loads((out / "generations.json").read_text())
     assert len(gens) == 2 and set(gens[0]["outputs"]) == {"base_16bit", "nf4_adapter", "merged"}
     dvc_metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())

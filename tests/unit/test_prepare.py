@@ -43,6 +43,14 @@ def test_prepare_writes_model_data_manifest_and_metrics(tmp_path, tiny_llama_dir
     assert record == prepare.PrepareRecord.of(artifacts.read_manifest(out, "prepare"))
     assert record.architecture == "LlamaForCausalLM" and record.base_model_source == "local"
     assert record.config_sha256 == hashlib.sha256((tiny_llama_dir / "config.json").read_bytes()).hexdigest()
+    # the data report: the share of tokens the loss sees, from the stored labels; the histogram is a real PNG
+    train = dsd["train"]
+    labelled = sum(sum(1 for t in lab if t != -100) for lab in train["labels"])
+    share = m.metrics["splits"]["train"]["loss_token_share"]
+    assert share == round(labelled / sum(len(ids) for ids in train["input_ids"]), 4) and 0 < share < 1
+    report = (out / "data_report.md").read_text()
+    assert report.startswith("## Data") and "| train | 32 | 0 | 0 |" in report and f"{share:.1%}" in report
+    assert (out / "token_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert manifest["code_hash"] and manifest["params"]["data"]["seed"] == 0
 
 
