@@ -179,6 +179,7 @@ def test_llama_keys_tokenizer_and_lineage(llama_dir: Path, llama_exports: dict) 
         "Q8_0": 7,
         "Q4_0": 2,
         "Q4_K_M": 15,
+        "Q5_K_M": 17,
     }
 
 
