@@ -331,6 +331,8 @@ def body(ctx: StageContext) -> dict[str, Any]:
     pad_id = pad_token_id(tok)
     data = datasets.load_from_disk(str(prep / "data"))
     rows, val_rows = token_rows(data["train"]), token_rows(data["validation"])
+    if t.eval_every and not val_rows:
+        raise InputError("train.eval_every needs a validation split; set data.val_fraction above 0")
     if len(rows) < t.batch_size:
         raise InputError(
             f"train.batch_size={t.batch_size} is larger than the {len(rows)} training examples; lower train.batch_size"
@@ -340,8 +342,6 @@ def body(ctx: StageContext) -> dict[str, Any]:
     model, trainable = build_model(ctx.parent_dir("quantize") / "model", t, device, dtype)
     n_trainable = sum(p.numel() for p in trainable)
     before = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
-    if t.eval_every and not val_rows:
-        raise InputError("train.eval_every needs a validation split; set data.val_fraction above 0")
     result = train_loop(ctx, model, trainable, rows, val_rows, pad_id)
     after = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
 
