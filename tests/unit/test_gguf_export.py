@@ -419,15 +419,7 @@ def test_pre_tokenizer_detection(llama_dir: Path, qwen2_dir: Path, tmp_path: Pat
 # ---------------------------------------------------------------------------------------------------- llama.cpp
 
 
-# What the quantized weights themselves cost (transformers' load of the GGUF vs the 16-bit source), measured
-# on these tiny models (llama = mistral / qwen2 / qwen3 with head_dim 128): Q8_0 0.014 / 0.013 / 0.017, Q4_0
-# 0.196 / 0.198 / 0.207, Q4_K_M 0.121 / 0.133 / 0.168 (2026-12-03 and -04).
-# The bytes of every quantized tensor are checked against llama.cpp's own quantizer in
-# test_llama_cpp_quantizer_agrees_with_ours; these bounds only document the format's cost.
-QUANT_COST = {"F16": 1e-6, "Q8_0": 0.02, "Q4_0": 0.25, "Q4_K_M": 0.2, "Q5_K_M": 0.12}
-# llama.cpp vs transformers on the same GGUF file: llama.cpp quantizes activations to 8 bits for quantized
-# matmuls. Measured 2026-12-03: F16 0.0005, Q8_0 0.0094, Q4_0 0.012, Q4_K_M 0.015 (both architectures).
-READER_GAP = {"F16": 0.002, "Q8_0": 0.03, "Q4_0": 0.03, "Q4_K_M": 0.03, "Q5_K_M": 0.03}
+QUANT_COST, READER_GAP = llama_oracle.QUANT_COST, llama_oracle.READER_GAP
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
