@@ -24,7 +24,7 @@ from qlora_pipeline.stages.contract.artifacts import Manifest, clean_stale_temps
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params, TrainParams
 from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
-from qlora_pipeline.stages.lm.batching import Batch, batch_stream, collate, token_rows
+from qlora_pipeline.stages.lm.batching import Batch, BatchPlan, token_rows
 from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
@@ -205,6 +205,15 @@ def accumulate_gradients(model: Any, batches: list[Batch], t: TrainParams, step:
     return step_loss
 
 
+def batch_plan(params: Params, rows: list) -> BatchPlan:
+    """Packed rows of data.max_length tokens (or the longest example, if a prepare with a larger max_length made
+    the data), or one length-grouped example per row."""
+    t = params.train
+    lengths = [len(ids) for ids, _ in rows]
+    pack_to = max([params.data.max_length, *lengths]) if t.packing else None
+    return BatchPlan(lengths, t.batch_size, t.seed, pack_to)
+
+
 def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_rows: list, pad_id: int) -> TrainResult:
     from tqdm import tqdm
 
@@ -213,16 +222,17 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_r
     opt = make_optimizer(trainable, t)
     ckpt_root = checkpoint_root(ctx)
     start, losses, log, validation = resume(ctx, model, opt, ckpt_root)
-    stream = batch_stream([len(ids) for ids, _ in rows], t.batch_size, t.seed, start=start * t.grad_accum)
+    plan = batch_plan(ctx.params, rows)
+    stream = plan.stream(start=start * t.grad_accum)
     model.train()
-    total = total_steps(t, len(rows))
+    total = total_steps(t, plan.rows_per_epoch())
     bar = tqdm(range(start, total), desc="train", initial=start, total=total)
     for step in bar:
         lr = lr_at(step, t, total)
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        batches = [collate([rows[i] for i in next(stream)], pad_id) for _ in range(t.grad_accum)]
+        batches = [plan.collate(next(stream), rows, pad_id) for _ in range(t.grad_accum)]
         step_loss = accumulate_gradients(model, batches, t, step, device)
         norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
         # The step's one read back to the host (for the log and the checks); everything before it stays queued.
@@ -245,6 +255,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_r
                 "grad_norm": grad_norm,
                 "seconds": dt,
                 "tokens": tokens,
+                "padded_tokens": sum(b.input_ids.numel() for b in batches),
                 "tokens_per_s": tokens / dt,
                 "target_tokens": sum(b.n_target_tokens for b in batches),
             }
@@ -370,7 +381,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         metrics |= {
             "best_step": v.best_step,
             "best_val_loss": v.best_loss,
-            "stopped_early": len(log) < total_steps(t, len(rows)),
+            "stopped_early": len(log) < total_steps(t, batch_plan(ctx.params, rows).rows_per_epoch()),
         }
     return metrics
 

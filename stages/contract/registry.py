@@ -58,7 +58,10 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("prepare", (), ("model", "data")),
         StageSpec("quantize", ("prepare",), ("quantize",)),
         StageSpec(
-            "train", ("prepare", "quantize"), ("runtime.device", "train", "evaluate.batch_size"), uses_device=True
+            "train",
+            ("prepare", "quantize"),
+            ("runtime.device", "train", "evaluate.batch_size", "data.max_length"),
+            uses_device=True,
         ),
         StageSpec("merge", ("prepare", "train"), ("merge",)),
         StageSpec(

@@ -1,8 +1,13 @@
-"""Batches for training and evaluation: length-grouped, padded to the batch's longest row, seeded.
+"""Batches for training and evaluation: packed or length-grouped, seeded, and resumable at any batch.
 
 Padding every row to the longest of a random batch wastes most of a CPU step on chatterbot-like data
-(one 256-token reply pads seven short ones). Grouping rows of similar length inside mega-batches, the
-QLoRA recipe's `group_by_length`, keeps the batches random while cutting the padded tokens.
+(one 256-token reply pads seven short ones). Two cures (docs/data.md):
+
+- **packing** (`train.packing`): several examples share a row of `data.max_length` tokens, position ids restart
+  at each example and attention never crosses an example boundary (transformers reads the restarts as separate
+  sequences), so a packed batch's loss is the sum of its examples' losses and almost no step computes on padding;
+- **length grouping** (the QLoRA recipe's `group_by_length`): rows of similar length share a batch, inside
+  shuffled mega-batches, so batches stay random while the padded tokens shrink.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from qlora_pipeline.stages.lm.formatting import IGNORE_INDEX
 
 MEGABATCH_FACTOR = 16
+PACK_WINDOW = 4096
 
 
 @dataclass(frozen=True)
@@ -30,12 +36,15 @@ class Batch:
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    """The 2-D padding mask of a padded batch; None for a packed one, whose position ids say where examples start."""
     labels: torch.Tensor
     target_positions: torch.Tensor
     targets: torch.Tensor
     n_tokens: int
     n_target_tokens: int
+    position_ids: torch.Tensor | None = None
+    """Packed batches only: each example's positions count from 0 (trailing padding is one more such run)."""
 
     @property
     def device(self) -> torch.device:
@@ -49,8 +58,8 @@ class Batch:
             return self
         pin = device.type == "cuda" and self.device.type == "cpu"
 
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+        def move(t: torch.Tensor | None) -> Any:
+            return None if t is None else (t.pin_memory() if pin else t).to(device, non_blocking=True)
 
         return replace(
             self,
@@ -59,6 +68,7 @@ class Batch:
             labels=move(self.labels),
             target_positions=move(self.target_positions),
             targets=move(self.targets),
+            position_ids=move(self.position_ids),
         )
 
 
@@ -89,6 +99,68 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     )
 
 
+def collate_packed(rows: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id: int) -> Batch:
+    """Each row the concatenation of its examples, right-padded to the longest row; position ids restart at every
+    example (and at the padding). A position is a target only when the next token is a label of the same example,
+    so no example predicts the first token of the one after it."""
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for k, (x, y) in enumerate(row):
+            n = len(x)
+            ids[r, offset : offset + n] = torch.tensor(x, dtype=torch.long)
+            labels[r, offset : offset + len(y)] = torch.tensor(y, dtype=torch.long)
+            positions[r, offset : offset + n] = torch.arange(n)
+            segment[r, offset : offset + n] = k
+            offset += n
+        positions[r, offset:] = torch.arange(width - offset)
+    same = segment[:, 1:] == segment[:, :-1]
+    row, col = ((labels[:, 1:] != IGNORE_INDEX) & same).nonzero(as_tuple=True)
+    return Batch(
+        input_ids=ids,
+        attention_mask=None,
+        labels=labels,
+        target_positions=row * width + col,
+        targets=labels[row, col + 1],
+        n_tokens=sum(len(x) for row_ in rows for x, _ in row_),
+        n_target_tokens=int(row.numel()),
+        position_ids=positions,
+    )
+
+
+def pack_rows(lengths: Sequence[int], order: Sequence[int], capacity: int) -> list[list[int]]:
+    """Example indices packed into rows of at most `capacity` tokens: best fit, longest first, within windows of
+    `PACK_WINDOW` examples of `order` (so a row mixes examples from one stretch of the shuffled epoch).
+
+    Open rows are bucketed by free space, so placing an example looks at no more than `capacity` buckets.
+    """
+    rows: list[list[int]] = []
+    for start in range(0, len(order), PACK_WINDOW):
+        window: list[list[int]] = []
+        free: list[int] = []
+        by_free: list[list[int]] = [[] for _ in range(capacity + 1)]  # free tokens -> rows of this window
+        for i in sorted(order[start : start + PACK_WINDOW], key=lambda i: (-lengths[i], i)):
+            n = lengths[i]
+            if n > capacity:
+                raise ValueError(f"an example of {n} tokens does not fit a packed row of {capacity}")
+            fit = next((f for f in range(n, capacity + 1) if by_free[f]), None)
+            if fit is None:
+                window.append([])
+                free.append(capacity)
+                r = len(window) - 1
+            else:
+                r = by_free[fit].pop()
+            window[r].append(i)
+            free[r] -= n
+            by_free[free[r]].append(r)
+        rows.extend(window)
+    return rows
+
+
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Index batches of one epoch: shuffle, sort within mega-batches by length, shuffle the batches.
 
@@ -106,16 +178,57 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How training cuts its examples into batches: each batch a list of rows, each row the indices of the
+    examples it holds (one when not packing). A pure function of its fields and the epoch, so a resumed run
+    recomputes the same batches."""
+
+    lengths: Sequence[int]
+    batch_size: int
+    """Rows per batch: examples when not packing, packed rows of `pack_to` tokens when packing."""
+    seed: int
+    pack_to: int | None = None
+    """The tokens of a packed row; None: one example per row, length-grouped."""
+
+    def epoch(self, epoch: int) -> list[list[list[int]]]:
+        if self.pack_to is None:
+            return [[[i] for i in b] for b in epoch_batches(self.lengths, self.batch_size, self.seed, epoch)]
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        rows = pack_rows(self.lengths, order, self.pack_to)
+        rng.shuffle(rows)
+        return [rows[j : j + self.batch_size] for j in range(0, len(rows), self.batch_size)]
+
+    def rows_per_epoch(self) -> int:
+        """Batch rows in an epoch (its first: packing may vary by a row or two between epochs)."""
+        return len(self.lengths) if self.pack_to is None else sum(len(b) for b in self.epoch(0))
+
+    def stream(self, start: int = 0) -> Iterator[list[list[int]]]:
+        """Endless batches over epochs, starting at global batch number `start` (for resume)."""
+        if not self.lengths:
+            raise ValueError("no rows to batch")
+        epoch, offset = 0, start
+        while True:
+            batches = self.epoch(epoch)
+            if offset < len(batches):
+                yield from batches[offset:]
+                offset = 0
+            else:
+                offset -= len(batches)
+            epoch += 1
+
+    def collate(self, batch: list[list[int]], examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+        if self.pack_to is None:
+            return collate([examples[row[0]] for row in batch], pad_id)
+        return collate_packed([[examples[i] for i in row] for row in batch], pad_id)
+
+
 def batch_stream(lengths: Sequence[int], batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
-    """Endless stream of index batches over epochs, starting at global batch number `start` (for resume)."""
-    if not lengths:
-        raise ValueError("no rows to batch")
-    per_epoch = len(epoch_batches(lengths, batch_size, seed, 0))
-    epoch, offset = divmod(start, per_epoch)
-    while True:
-        batches = epoch_batches(lengths, batch_size, seed, epoch)
-        yield from batches[offset:]
-        epoch, offset = epoch + 1, 0
+    """Endless stream of length-grouped index batches (one example per row), from global batch `start`."""
+    for batch in BatchPlan(lengths, batch_size, seed).stream(start):
+        yield [row[0] for row in batch]
 
 
 def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -24,8 +24,13 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model.get_decoder(), model.get_output_embeddings()
 
 
-def attention_mask_for(model: Any, batch: Batch) -> torch.Tensor:
-    """The mask to hand the decoder: the 2-D padding mask on the CPU, a ready 4-D mask on an accelerator.
+def attention_mask_for(model: Any, batch: Batch) -> torch.Tensor | None:
+    """The mask to hand the decoder: none for a packed batch, the 2-D padding mask on the CPU, a ready 4-D mask on
+    an accelerator.
+
+    A packed batch passes no mask: transformers then reads where the position ids restart and builds, per
+    attention type (full, sliding window), a mask in which no example sees another (tests/unit/test_packing.py
+    holds it to that for every family).
 
     transformers decides whether it may skip the mask (and use SDPA's causal kernel) by reading the padding mask
     or the position ids (`.all()`), which on an accelerator is a host sync per forward pass. A 4-D mask is taken
@@ -35,7 +40,7 @@ def attention_mask_for(model: Any, batch: Batch) -> torch.Tensor:
     """
     mask = batch.attention_mask
     impl = getattr(model.config, "_attn_implementation", None)
-    if mask.device.type == "cpu" or impl not in ("sdpa", "eager"):
+    if mask is None or mask.device.type == "cpu" or impl not in ("sdpa", "eager"):
         return mask
     width = mask.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril_()
@@ -53,7 +58,10 @@ def summed_loss(model: Any, batch: Batch, chunk: int = 512) -> tuple[torch.Tenso
     """
     decoder, head = decoder_and_head(model)
     hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch), use_cache=False
+        input_ids=batch.input_ids,
+        attention_mask=attention_mask_for(model, batch),
+        position_ids=batch.position_ids,
+        use_cache=False,  # a cache would switch off transformers' reading of packed position ids
     ).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_positions)
     y = batch.targets
