@@ -62,11 +62,13 @@ def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, raw_text: bool = False) -> list[str]:
+    """Greedy continuations; chat prompts are rendered already, raw text gets the tokenizer's own BOS as in
+    training."""
     outs = []
     device = module_device(model)
     for p in prompts:
-        ids = tokenizer(p, return_tensors="pt", add_special_tokens=False).to(device)
+        ids = tokenizer(p, return_tensors="pt", add_special_tokens=raw_text).to(device)
         gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         outs.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return outs
@@ -86,7 +88,8 @@ def render_markdown(
     lines = [
         "# Evaluation report",
         "",
-        f"Held-out test split, token-weighted over reply tokens; computed on {metrics['device']}.",
+        f"Held-out test split, token-weighted over the labelled tokens (assistant replies; every token of plain "
+        f"text); computed on {metrics['device']}.",
         "",
         *markdown_table(
             ("model", "loss", "perplexity"),
@@ -151,7 +154,11 @@ def body(ctx: StageContext) -> dict[str, Any]:
     rows = token_rows(test)
     n_gen = min(e.num_generations, len(test))
     system = ctx.params.data.system_prompt
-    prompts = [prompt_text(tok, test_record(test[i]), system) for i in range(n_gen)]
+    raw_text = ctx.parents["prepare"].metrics.get("data_format") == "text"
+    if raw_text:  # plain text: the row's first tokens, continued
+        prompts = [test[i]["prompt"] for i in range(n_gen)]
+    else:
+        prompts = [prompt_text(tok, test_record(test[i]), system) for i in range(n_gen)]
     dtype = torch.bfloat16
     results: dict[str, dict[str, float]] = {}
     outputs: dict[str, list[str]] = {}
@@ -159,7 +166,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         model = load_variant(name, ctx, dtype)
         results[name] = heldout_loss(model, rows, e.batch_size, pad)
         if name != "base_nf4" and n_gen:
-            outputs[name] = generate(model, tok, prompts, e.max_new_tokens)
+            outputs[name] = generate(model, tok, prompts, e.max_new_tokens, raw_text)
         del model
         gc.collect()
     gens = [

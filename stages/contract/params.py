@@ -49,12 +49,14 @@ class DataParams(Section):
     source: Literal["embedded", "local"] = "embedded"
     """`embedded`: English chatterbot-corpus pairs; `local`: JSONL/CSV/Parquet file or a datasets folder at `path`."""
     path: str | None = None
-    format: Literal["auto", "pairs", "alpaca", "messages", "sharegpt"] = "auto"
+    format: Literal["auto", "pairs", "alpaca", "messages", "sharegpt", "text"] = "auto"
     """`auto` reads it off the columns: `prompt_field` + `response_field` (pairs), `messages` (OpenAI chat),
-    `conversations` (ShareGPT), `instruction` + `output` (alpaca, with an optional `input`)."""
+    `conversations` (ShareGPT), `instruction` + `output` (alpaca, with an optional `input`), `text_field` (plain
+    text: no chat template, the loss on every token, documents cut into rows of max_length)."""
     prompt_field: str = "instruction"
     response_field: str = "response"
     system_field: str | None = None
+    text_field: str = "text"
     system_prompt: str | None = None
     train_on: Literal["all_assistant_turns", "last_assistant_turn"] = "all_assistant_turns"
     """Multi-turn conversations: the loss covers every assistant turn, or only the last one."""

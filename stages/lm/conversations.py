@@ -1,8 +1,8 @@
-"""The data shapes users bring, read into one record type: prompt/response pairs, alpaca, OpenAI-style `messages` and
-ShareGPT `conversations` (docs/data.md).
+"""The data shapes users bring, read into two record types: prompt/response pairs, alpaca, OpenAI-style `messages`
+and ShareGPT `conversations` as chat, `text` as plain documents (docs/data.md).
 
-A row becomes a :class:`Record`: an optional system prompt, the earlier turns, the
-last user message and the last assistant reply. A row that cannot be one is a :class:`BadRow` with a short reason
+A chat row becomes a :class:`Record`: an optional system prompt, the earlier turns, the last user message and the
+last assistant reply; a text row a :class:`Document`. A row that cannot be one is a :class:`BadRow` with a short reason
 (counted per reason by prepare), never an exception: one broken row in a million must not stop a run, a broken
 dataset must (``data.max_bad_fraction``).
 """
@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from qlora_pipeline.stages.contract.errors import InputError
 
-DataFormat = Literal["pairs", "alpaca", "messages", "sharegpt"]
-FORMATS: tuple[str, ...] = ("pairs", "alpaca", "messages", "sharegpt")
+DataFormat = Literal["pairs", "alpaca", "messages", "sharegpt", "text"]
+FORMATS: tuple[str, ...] = ("pairs", "alpaca", "messages", "sharegpt", "text")
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -44,6 +44,17 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Document:
+    """Plain text for continued pretraining or completion: no chat template, the loss on every token."""
+
+    text: str
+    category: str = ""
+
+
+Example = Record | Document
+
+
+@dataclass(frozen=True)
 class BadRow:
     index: int
     reason: str
@@ -51,16 +62,18 @@ class BadRow:
 
 @dataclass(frozen=True)
 class FieldNames:
-    """The pairs format's column names (params `data.prompt_field`, `response_field`, `system_field`)."""
+    """The pairs format's column names (params `data.prompt_field`, `response_field`, `system_field`) and the text
+    format's (`data.text_field`)."""
 
     prompt: str
     response: str
     system: str | None
+    text: str = "text"
 
 
 def detect_format(columns: Iterable[str], fields: FieldNames) -> DataFormat:
     """The format a table's columns say it is in: the configured pair fields first (so existing params keep their
-    meaning), then `messages`, `conversations`, alpaca's `instruction` + `output`."""
+    meaning), then `messages`, `conversations`, alpaca's `instruction` + `output`, then the text field."""
     cols = set(columns)
     if {fields.prompt, fields.response} <= cols:
         return "pairs"
@@ -70,10 +83,13 @@ def detect_format(columns: Iterable[str], fields: FieldNames) -> DataFormat:
         return "sharegpt"
     if {"instruction", "output"} <= cols:
         return "alpaca"
+    if fields.text in cols:
+        return "text"
     raise InputError(
         f"cannot tell the dataset's format from its fields ({', '.join(sorted(cols))}): expected "
         f"'{fields.prompt}' + '{fields.response}' (data.prompt_field / data.response_field), 'messages', "
-        "'conversations' or 'instruction' + 'output'; set data.format or the field names"
+        f"'conversations', 'instruction' + 'output' or '{fields.text}' (data.text_field); set data.format or the "
+        "field names"
     )
 
 
@@ -83,11 +99,17 @@ def required_columns(fmt: DataFormat, fields: FieldNames) -> list[str]:
         "alpaca": ["instruction", "output"],
         "messages": ["messages"],
         "sharegpt": ["conversations"],
+        "text": [fields.text],
     }[fmt]
 
 
-def parse_row(index: int, row: Mapping[str, Any], fmt: DataFormat, fields: FieldNames) -> Record | BadRow:
+def parse_row(index: int, row: Mapping[str, Any], fmt: DataFormat, fields: FieldNames) -> Example | BadRow:
     """One table row as a record, or why it cannot be one."""
+    if fmt == "text":
+        text = row.get(fields.text)
+        if not isinstance(text, str):
+            return BadRow(index, "text is not a string")
+        return Document(text) if text.strip() else BadRow(index, "empty text")
     if fmt == "pairs":
         system = row.get(fields.system) if fields.system else None
         return _pair(index, row.get(fields.prompt), row.get(fields.response), system)
@@ -157,4 +179,15 @@ def _conversation(index: int, turns: list[tuple[str, str]]) -> Record | BadRow:
     return Record(prompt=prompt, response=response, system=system, history=history)
 
 
-__all__ = ["FORMATS", "BadRow", "DataFormat", "FieldNames", "Record", "detect_format", "parse_row", "required_columns"]
+__all__ = [
+    "FORMATS",
+    "BadRow",
+    "DataFormat",
+    "Document",
+    "Example",
+    "FieldNames",
+    "Record",
+    "detect_format",
+    "parse_row",
+    "required_columns",
+]

@@ -14,6 +14,8 @@ from qlora_pipeline.stages.contract.artifacts import sha256_file
 from qlora_pipeline.stages.contract.errors import InputError
 from qlora_pipeline.stages.lm.conversations import (
     BadRow,
+    Document,
+    Example,
     FieldNames,
     Record,
     detect_format,
@@ -26,7 +28,7 @@ USER_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 
 @dataclass
 class RawData:
-    records: list[Record]
+    records: list[Example]
     source_files: dict[str, str]
     """sha256 of every source file read: the dataset bytes an auditor traces a model back to."""
     n_read: int
@@ -123,7 +125,7 @@ def load_user_data(path: Path, data_format: str, fields: FieldNames) -> RawData:
                 f"dataset {path} has no field '{column}' for the {fmt} format; fields found: {', '.join(found)}; "
                 f"{hint} in params.yaml"
             )
-    records: list[Record] = []
+    records: list[Example] = []
     bad: dict[str, list[int]] = {}
     for i, row in enumerate(ds):
         parsed = parse_row(i, row, fmt, fields)  # type: ignore[arg-type]
@@ -134,15 +136,18 @@ def load_user_data(path: Path, data_format: str, fields: FieldNames) -> RawData:
     return RawData(records=records, source_files=user_data_hashes(path), n_read=len(ds), bad=bad, format=fmt)
 
 
-def dedupe_by_prompt(records: list[Record]) -> list[Record]:
-    """Keep the first response of each prompt (with the turns before it): repeated prompts would leak across the
-    splits."""
+def dedupe_by_prompt(records: list[Example]) -> list[Example]:
+    """Keep the first response of each prompt (with the turns before it), the first copy of each document: repeats
+    would leak across the splits."""
     seen: set[str] = set()
     out = []
     for r in records:
-        if not r.prompt or not r.response:
+        if isinstance(r, Document):
+            text = r.text
+        elif not r.prompt or not r.response:
             continue
-        text = " ".join([*(t for _, t in r.history), r.prompt])
+        else:
+            text = " ".join([*(t for _, t in r.history), r.prompt])
         key = " ".join(text.lower().split())
         if key not in seen:
             seen.add(key)
@@ -151,9 +156,10 @@ def dedupe_by_prompt(records: list[Record]) -> list[Record]:
 
 
 def split_records(
-    records: list[Record], val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, list[Record]]:
-    """Seeded shuffle then cut; independent of platform and library versions (Python's Mersenne Twister)."""
+    records: list[Example], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[Example]]:
+    """Seeded shuffle then cut, by whole document or conversation; independent of platform and library versions
+    (Python's Mersenne Twister)."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n = len(order)

@@ -1,4 +1,4 @@
-"""Chat-template formatting, tokenization and response-only labels.
+"""Chat-template formatting, tokenization and response-only labels; plain documents labelled throughout.
 
 The loss covers the assistant's replies and the token that closes each turn (so the model learns to stop), never
 the system prompt, the user's messages or the template's framing. A multi-turn conversation is rendered prefix by
@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora_pipeline.stages.contract.errors import InputError
-from qlora_pipeline.stages.lm.conversations import Record
+from qlora_pipeline.stages.lm.conversations import Document, Record
 
 IGNORE_INDEX = -100
+TEXT_PROMPT_TOKENS = 32
+"""A text test row's generation prompt is its first tokens (at most this many, at most half the row)."""
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,25 @@ def encode_record(
     else:
         cut = max_length
     return Encoded(input_ids=ids[:cut], labels=labels[:cut], truncated=True)
+
+
+def encode_document(tokenizer: Any, doc: Document, max_length: int) -> list[Encoded]:
+    """The document as a served model reads raw text (the tokenizer's own BOS, when it adds one) closed by EOS, so
+    the model learns where a document ends; cut into consecutive pieces of max_length, every token labelled. A
+    one-token tail has nothing to predict and is dropped."""
+    ids = tokenizer(doc.text)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = [*ids, eos]
+    pieces = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    pieces = [piece for piece in pieces if len(piece) > 1]
+    return [Encoded(input_ids=piece, labels=list(piece), truncated=len(ids) > max_length) for piece in pieces]
+
+
+def text_prompt_and_reference(tokenizer: Any, ids: list[int]) -> tuple[str, str]:
+    """A text row's generation prompt (its first tokens) and the text that follows it, for the evaluation report."""
+    n = min(TEXT_PROMPT_TOKENS, len(ids) // 2)
+    return (
+        tokenizer.decode(ids[:n], skip_special_tokens=True),
+        tokenizer.decode(ids[n:], skip_special_tokens=True),
+    )

@@ -99,4 +99,5 @@ def test_a_stage_sees_only_the_params_fields_it_declares() -> None:
         "runtime": {"device": "auto"},
         "train": params.section("train"),
         "evaluate": {"batch_size": 3},
+        "data": {"max_length": 256},  # packed rows are this long
     }
