@@ -1,6 +1,7 @@
-"""QLoRA training step time, tokens/s, peak memory and held-out loss: ours vs transformers+bitsandbytes+peft.
+"""QLoRA training step time, tokens/s, peak memory and held-out loss: ours (packed and length-grouped batches) vs
+transformers+bitsandbytes+peft.
 
-    .venv/bin/python bench/bench_train.py [--steps 20] [--same-batches] [--device auto|cpu|cuda]
+    .venv/bin/python bench/bench_train.py [--steps 20 | --tokens N] [--same-batches] [--device auto|cpu|cuda]
                                           [--model smollm2|llama3-8b-shape] [--layers 2] [--out FILE]
 
 Same model, same data (artifacts/prepare), batch 8, seq ≤ 256, LoRA r=16 α=32 dropout 0.05 on all 7
@@ -11,7 +12,10 @@ Each configuration runs in its own subprocess so its peak memory is its own (pea
 `torch.cuda.max_memory_allocated` on a GPU); all run in this one invocation. On a GPU the bnb+peft baseline
 runs under bf16 autocast, as HF Trainer with `bf16=True` runs it (`--no-bnb-autocast` turns that off).
 By default each stack batches as it does out of the box (bnb+peft: random batches padded to the longest
-row, as HF Trainer; ours: length-grouped); `--same-batches` feeds both the identical batches.
+row, as HF Trainer) and ours runs twice, with `train.packing` off (length-grouped batches of 8 examples) and on
+(rows of 256 tokens, as many per batch as carry about the tokens of 8 examples, `--packed-rows` to set);
+`--same-batches` feeds bnb+peft and ours the identical random batches instead. `--tokens N` trains every
+configuration on the same N real (not padding) tokens, so the held-out losses compare at equal data.
 Writes bench/results/train.json (CPU) or bench/results/gpu-train-<model>.json (GPU), or --out.
 """
 
@@ -25,7 +29,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 from checkout import ensure_importable  # noqa: E402
@@ -34,16 +40,41 @@ ensure_importable()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def random_batches(n_rows: int, batch_size: int, seed: int, steps: int) -> list[list[int]]:
+def random_batches(n_rows: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """HF Trainer's default: shuffled each epoch, the last partial batch dropped."""
     import random
 
     rng = random.Random(seed)
-    out: list[list[int]] = []
-    while len(out) < steps:
+    while True:
         order = list(range(n_rows))
         rng.shuffle(order)
-        out.extend(order[i : i + batch_size] for i in range(0, n_rows - batch_size + 1, batch_size))
-    return out[:steps]
+        yield from (order[i : i + batch_size] for i in range(0, n_rows - batch_size + 1, batch_size))
+
+
+PACK_TO = 256
+"""Packed row length: the default data.max_length."""
+
+
+def packed_rows_per_batch(rows: list[tuple[list[int], list[int]]]) -> int:
+    """Packed rows per batch that carry about the tokens of 8 average examples (a step of similar size)."""
+    mean = statistics.mean(len(ids) for ids, _ in rows)
+    return max(1, round(8 * mean / PACK_TO))
+
+
+def batches(args: argparse.Namespace, rows: list, pad: int) -> Iterator[tuple[Any, int]]:
+    """Endless (batch, examples in it) of the configuration's batching mode, collated on the CPU."""
+    from qlora_pipeline.stages.lm.batching import BatchPlan, collate
+
+    lengths = [len(ids) for ids, _ in rows]
+    if args.batching == "random":
+        for idx in random_batches(len(rows), 8, 0):
+            yield collate([rows[i] for i in idx], pad), len(idx)
+        return
+    packed = args.batching == "packed"
+    size = (args.packed_rows or packed_rows_per_batch(rows)) if packed else 8
+    plan = BatchPlan(lengths, size, seed=0, pack_to=PACK_TO if packed else None)
+    for batch in plan.stream():
+        yield plan.collate(batch, rows, pad), sum(len(row) for row in batch)
 
 
 def load_rows(artifacts: Path, split: str) -> list[tuple[list[int], list[int]]]:
@@ -95,11 +126,11 @@ def model_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """One configuration, in this process: train `steps` steps, then held-out loss on the test split."""
+    """One configuration, in this process: train `steps` steps (or until `tokens` real tokens), then held-out loss
+    on the test split."""
     import torch
 
     from qlora_pipeline.stages.contract.device import peak_memory_mb, reset_peak_memory, resolve_device
-    from qlora_pipeline.stages.lm.batching import batch_stream, collate
     from qlora_pipeline.stages.lm.lm_loss import heldout_loss
 
     torch.manual_seed(0)
@@ -107,11 +138,6 @@ def worker(args: argparse.Namespace) -> dict:
     rows = load_rows(args.artifacts, "train")
     test = load_rows(args.artifacts, "test")[: args.eval_rows]
     pad = 2
-    if args.batching == "grouped":
-        stream = batch_stream([len(r[0]) for r in rows], 8, seed=0)
-        order = [next(stream) for _ in range(args.steps)]
-    else:
-        order = random_batches(len(rows), 8, 0, args.steps)
     bf16_dir, nf4_dir = model_dirs(args)
     reset_peak_memory(device)
     if args.stack == "ours":
@@ -120,13 +146,17 @@ def worker(args: argparse.Namespace) -> dict:
         model, trainable, step_fn = _bnb(args, bf16_dir, device)
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu_model = peak_memory_mb(device)
-    times, tokens, losses = [], [], []
-    for idx in order:
-        batch = collate([rows[i] for i in idx], pad).to(device)
+    times, tokens, padded, examples, losses = [], [], [], [], []
+    for batch, n_examples in batches(args, rows, pad):
+        if (sum(tokens) >= args.tokens) if args.tokens else len(times) >= args.steps:
+            break
+        batch = batch.to(device)
         t0 = time.perf_counter()
         loss = step_fn(batch)  # returns a float: the step has finished on the device
         times.append(time.perf_counter() - t0)
         tokens.append(batch.n_tokens)
+        padded.append(batch.input_ids.numel())
+        examples.append(n_examples)
         losses.append(loss)
     gpu_train = peak_memory_mb(device)
     timed = slice(2, None) if len(times) > 4 else slice(None)
@@ -144,7 +174,10 @@ def worker(args: argparse.Namespace) -> dict:
         "steps": len(times),
         "median_step_s": statistics.median(times[timed]),
         "tokens_per_s": sum(tokens[timed]) / sum(times[timed]),
-        "padded_tokens_per_step": statistics.mean(len(idx) * max(len(rows[i][0]) for i in idx) for idx in order),
+        "tokens_trained": sum(tokens),
+        "padded_tokens_per_step": statistics.mean(padded),
+        "padding_share": round(1 - sum(tokens) / sum(padded), 4),
+        "examples_per_step": statistics.mean(examples),
         "first_loss": losses[0],
         "last5_loss": statistics.mean(losses[-5:]),
         "heldout_loss": held,
@@ -225,11 +258,14 @@ def _bnb(args: argparse.Namespace, bf16_dir: Path, device):
 def run_worker(args: argparse.Namespace, stack: str, bits: str, batching: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--optimizer", f"paged_adamw_{bits}"]
     cmd += ["--batching", batching, "--steps", str(args.steps), "--artifacts", str(args.artifacts)]
+    cmd += ["--tokens", str(args.tokens)] if args.tokens else []
+    cmd += ["--packed-rows", str(args.packed_rows)] if args.packed_rows else []
     cmd += ["--device", args.device, "--model", args.model, "--layers", str(args.layers)]
     cmd += [] if args.eval_rows is None else ["--eval-rows", str(args.eval_rows)]
     cmd += [] if args.eval else ["--no-eval"]
     cmd += ["--bnb-autocast" if args.bnb_autocast else "--no-bnb-autocast"]
-    print(f"running {stack} paged_adamw_{bits} on {args.model} ({batching} batches, {args.steps} steps)", flush=True)
+    budget = f"{args.tokens} tokens" if args.tokens else f"{args.steps} steps"
+    print(f"running {stack} paged_adamw_{bits} on {args.model} ({batching} batches, {budget})", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -244,10 +280,35 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(a / b, 3)
 
 
+CONFIGS = (("bnb+peft", "random"), ("ours", "grouped"), ("ours", "packed"))
+"""Each stack as it batches out of the box, and ours with packing on."""
+
+
+def compare(results: list[dict], bits: str) -> dict[str, Any]:
+    """Every configuration of ours against bnb+peft (step time, tokens/s, peak memory) and the held-out losses."""
+    mine = [r for r in results if r["optimizer"].endswith(bits)]
+    base = next(r for r in mine if r["stack"] == "bnb+peft")
+    out: dict[str, Any] = {"heldout_loss_bnb": base["heldout_loss"]}
+    for ours in (r for r in mine if r["stack"] == "ours"):
+        tag = ours["batching"]
+        out[f"ours_{tag}"] = {
+            "step_time_ratio_ours_over_bnb": ratio(ours["median_step_s"], base["median_step_s"]),
+            "tokens_per_s_ratio_ours_over_bnb": ratio(ours["tokens_per_s"], base["tokens_per_s"]),
+            "peak_rss_ratio_ours_over_bnb": ratio(ours["peak_rss_mb"], base["peak_rss_mb"]),
+            "peak_gpu_allocated_ratio_ours_over_bnb": ratio(
+                ours["peak_gpu_allocated_mb"], base["peak_gpu_allocated_mb"]
+            ),
+            "heldout_loss_ours": ours["heldout_loss"],
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=None, help="train each configuration on this many real tokens")
+    ap.add_argument("--packed-rows", type=int, default=None, help="packed rows per batch (default: ~8 examples)")
     ap.add_argument("--same-batches", action="store_true")
     ap.add_argument("--no-eval", dest="eval", action="store_false")
     ap.add_argument("--eval-rows", type=int, default=None, help="score only the first N test rows")
@@ -272,30 +333,17 @@ def main() -> None:
         return
     if args.model == "llama3-8b-shape":
         llama3_8b_shape(model_dirs(args)[0].parent, args.layers, args.artifacts / "prepare" / "model")
-    results = []
-    for bits in args.optimizers.split(","):
-        for stack in ("bnb+peft", "ours"):
-            batching = "random" if (stack == "bnb+peft" or args.same_batches) else "grouped"
-            results.append(run_worker(args, stack, bits, batching))
-    ratios = {}
-    for bits in args.optimizers.split(","):
-        base = next(r for r in results if r["stack"] == "bnb+peft" and r["optimizer"].endswith(bits))
-        ours = next(r for r in results if r["stack"] == "ours" and r["optimizer"].endswith(bits))
-        ratios[f"paged_adamw_{bits}"] = {
-            "step_time_ratio_ours_over_bnb": ratio(ours["median_step_s"], base["median_step_s"]),
-            "tokens_per_s_ratio_ours_over_bnb": ratio(ours["tokens_per_s"], base["tokens_per_s"]),
-            "peak_rss_ratio_ours_over_bnb": ratio(ours["peak_rss_mb"], base["peak_rss_mb"]),
-            "peak_gpu_allocated_ratio_ours_over_bnb": ratio(
-                ours["peak_gpu_allocated_mb"], base["peak_gpu_allocated_mb"]
-            ),
-            "heldout_loss_bnb": base["heldout_loss"],
-            "heldout_loss_ours": ours["heldout_loss"],
-        }
+    configs = [("bnb+peft", "random"), ("ours", "random")] if args.same_batches else list(CONFIGS)
+    results = [
+        run_worker(args, stack, bits, batching) for bits in args.optimizers.split(",") for stack, batching in configs
+    ]
+    ratios = {f"paged_adamw_{bits}": compare(results, bits) for bits in args.optimizers.split(",")}
     summary = {
         "device": describe(device),
         "model": args.model,
         "layers": args.layers if args.model != "smollm2" else None,
-        "steps": args.steps,
+        "steps": None if args.tokens else args.steps,
+        "tokens": args.tokens,
         "same_batches": args.same_batches,
         "bnb_autocast": args.bnb_autocast,
         "results": results,

@@ -182,10 +182,14 @@ def print_summary(report: dict[str, Any]) -> None:
     for model, ratios in (report.get("train_bench") or {}).items():
         if not ratios:
             continue
-        r = ratios["paged_adamw_32bit"]
-        mem = r.get("peak_gpu_allocated_ratio_ours_over_bnb") or r.get("peak_rss_ratio_ours_over_bnb")
-        losses = f"{r['heldout_loss_bnb']:.4f} / {r['heldout_loss_ours']:.4f}"
-        print(f"| {model} | {r['tokens_per_s_ratio_ours_over_bnb']} | {mem} | {losses} |")
+        both = ratios["paged_adamw_32bit"]
+        for tag in ("grouped", "packed"):
+            r = both.get(f"ours_{tag}")
+            if r is None:
+                continue
+            mem = r.get("peak_gpu_allocated_ratio_ours_over_bnb") or r.get("peak_rss_ratio_ours_over_bnb")
+            losses = f"{both['heldout_loss_bnb']:.4f} / {r['heldout_loss_ours']:.4f}"
+            print(f"| {model} ({tag}) | {r['tokens_per_s_ratio_ours_over_bnb']} | {mem} | {losses} |")
     for name, r in (report.get("dequant") or {}).items():
         share = f", {r['percent_of_copy_bandwidth']:.0f}% of copy" if "percent_of_copy_bandwidth" in r else ""
         exact = r["bit_exact_vs_reference"]

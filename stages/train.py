@@ -206,8 +206,8 @@ def accumulate_gradients(model: Any, batches: list[Batch], t: TrainParams, step:
 
 
 def batch_plan(params: Params, rows: list) -> BatchPlan:
-    """Packed rows of data.max_length tokens (or the longest example, if a prepare with a larger max_length made
-    the data), or one length-grouped example per row."""
+    """train.batch_size examples per batch: packed into rows of at most data.max_length tokens (or the longest
+    example, should the data hold a longer one), or one length-grouped example per row."""
     t = params.train
     lengths = [len(ids) for ids, _ in rows]
     pack_to = max([params.data.max_length, *lengths]) if t.packing else None
@@ -225,7 +225,7 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_r
     plan = batch_plan(ctx.params, rows)
     stream = plan.stream(start=start * t.grad_accum)
     model.train()
-    total = total_steps(t, plan.rows_per_epoch())
+    total = total_steps(t, len(rows))
     bar = tqdm(range(start, total), desc="train", initial=start, total=total)
     for step in bar:
         lr = lr_at(step, t, total)
@@ -369,6 +369,9 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "final_loss": sum(e["loss"] for e in log[-5:]) / max(1, len(log[-5:])),
         "median_step_s": sorted(e["seconds"] for e in timed)[len(timed) // 2] if timed else None,
         "tokens_per_s": sum(e["tokens"] for e in timed) / max(1e-9, sum(e["seconds"] for e in timed)),
+        "padding_share": round(
+            1 - sum(e["tokens"] for e in log) / max(1, sum(e.get("padded_tokens", e["tokens"]) for e in log)), 4
+        ),
         "compute_dtype": dtype_name(dtype),
         "device": str(device),
         "val_loss_before": before["loss"] if before else None,
@@ -381,7 +384,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         metrics |= {
             "best_step": v.best_step,
             "best_val_loss": v.best_loss,
-            "stopped_early": len(log) < total_steps(t, batch_plan(ctx.params, rows).rows_per_epoch()),
+            "stopped_early": len(log) < total_steps(t, len(rows)),
         }
     return metrics
 

@@ -120,11 +120,11 @@ class TrainParams(Section):
     """After warmup: constant (the QLoRA paper's), or linear / cosine decay to 0 at the last step."""
     max_grad_norm: Annotated[float, Field(gt=0)] = 0.3
     batch_size: Annotated[int, Field(ge=1)] = 8
-    """Rows per micro-batch: examples, or with `packing` rows of data.max_length tokens holding several examples."""
+    """Examples per micro-batch, packed or not."""
     grad_accum: Annotated[int, Field(ge=1)] = 1
     packing: bool = False
-    """Several examples per row (positions restart, attention stays inside each example): no step computes on
-    padding; a step then holds as many examples as fill batch_size rows of data.max_length tokens."""
+    """Lay each micro-batch's examples end to end in the fewest rows of at most data.max_length tokens (positions
+    restart, attention stays inside each example): the same examples and loss, almost no padding computed."""
     max_steps: Annotated[int, Field(ge=1)] = 60
     epochs: Annotated[float, Field(gt=0)] | None = None
     """Passes over the training split; when set, the step count comes from it instead of max_steps."""

@@ -9,8 +9,7 @@ from qlora_pipeline.stages.contract.params import TrainParams
 
 
 def total_steps(t: TrainParams, n_rows: int) -> int:
-    """`train.max_steps`, or with `train.epochs` the optimizer steps that many passes over `n_rows` batch rows (the
-    examples, or the packed rows of an epoch) take."""
+    """`train.max_steps`, or with `train.epochs` the optimizer steps that many passes over `n_rows` examples take."""
     if t.epochs is None:
         return t.max_steps
     return max(1, math.ceil(t.epochs * n_rows / (t.batch_size * t.grad_accum)))
