@@ -13,7 +13,7 @@ Each configuration runs in its own subprocess so its peak memory is its own (pea
 runs under bf16 autocast, as HF Trainer with `bf16=True` runs it (`--no-bnb-autocast` turns that off).
 By default each stack batches as it does out of the box (bnb+peft: random batches padded to the longest
 row, as HF Trainer) and ours runs twice, with `train.packing` off (length-grouped batches of 8 examples) and on
-(rows of 256 tokens, as many per batch as carry about the tokens of 8 examples, `--packed-rows` to set);
+(random batches of 8 examples packed into balanced rows of at most 256 tokens);
 `--same-batches` feeds bnb+peft and ours the identical random batches instead. `--tokens N` trains every
 configuration on the same N real (not padding) tokens, so the held-out losses compare at equal data.
 Writes bench/results/train.json (CPU) or bench/results/gpu-train-<model>.json (GPU), or --out.
@@ -55,12 +55,6 @@ PACK_TO = 256
 """Packed row length: the default data.max_length."""
 
 
-def packed_rows_per_batch(rows: list[tuple[list[int], list[int]]]) -> int:
-    """Packed rows per batch that carry about the tokens of 8 average examples (a step of similar size)."""
-    mean = statistics.mean(len(ids) for ids, _ in rows)
-    return max(1, round(8 * mean / PACK_TO))
-
-
 def batches(args: argparse.Namespace, rows: list, pad: int) -> Iterator[tuple[Any, int]]:
     """Endless (batch, examples in it) of the configuration's batching mode, collated on the CPU."""
     from qlora_pipeline.stages.lm.batching import BatchPlan, collate
@@ -70,9 +64,7 @@ def batches(args: argparse.Namespace, rows: list, pad: int) -> Iterator[tuple[An
         for idx in random_batches(len(rows), 8, 0):
             yield collate([rows[i] for i in idx], pad), len(idx)
         return
-    packed = args.batching == "packed"
-    size = (args.packed_rows or packed_rows_per_batch(rows)) if packed else 8
-    plan = BatchPlan(lengths, size, seed=0, pack_to=PACK_TO if packed else None)
+    plan = BatchPlan(lengths, 8, seed=0, pack_to=PACK_TO if args.batching == "packed" else None)
     for batch in plan.stream():
         yield plan.collate(batch, rows, pad), sum(len(row) for row in batch)
 
@@ -259,7 +251,6 @@ def run_worker(args: argparse.Namespace, stack: str, bits: str, batching: str) -
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--optimizer", f"paged_adamw_{bits}"]
     cmd += ["--batching", batching, "--steps", str(args.steps), "--artifacts", str(args.artifacts)]
     cmd += ["--tokens", str(args.tokens)] if args.tokens else []
-    cmd += ["--packed-rows", str(args.packed_rows)] if args.packed_rows else []
     cmd += ["--device", args.device, "--model", args.model, "--layers", str(args.layers)]
     cmd += [] if args.eval_rows is None else ["--eval-rows", str(args.eval_rows)]
     cmd += [] if args.eval else ["--no-eval"]
@@ -308,7 +299,6 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=None, help="train each configuration on this many real tokens")
-    ap.add_argument("--packed-rows", type=int, default=None, help="packed rows per batch (default: ~8 examples)")
     ap.add_argument("--same-batches", action="store_true")
     ap.add_argument("--no-eval", dest="eval", action="store_false")
     ap.add_argument("--eval-rows", type=int, default=None, help="score only the first N test rows")

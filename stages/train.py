@@ -196,7 +196,8 @@ def accumulate_gradients(model: Any, batches: list[Batch], t: TrainParams, step:
             loss.backward()
         except (torch.OutOfMemoryError, MemoryError):
             raise PipelineError(
-                f"out of memory at step {step + 1} on a batch of {tuple(b.input_ids.shape)} tokens; lower "
+                f"out of memory at step {step + 1} on a batch of {b.n_examples} examples "
+                f"({' × '.join(map(str, b.input_ids.shape))} tokens); lower "
                 "train.batch_size (and raise train.grad_accum to keep the effective batch), lower "
                 "data.max_length, or set train.optimizer_page_budget_mb to page optimizer state; the run "
                 "resumes from its last checkpoint"

@@ -42,6 +42,7 @@ class Batch:
     targets: torch.Tensor
     n_tokens: int
     n_target_tokens: int
+    n_examples: int
     position_ids: torch.Tensor | None = None
     """Packed batches only: each example's positions count from 0 (trailing padding is one more such run)."""
 
@@ -95,6 +96,7 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
         targets=labels[row, col + 1],
         n_tokens=sum(len(x) for x, _ in rows),
         n_target_tokens=int(row.numel()),
+        n_examples=len(rows),
     )
 
 
@@ -127,6 +129,7 @@ def collate_packed(rows: Sequence[Sequence[tuple[list[int], list[int]]]], pad_id
         targets=labels[row, col + 1],
         n_tokens=sum(len(x) for row_ in rows for x, _ in row_),
         n_target_tokens=int(row.numel()),
+        n_examples=sum(len(row_) for row_ in rows),
         position_ids=positions,
     )
 

@@ -24,31 +24,57 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model.get_decoder(), model.get_output_embeddings()
 
 
-def attention_mask_for(model: Any, batch: Batch) -> torch.Tensor | None:
-    """The mask to hand the decoder: none for a packed batch, the 2-D padding mask on the CPU, a ready 4-D mask on
-    an accelerator.
+def attention_types(config: Any) -> tuple[tuple[str, ...], bool]:
+    """The attention types a decoder's layers use, and whether it takes one mask per type (a dict keyed by type:
+    the families whose config lists `layer_types`); the others take one mask for every layer, sliding when the
+    config sets a window (Mistral, Phi-3)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return tuple(sorted(set(types))), True
+    return ("sliding_attention" if getattr(config, "sliding_window", None) else "full_attention",), False
 
-    A packed batch passes no mask: transformers then reads where the position ids restart and builds, per
-    attention type (full, sliding window), a mask in which no example sees another (tests/unit/test_packing.py
-    holds it to that for every family).
 
-    transformers decides whether it may skip the mask (and use SDPA's causal kernel) by reading the padding mask
-    or the position ids (`.all()`), which on an accelerator is a host sync per forward pass. A 4-D mask is taken
-    as given, so on a device we build it there: causal and key-padding, the same mask transformers builds for a
-    padded batch (boolean for SDPA, additive for eager attention). On the CPU a read costs nothing, so
+def device_attention_masks(model: Any, batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The masks transformers would build for this batch, built on its device without reading anything back: causal,
+    and within a packed row's example (examples start where the position ids are 0) or a padded row's real tokens;
+    sliding-window layers also see no further back than the window. Boolean for SDPA, additive for eager."""
+    ids = batch.input_ids
+    width, device = ids.shape[1], ids.device
+    pos = torch.arange(width, device=device)
+    distance = pos[:, None] - pos[None, :]
+    if batch.position_ids is not None:
+        segment = (batch.position_ids == 0).cumsum(-1)
+        keep = (distance >= 0)[None] & (segment[:, :, None] == segment[:, None, :])
+    else:
+        keep = (distance >= 0)[None] & batch.attention_mask[:, None, :].bool()
+    keep = keep[:, None]
+    config = model.config
+    types, per_type = attention_types(config)
+    dtype = model.get_input_embeddings().weight.dtype
+    masks = {}
+    for kind in types:
+        m = keep & (distance < config.sliding_window)[None, None] if kind == "sliding_attention" else keep
+        if config._attn_implementation != "sdpa":  # eager: additive
+            m = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, torch.finfo(dtype).min)
+        masks[kind] = m
+    return masks if per_type else masks[types[0]]
+
+
+def attention_mask_for(model: Any, batch: Batch) -> torch.Tensor | dict[str, torch.Tensor] | None:
+    """The mask to hand the decoder: on the CPU the 2-D padding mask of a padded batch or none for a packed one,
+    on an accelerator ready 4-D masks.
+
+    A packed batch passes no mask on the CPU: transformers then reads where the position ids restart and builds,
+    per attention type (full, sliding window), a mask in which no example sees another (tests/unit/test_packing.py
+    holds it to that for every family). Those reads (`.all()` of the padding mask, the position ids' restarts) are
+    a host sync per forward pass on an accelerator, where a 4-D mask (or one per attention type) is taken as given,
+    so there we build them ourselves (:func:`device_attention_masks`). On the CPU a read costs nothing, so
     transformers keeps its own choice.
     """
-    mask = batch.attention_mask
     impl = getattr(model.config, "_attn_implementation", None)
-    if mask is None or mask.device.type == "cpu" or impl not in ("sdpa", "eager"):
-        return mask
-    width = mask.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=mask.device).tril_()
-    keep = causal[None, None] & mask[:, None, None, :].bool()
-    if impl == "sdpa":
-        return keep
-    dtype = model.get_input_embeddings().weight.dtype
-    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, torch.finfo(dtype).min)
+    if batch.input_ids.device.type == "cpu" or impl not in ("sdpa", "eager"):
+        return batch.attention_mask
+    return device_attention_masks(model, batch)
 
 
 def summed_loss(model: Any, batch: Batch, chunk: int = 512) -> tuple[torch.Tensor, int]:

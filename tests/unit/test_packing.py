@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from qlora_pipeline.kernels.lora import inject_lora
 from qlora_pipeline.stages.lm.batching import BatchPlan, collate, collate_packed, pack_rows
 from qlora_pipeline.stages.lm.formatting import IGNORE_INDEX
-from qlora_pipeline.stages.lm.lm_loss import summed_loss
+from qlora_pipeline.stages.lm.lm_loss import device_attention_masks, summed_loss
 from tests import tiny
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
@@ -37,7 +37,7 @@ def _examples(n: int, vocab: int, seed: int) -> list[tuple[list[int], list[int]]
 
 def _lora_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = tiny.tiny_config(arch, vocab_size=128, sliding_window=8) if arch in ("mistral",) else None
+    cfg = tiny.tiny_config(arch, vocab_size=128, sliding_window=8) if arch in ("mistral", "phi3") else None
     model = AutoModelForCausalLM.from_config(cfg or tiny.tiny_config(arch, vocab_size=128)).float()
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if arch == "phi3" else ["q_proj", "v_proj", "up_proj"]
     inject_lora(model, targets, r=4, alpha=8, dropout=0.0)
@@ -93,6 +93,27 @@ def test_no_token_attends_across_an_example_boundary(arch: str) -> None:
             model.get_decoder()(input_ids=x.input_ids, use_cache=False).last_hidden_state[0, start:end] for x in batches
         ]
     assert (one_sequence[0] - one_sequence[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_masks_built_on_the_device_equal_transformers_own(arch: str) -> None:
+    """What an accelerator runs (our 4-D masks, one per attention type where the model takes that, sliding windows of
+    8 included) gives the hidden states transformers' own masks give, packed and padded."""
+    model = _lora_model(arch).eval()
+    examples = _examples(5, 128, seed=3)
+    rows = pack_rows([len(x) for x, _ in examples], range(5), capacity=48)
+    decoder = model.get_decoder()
+    with torch.no_grad():
+        for batch in (collate_packed([[examples[i] for i in r] for r in rows], 0), collate(examples, 0)):
+            kwargs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+            ours = decoder(**kwargs, attention_mask=device_attention_masks(model, batch)).last_hidden_state
+            theirs = decoder(**kwargs, attention_mask=batch.attention_mask).last_hidden_state
+            real = (
+                torch.ones_like(batch.input_ids, dtype=torch.bool)
+                if batch.attention_mask is None
+                else batch.attention_mask.bool()
+            )
+            torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
 
 
 def test_targets_never_cross_from_one_example_into_the_next() -> None:

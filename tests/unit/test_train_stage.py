@@ -288,7 +288,7 @@ def test_out_of_memory_is_one_line_with_remedies(quantized, monkeypatch) -> None
     monkeypatch.setattr(train, "summed_loss", oom)
     with pytest.raises(
         PipelineError,
-        match=r"out of memory at step 1 on a batch of \(4, \d+\) tokens; lower "
+        match=r"out of memory at step 1 on a batch of 4 examples \(\d+ × \d+ tokens\); lower "
         r"train.batch_size .*train.optimizer_page_budget_mb",
     ) as exc:
         train.run(_params(tmp_path, model_dir, data))
