@@ -32,6 +32,8 @@ class Family:
     """Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so the converter stores w + 1."""
     gguf_layer_names: tuple[tuple[str, str], ...] = ()
     """Per-layer GGUF names that differ from Llama's (HF name under `model.layers.N.`, GGUF name under `blk.N.`)."""
+    eager_attention: bool = False
+    """transformers runs its attention eagerly (no SDPA): the scores of every head are materialised (memory)."""
     gguf_query_scale_27b_layers: int = 0
     """Gemma: llama.cpp scales queries by 1/sqrt(head_dim), except in the model with this many layers (the 27B), by
     1/sqrt(hidden / heads); a config whose `query_pre_attn_scalar` is neither cannot be written."""
@@ -125,6 +127,7 @@ FAMILIES: tuple[Family, ...] = (
         layer_extras=("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"),
         norm_offset=True,
         gguf_layer_names=GEMMA_LAYER_NAMES,
+        eager_attention=True,
         gguf_query_scale_27b_layers=46,
     ),
     # Gemma 3 (text: 270M/1B as Gemma3ForCausalLM): Gemma 2's layout plus (1 + w) RMSNorms over each head of q and k,

@@ -30,6 +30,8 @@ class _FrozenHeadCE(torch.autograd.Function):
                 probs = torch.softmax(logits, dim=-1)
                 probs[torch.arange(ys.shape[0], device=ys.device), ys] -= 1.0
                 grad_h[s : s + chunk] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+                del probs
+            del logits  # before the next chunk's are made, so one chunk's worth is alive at a time
         ctx.save_for_backward(grad_h if need_grad else None)
         return total
 

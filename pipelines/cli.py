@@ -144,6 +144,74 @@ def deploy_cmd(
     typer.echo(f"on the GPU node, from this checkout: .venv/bin/prefect worker start --pool {pool}")
 
 
+@app.command("plan")
+def plan_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    gpu_memory: Annotated[str, typer.Option(help="GiB of the GPU to plan for, or auto: this node's GPU 0")] = "auto",
+    model_config: Annotated[
+        Path | None, typer.Option(help="plan for this config.json instead of the params' base model")
+    ] = None,
+) -> None:
+    """Predict a train step's peak GPU memory, say whether it fits, and which one change makes it fit."""
+    import json
+
+    from qlora_pipeline.stages.contract.memory_plan import (
+        ModelShape,
+        fitting_changes,
+        gib,
+        plan_train,
+        train_shape,
+        usable_bytes,
+    )
+
+    try:
+        p = load_params(params)
+        capacity = _gpu_capacity(gpu_memory)
+        if model_config is None:
+            from qlora_pipeline.stages.lm.modelio import base_model_dir
+
+            model_config = base_model_dir(p.model) / "config.json"
+        try:
+            config = json.loads(model_config.read_text())
+            shape = ModelShape.from_config(config)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"cannot read a supported config.json at {model_config} ({exc})") from None
+    except PipelineError as exc:
+        _fail(exc)
+        return
+    t = train_shape(p, config)
+    plan = plan_train(shape, t)
+    typer.echo(f"train step on {config.get('architectures', ['?'])[0]}, {t.batch_size} x {t.max_length} tokens:")
+    for name, value in plan.as_dict().items():
+        if isinstance(value, int) and value:
+            typer.echo(f"  {name:<15} {gib(value):8.2f} GiB")
+    typer.echo(f"  (peak in the {plan.phase} pass)")
+    usable = usable_bytes(capacity)
+    if plan.device_peak <= usable:
+        typer.echo(f"fits: {gib(plan.device_peak):.1f} of {gib(usable):.1f} usable GiB ({gib(capacity):.1f} GiB GPU)")
+        return
+    typer.echo(f"does not fit: {gib(plan.device_peak):.1f} GiB > {gib(usable):.1f} usable of {gib(capacity):.1f} GiB")
+    changes = fitting_changes(shape, t, capacity)
+    for change, fixed in changes[:3]:
+        typer.echo(f"  fits with {change}: {gib(fixed.device_peak):.1f} GiB")
+    if not changes:
+        typer.echo("  no single setting fits: use a GPU with more memory")
+    raise typer.Exit(1)
+
+
+def _gpu_capacity(spec: str) -> int:
+    if spec != "auto":
+        try:
+            return int(float(spec) * 2**30)
+        except ValueError:
+            raise PipelineError(f"--gpu-memory {spec!r} is not a number of GiB or auto") from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PipelineError("no GPU on this machine: give the GPU's size with --gpu-memory GIB (e.g. 48)")
+    return torch.cuda.get_device_properties(0).total_memory
+
+
 @app.command("check-params")
 def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
     """Validate params.yaml and exit."""

@@ -6,7 +6,7 @@
   size fits its linears, from config.json and tokenizer.json alone, so a run that would fail at export fails in
   seconds, before training;
 - `prepare` checks that the disk holding the artifacts has room for everything the run writes
-  (`stages/contract/disk.py`);
+  (`stages/contract/disk.py`), and on a GPU that a train step fits its memory (`stages/contract/memory_plan.py`);
 - with `export.score_gguf` on, `prepare` checks that the GGUF reader is installed and has loaded a model on this
   machine (a smoke load in a child process, remembered per reader build and CPU), so a reader that crashes on
   this CPU stops the run at `prepare`, not after training; `export` checks that it is installed (its own reads
@@ -32,7 +32,29 @@ def preflight(params: Params, stage: str, uses_device: bool) -> str:
         check_reader(smoke=stage == "prepare")
     if stage == "prepare":
         check_base_model(params)
+        if device.startswith("cuda"):
+            check_gpu_memory(params, device)
     return device if uses_device else "cpu"
+
+
+def check_gpu_memory(params: Params, device: str) -> None:
+    """A train step of the base model under these params fits the GPU (silent when config.json is not readable:
+    prepare reports that itself)."""
+    import torch
+
+    from qlora_pipeline.stages.contract.memory_plan import check_train_memory
+    from qlora_pipeline.stages.lm.modelio import base_model_dir
+
+    path = base_model_dir(params.model) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    capacity = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        check_train_memory(params, config, capacity, device)
+    except ValueError:
+        return  # a family the planner does not know is prepare's own error
 
 
 def check_base_model(params: Params) -> None:

@@ -1,0 +1,320 @@
+"""How much device memory a train step will take, from config.json and the params alone (docs/memory.md).
+
+A sum of terms, each a count of bytes of one kind of tensor the step holds at its peak:
+
+- the frozen base: every decoder linear in NF4 (4 bits a weight, one 8-bit absmax per block, one fp32 absmax per
+  256 blocks), embeddings, norms and an untied head in the compute dtype;
+- LoRA A and B, their gradients, and the optimizer state (32-bit: two fp32 moments; 8-bit: two bytes and one fp32
+  absmax per block of 256 for tensors of 4,096 elements or more), of which a paged optimizer keeps at most its
+  page budget on the device;
+- activations: what autograd saves per decoder layer for `tokens` = micro-batch x data.max_length (the worst
+  batch), for every layer without gradient checkpointing, or each layer's input plus one layer's worth with it;
+- the loss: hidden states and one chunk of fp32 logits and their gradient (only labelled positions reach lm_head);
+- the transient of the largest linear: its weight dequantized in the compute dtype while it multiplies.
+
+The per-layer activation count is derived from the code's autograd graph (RMSNorm keeps its fp32 input, LoRA its
+dropped-out input, mask and rank-r output, the MLP its gate, activation and up outputs, attention q, k, v and its
+output); tests/unit/test_memory_plan.py holds the sum to within 10 % of a step's peak measured by torch's own
+allocation tracker on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from qlora_pipeline.kernels.architectures import Family, family_of_class
+
+NF4_NESTED_BLOCK = 256
+OPTIM_8BIT_BLOCK = 256
+OPTIM_8BIT_MIN_SIZE = 4096
+LOSS_CHUNK = 512
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a memory plan needs, read from config.json."""
+
+    family: Family
+    layers: int
+    hidden: int
+    ffn: int
+    vocab: int
+    q_width: int
+    kv_width: int
+    tied: bool
+    linears: dict[str, tuple[int, int]]
+    norms: int
+    """RMSNorms a decoder layer applies to its hidden states (Llama 2, Gemma 4)."""
+    qk_norm: bool
+    heads: int
+    softcap: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        family = family_of_class((config.get("architectures") or [None])[0])
+        if family is None:
+            raise ValueError(f"no memory model for {config.get('architectures')}")
+        linears = family.linear_shapes(config)
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        return cls(
+            family=family,
+            layers=int(config["num_hidden_layers"]),
+            hidden=int(config["hidden_size"]),
+            ffn=int(config["intermediate_size"]),
+            vocab=int(config["vocab_size"]),
+            q_width=heads * head_dim,
+            kv_width=int(config.get("num_key_value_heads") or heads) * head_dim,
+            tied=bool(config.get("tie_word_embeddings", False)),
+            linears=linears,
+            norms=2 + sum("layernorm" in extra for extra in family.layer_extras),
+            qk_norm=any("q_norm" in extra for extra in family.layer_extras),
+            heads=heads,
+            softcap=bool(config.get("final_logit_softcapping")),
+        )
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """What of the params sets the memory of a train step."""
+
+    batch_size: int
+    max_length: int
+    lora_r: int
+    targets: tuple[str, ...]
+    dropout: bool
+    checkpointing: bool
+    adapter_bytes: int
+    compute_bytes: int
+    state_bits: int
+    page_budget_bytes: int | None
+    """Paged optimizers only: the most state bytes resident on the device (None: no limit)."""
+    blocksize: int = 64
+    reference_dequant: bool = True
+    """The CPU's torch dequantization (fp32 values on the way); a GPU's Triton kernel writes the weight directly."""
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes a train step holds on its device at its peak, by kind (the larger of the forward pass's peak, at the
+    loss, and the backward pass's); `host_optimizer` is what a paged optimizer keeps in host memory."""
+
+    phase: str
+    base_nf4: int
+    base_16bit: int
+    lora: int
+    optimizer: int
+    lora_grads: int
+    activations: int
+    transient: int
+    host_optimizer: int
+
+    @property
+    def device_peak(self) -> int:
+        return (
+            self.base_nf4
+            + self.base_16bit
+            + self.lora
+            + self.optimizer
+            + self.lora_grads
+            + self.activations
+            + self.transient
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "device_peak": self.device_peak}
+
+
+def nf4_bytes(n: int, blocksize: int) -> int:
+    """Packed 4-bit codes, one uint8 absmax per block, one fp32 second-level absmax per 256 blocks (+ its code)."""
+    blocks = math.ceil(n / blocksize)
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 * 256
+
+
+def optimizer_state_bytes(n: int, state_bits: int) -> int:
+    """AdamW's two moments for a tensor of n elements."""
+    if state_bits == 8 and n >= OPTIM_8BIT_MIN_SIZE:
+        return 2 * n + 2 * 4 * math.ceil(n / OPTIM_8BIT_BLOCK)
+    return 8 * n
+
+
+def targeted(shape: ModelShape, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    return {name: dims for name, dims in shape.linears.items() if name.rpartition(".")[2] in targets}
+
+
+def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
+    """Bytes autograd saves for one decoder layer's backward, for t.tokens tokens."""
+    n, cb = t.tokens, t.compute_bytes
+    h, q, kv, ffn = shape.hidden, shape.q_width, shape.kv_width, shape.ffn
+    norms = shape.norms * (4 * h + 4)  # an RMSNorm keeps its fp32 input and the reciprocal rms
+    if shape.qk_norm:
+        norms += 4 * (q + kv) + 8
+    lora = sum(in_ * (cb + (1 if t.dropout else 0)) + t.lora_r * cb for _, in_ in targeted(shape, t.targets).values())
+    attention = cb * (q + 2 * kv) + cb * q  # rotated q, k, v and the attention output
+    mlp = 3 * cb * ffn  # gate output (for the activation), its activation and the up output (for the product)
+    scores = 0
+    if shape.family.eager_attention:  # per head: scores, their fp32 softmax and its cast, for every query row
+        scores = t.batch_size * shape.heads * t.max_length**2 * (4 + 2 * cb)
+    return n * (norms + lora + attention + mlp) + scores
+
+
+def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
+    """The peak bytes of one train step (forward, backward, optimizer update) of `shape` under `t`."""
+    cb, ab, n = t.compute_bytes, t.adapter_bytes, t.tokens
+    base_nf4 = shape.layers * sum(nf4_bytes(out * in_, t.blocksize) for out, in_ in shape.linears.values())
+    head = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    base_16bit = cb * (head + (2 * shape.layers + 1) * shape.hidden)
+    lora_sizes = [t.lora_r * (out + in_) for out, in_ in targeted(shape, t.targets).values()] * shape.layers
+    lora = ab * sum(lora_sizes)
+    state = sum(optimizer_state_bytes(size, t.state_bits) for size in lora_sizes)
+    device_state = state if t.page_budget_bytes is None else min(state, t.page_budget_bytes)
+    layer = layer_activation_bytes(shape, t)
+    residual = n * shape.hidden * cb
+    saved = shape.layers * (residual if t.checkpointing else layer)
+    # Forward peak, at the loss: every saved activation, the final norm's fp32 input and the hidden gradient the
+    # loss forms, and one chunk of logits (fp32 logits, log-softmax and probabilities, their bf16 copy).
+    loss_saved = n * shape.hidden * (4 + cb)
+    logits = 10 * min(LOSS_CHUNK, n) * shape.vocab
+    if shape.softcap:  # soft-capped logits take the plain loss: every chunk's logits stay saved for backward
+        logits = 14 * n * shape.vocab
+    forward = saved + loss_saved, logits
+    # Backward peak: the adapter gradients, what is still saved, one layer's worth recomputed (with checkpointing),
+    # the gradient flowing between layers and, inside the MLP, into its gate and up outputs, a dequantized weight
+    # and its fp32 values (the reference path).
+    largest = max(out * in_ for out, in_ in shape.linears.values())
+    flowing = 2 * residual + 2 * n * shape.ffn * cb
+    backward = saved + (layer if t.checkpointing else 0) + flowing, largest * (cb + (4 if t.reference_dequant else 0))
+    phase, (activations, transient), grads = max(
+        (("forward", forward, 0), ("backward", backward, lora)), key=lambda p: sum(p[1]) + p[2]
+    )
+    return MemoryPlan(
+        phase=phase,
+        base_nf4=base_nf4,
+        base_16bit=base_16bit,
+        lora=lora,
+        optimizer=device_state,
+        lora_grads=grads,
+        activations=activations,
+        transient=transient,
+        host_optimizer=state if t.page_budget_bytes is not None else 0,
+    )
+
+
+ALLOCATOR_HEADROOM = 0.10
+"""Share of a GPU's memory the caching allocator's fragmentation may take (an assumption, not a measurement)."""
+CUDA_CONTEXT_BYTES = 512 * 2**20
+"""CUDA context and kernels' workspace, outside torch's allocations (an assumption, not a measurement)."""
+
+
+def usable_bytes(capacity: int) -> int:
+    """The bytes of a device of `capacity` that tensors can count on."""
+    return int(capacity * (1 - ALLOCATOR_HEADROOM)) - CUDA_CONTEXT_BYTES
+
+
+def train_shape(params: Any, config: dict[str, Any], device_type: str = "cuda") -> TrainShape:
+    """What of `params` (a Params) sets a train step's memory, for the model of `config` on a `device_type`."""
+    t = params.train
+    shape = ModelShape.from_config(config)
+    kind = t.optimizer_kind
+    tokens = t.batch_size * params.data.max_length
+    budget = t.optimizer_page_budget_mb
+    return TrainShape(
+        batch_size=t.batch_size,
+        max_length=params.data.max_length,
+        lora_r=t.lora_r,
+        targets=tuple(t.target_modules or shape.family.lora_targets),
+        dropout=t.lora_dropout > 0,
+        checkpointing=t.gradient_checkpointing and tokens >= t.checkpoint_min_tokens,
+        adapter_bytes=DTYPE_BYTES[t.adapter_dtype],
+        compute_bytes=4 if t.compute_dtype == "float32" else 2,
+        state_bits=kind.state_bits,
+        page_budget_bytes=int(budget * 2**20) if kind.paged and budget is not None else None,
+        blocksize=params.quantize.blocksize,
+        reference_dequant=device_type == "cpu",
+    )
+
+
+def fitting_changes(shape: ModelShape, t: TrainShape, capacity: int) -> list[tuple[str, MemoryPlan]]:
+    """Changes to the params that make a step fit `capacity`, each with its plan: single changes, least intrusive
+    first; when none fits alone, the shortest run of them, in that order, that fits together."""
+    usable = usable_bytes(capacity)
+    state = sum(
+        optimizer_state_bytes(t.lora_r * (out + in_), t.state_bits) * shape.layers
+        for out, in_ in targeted(shape, t.targets).values()
+    )
+    tries: list[tuple[str, dict[str, Any]]] = []
+    if not t.checkpointing:
+        tries.append(("train.gradient_checkpointing: true, checkpoint_min_tokens: 0", {"checkpointing": True}))
+    if t.state_bits == 32:
+        tries.append(("train.optimizer: paged_adamw_8bit", {"state_bits": 8}))
+    if t.adapter_bytes == 4:
+        tries.append(("train.adapter_dtype: bfloat16", {"adapter_bytes": 2}))
+    if t.page_budget_bytes is None and state > 256 * 2**20:
+        tries.append(("train.optimizer_page_budget_mb: 256", {"page_budget_bytes": 256 * 2**20}))
+    batch = t.batch_size
+    while batch > 1:
+        batch //= 2
+        label = f"train.batch_size: {batch} with grad_accum x{t.batch_size // batch} (the same effective batch)"
+        tries.append((label, {"batch_size": batch, "checkpointing": True}))
+    length = t.max_length
+    while length > 256:
+        length //= 2
+        tries.append((f"data.max_length: {length} (longer examples are cut)", {"max_length": length}))
+    found = []
+    for label, fields in tries:
+        plan = plan_train(shape, replace(t, **fields))
+        if plan.device_peak <= usable:
+            found.append((label, plan))
+    if found:
+        return found
+    applied: dict[str, Any] = {}
+    labels: list[str] = []
+    for label, fields in tries:
+        applied |= fields
+        labels = [*[x for x in labels if x.split(":")[0] != label.split(":")[0]], label]
+        plan = plan_train(shape, replace(t, **applied))
+        if plan.device_peak <= usable:
+            return [(" and ".join(labels), plan)]
+    return []
+
+
+def gib(n: int) -> float:
+    return n / 2**30
+
+
+def check_train_memory(params: Any, config: dict[str, Any], capacity: int, where: str) -> MemoryPlan:
+    """The plan of a train step on a device of `capacity` bytes; InputError in one line, with the least intrusive
+    change that fits, when it does not fit."""
+    from qlora_pipeline.stages.contract.errors import InputError
+
+    shape, t = ModelShape.from_config(config), train_shape(params, config)
+    plan = plan_train(shape, t)
+    if plan.device_peak <= usable_bytes(capacity):
+        return plan
+    changes = fitting_changes(shape, t, capacity)
+    fix = f"set {changes[0][0]}" if changes else "no single setting fits: use a GPU with more memory"
+    raise InputError(
+        f"a train step needs about {gib(plan.device_peak):.1f} GiB but {where} has {gib(capacity):.1f} GiB "
+        f"({gib(usable_bytes(capacity)):.1f} usable); {fix} (see `qlora plan`)"
+    )
+
+
+__all__ = [
+    "MemoryPlan",
+    "ModelShape",
+    "TrainShape",
+    "check_train_memory",
+    "fitting_changes",
+    "nf4_bytes",
+    "optimizer_state_bytes",
+    "plan_train",
+    "train_shape",
+    "usable_bytes",
+]
