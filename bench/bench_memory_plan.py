@@ -1,0 +1,117 @@
+"""The memory planner (`qlora plan`) against measurement, and its verdicts for the paper's models and Llama 3 70B.
+
+    .venv/bin/python bench/bench_memory_plan.py [--out bench/results/memory_plan.json]
+
+1. Predicted vs measured peak of a train step for tiny models of six families (tests/memory_probe.py): measured as
+   the live torch tensor bytes at the step's peak on the CPU (every operator's outputs counted), error in %.
+2. Predicted peak GPU memory for LLaMA 7B/13B/33B/65B and Llama 3 70B (config shapes only, nothing loaded) with
+   the paper's setup (LoRA r=64 on every linear, batch 1, 512 tokens, paged AdamW, bf16 adapters) and with this
+   project's defaults, and whether each fits a 48 GB and a 24 GB GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+from checkout import ensure_importable  # noqa: E402
+
+ensure_importable()
+sys.path.insert(0, str(ROOT))
+
+
+def llama(hidden: int, layers: int, heads: int, kv: int, ffn: int, vocab: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "intermediate_size": ffn,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+    }
+
+
+MODELS = {
+    "LLaMA 7B": llama(4096, 32, 32, 32, 11008, 32000),
+    "LLaMA 13B": llama(5120, 40, 40, 40, 13824, 32000),
+    "LLaMA 33B": llama(6656, 60, 52, 52, 17920, 32000),
+    "LLaMA 65B": llama(8192, 80, 64, 64, 22016, 32000),
+    "Llama 3 70B": llama(8192, 80, 64, 8, 28672, 128256),
+}
+SETUPS = {
+    "paper (r=64 all linears, batch 1 x 512, paged AdamW 32-bit, bf16 adapters)": {
+        "train": {"lora_r": 64, "batch_size": 1, "adapter_dtype": "bfloat16", "optimizer_page_budget_mb": 512},
+        "data": {"max_length": 512},
+    },
+    "defaults (r=16, batch 8 x 256, paged AdamW 32-bit, fp32 adapters)": {},
+}
+
+
+def measured_table() -> list[dict]:
+    from tests.memory_probe import PROBES, measure
+
+    rows = []
+    for probe in PROBES:
+        peak, plan = measure(probe)
+        rows.append(
+            {
+                "config": probe.label,
+                "measured_mib": round(peak / 2**20, 2),
+                "predicted_mib": round(plan.device_peak / 2**20, 2),
+                "error_pct": round(100 * (plan.device_peak - peak) / peak, 1),
+            }
+        )
+        print(
+            f"| {probe.label} | {rows[-1]['measured_mib']} | {rows[-1]['predicted_mib']} | {rows[-1]['error_pct']:+} |"
+        )
+    return rows
+
+
+def big_models() -> list[dict]:
+    from qlora_pipeline.stages.contract.memory_plan import (
+        ModelShape,
+        fitting_changes,
+        plan_train,
+        train_shape,
+        usable_bytes,
+    )
+    from qlora_pipeline.stages.contract.params import parse_params
+
+    rows = []
+    for setup, raw in SETUPS.items():
+        params = parse_params(raw)
+        for name, config in MODELS.items():
+            shape, t = ModelShape.from_config(config), train_shape(params, config)
+            plan = plan_train(shape, t)
+            row = {"setup": setup, "model": name, "predicted_gib": round(plan.device_peak / 2**30, 2)}
+            row["nf4_base_gib"] = round(plan.base_nf4 / 2**30, 2)
+            for gb in (48, 24):
+                fits = plan.device_peak <= usable_bytes(gb * 10**9)
+                fix = None if fits else (fitting_changes(shape, t, gb * 10**9) or [("nothing fits", None)])[0][0]
+                row[f"{gb}GB"] = "fits" if fits else f"no; {fix}"
+            rows.append(row)
+            print(f"| {setup[:8]} | {name} | {row['predicted_gib']} | {row['48GB']} | {row['24GB']} |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory_plan.json")
+    args = ap.parse_args()
+    print("| config | measured MiB | predicted MiB | error % |\n|---|---|---|---|")
+    measured = measured_table()
+    print("\n| setup | model | predicted GiB | 48 GB GPU | 24 GB GPU |\n|---|---|---|---|---|")
+    big = big_models()
+    worst = max(abs(r["error_pct"]) for r in measured)
+    print(f"\nworst error {worst}% over {len(measured)} configurations")
+    args.out.write_text(json.dumps({"measured": measured, "models": big, "worst_error_pct": worst}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
