@@ -223,12 +223,6 @@ class BatchPlan:
         return collate_packed([[examples[i] for i in row] for row in batch], pad_id)
 
 
-def batch_stream(lengths: Sequence[int], batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
-    """Endless stream of length-grouped index batches (one example per row), from global batch `start`."""
-    for batch in BatchPlan(lengths, batch_size, seed).stream(start):
-        yield [row[0] for row in batch]
-
-
 def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Deterministic, length-sorted batches for evaluation (results do not depend on order)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))

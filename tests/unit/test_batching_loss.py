@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_pipeline.stages.lm.batching import batch_stream, collate, epoch_batches, eval_batches
+from qlora_pipeline.stages.lm.batching import BatchPlan, collate, epoch_batches, eval_batches
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from tests import tiny
 
@@ -26,9 +26,9 @@ def test_epoch_batches_cover_every_row_once_and_group_lengths() -> None:
 
 def test_batch_stream_resumes_at_any_position() -> None:
     lengths = list(range(5, 45))
-    full = batch_stream(lengths, 4, seed=3)
+    full = BatchPlan(lengths, 4, seed=3).stream()
     seq = [next(full) for _ in range(25)]  # crosses an epoch boundary (10 batches per epoch)
-    resumed = batch_stream(lengths, 4, seed=3, start=13)
+    resumed = BatchPlan(lengths, 4, seed=3).stream(start=13)
     assert [next(resumed) for _ in range(12)] == seq[13:]
 
 

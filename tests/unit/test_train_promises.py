@@ -118,11 +118,13 @@ def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, interrup
 
 LLAMA31_ROPE = tiny.LLAMA31_ROPE
 FIXED_TEXT = "Hello, how are you today? The quick brown fox jumps over the lazy dog."
-TRAINED_READER_GAP = {**llama_oracle.READER_GAP, "Q4_0": 0.06, "Q4_K_M": 0.12}
-"""llama.cpp vs transformers on the same weights of the trained (overfit) tiny models, on files byte-identical to
-llama.cpp's own quantization: llama.cpp rounds activations to 8 bits for quantized matmuls, which these models
-amplify (measured Q4_0: qwen2 0.042, llama3.1 0.050; Q4_K_M on 64-wide Qwen2, all Q5_0/Q8_0 fallbacks: 0.099;
-every other case at most 0.026)."""
+TRAINED_READER_GAP = {"F16": 0.004, "Q8_0": 0.04, "Q4_0": 0.06, "Q4_K_M": 0.12, "Q5_K_M": 0.08}
+"""llama.cpp vs transformers on the same weights of the trained (overfit, lr 3e-2) tiny models, on files
+byte-identical to llama.cpp's own quantization: llama.cpp rounds activations to f16 for F16 matmuls and to 8 bits
+for quantized ones, which these models amplify, Gemma 3 (scaled embeddings, no soft-capping) most. Measured with
+packed training (2026-12-04): F16 at most 0.0022 (qwen2); Q8_0 0.024, Q4_K_M 0.075 and Q5_K_M 0.044 on Gemma 3,
+every other family at most 0.016; earlier, length-grouped training: Q4_0 0.050 (llama3.1), Q4_K_M 0.099 on 64-wide
+Qwen2 (all Q5_0/Q8_0 fallbacks)."""
 FAMILIES = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
@@ -197,7 +199,9 @@ def _every_gguf_type_reads_like_the_merged_model(family: str, tmp_path: Path) ->
         assert read["tokens"] == ids, qtype
         got = torch.from_numpy(read["logits"])
         if qtype == "F16":
-            assert float((got - ref).norm() / ref.norm()) < llama_oracle.READER_GAP["F16"]
+            gap = float((got - ref).norm() / ref.norm())
+            print(f"{family} F16: vs merged {gap:.5f}")
+            assert gap < TRAINED_READER_GAP["F16"], ("F16", gap)
             continue
         theirs = tmp_path / f"llama-cpp.{qtype}.gguf"
         llama_oracle.quantize(Path(f32), theirs, qtype)
