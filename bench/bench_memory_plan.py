@@ -6,7 +6,8 @@
    the live torch tensor bytes at the step's peak on the CPU (every operator's outputs counted), error in %.
 2. Predicted peak GPU memory for LLaMA 7B/13B/33B/65B and Llama 3 70B (config shapes only, nothing loaded) with
    the paper's setup (LoRA r=64 on every linear, batch 1, 512 tokens, paged AdamW, bf16 adapters) and with this
-   project's defaults, and whether each fits a 48 GB and a 24 GB GPU.
+   project's defaults, whether each fits a 48 GB GPU, a 24 GB GPU and two 24 GB GPUs (train.nproc 2, FSDP2), and
+   for the paper's setup the QLoRA paper's own figures next to ours (docs/memory.md says where they come from).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ MODELS = {
     "LLaMA 65B": llama(8192, 80, 64, 64, 22016, 32000),
     "Llama 3 70B": llama(8192, 80, 64, 8, 28672, 128256),
 }
+PAPER_MB = {  # QLoRA paper, memory-breakdown figure (batch 1, 512 tokens): base model, adapters, optimizer, total
+    "LLaMA 7B": (5046, 298, 1152, 6900),
+    "LLaMA 13B": (8476, 450, 1800, 11300),
+    "LLaMA 33B": (19302, 897.5, 3510, 24700),
+    "LLaMA 65B": (37074, 1440, 5760, 45000),
+}
+PAPER_SETUP = "paper (r=64 all linears, batch 1 x 512, paged AdamW 32-bit, bf16 adapters)"
 SETUPS = {
     "paper (r=64 all linears, batch 1 x 512, paged AdamW 32-bit, bf16 adapters)": {
         "train": {"lora_r": 64, "batch_size": 1, "adapter_dtype": "bfloat16", "optimizer_page_budget_mb": 512},
@@ -73,14 +81,36 @@ def measured_table() -> list[dict]:
     return rows
 
 
+def verdict(shape, t, gb: int) -> str:
+    from qlora_pipeline.stages.contract.memory_plan import fitting_changes, plan_train, usable_bytes
+
+    if plan_train(shape, t).device_peak <= usable_bytes(gb * 10**9):
+        return "fits"
+    return f"no; {(fitting_changes(shape, t, gb * 10**9) or [('nothing fits', None)])[0][0]}"
+
+
+def paper_columns(name: str, plan) -> dict:
+    """Ours next to the paper's, in MB (10^6 bytes): the base (NF4 linears + 16-bit embeddings, head, norms), the
+    adapters, the whole optimizer state, and the smallest GPU the planner accepts for the step (peak + CUDA context,
+    over 90 %: what a GPU must have), against the paper's measured total."""
+    from qlora_pipeline.stages.contract.memory_plan import CUDA_CONTEXT_BYTES
+
+    base, adapters, optimizer, total = PAPER_MB[name]
+    gpu = (plan.device_peak + CUDA_CONTEXT_BYTES) / 0.9
+    ours = {
+        "base": plan.base_nf4 + plan.base_16bit,
+        "adapters": plan.lora,
+        "optimizer": plan.host_optimizer or plan.optimizer,
+        "gpu_needed": gpu,
+    }
+    paper = {"base": base, "adapters": adapters, "optimizer": optimizer, "gpu_needed": total}
+    return {f"{k}_mb": [round(v / 1e6), paper[k]] for k, v in ours.items()}
+
+
 def big_models() -> list[dict]:
-    from qlora_pipeline.stages.contract.memory_plan import (
-        ModelShape,
-        fitting_changes,
-        plan_train,
-        train_shape,
-        usable_bytes,
-    )
+    from dataclasses import replace
+
+    from qlora_pipeline.stages.contract.memory_plan import ModelShape, plan_train, train_shape
     from qlora_pipeline.stages.contract.params import parse_params
 
     rows = []
@@ -89,14 +119,17 @@ def big_models() -> list[dict]:
         for name, config in MODELS.items():
             shape, t = ModelShape.from_config(config), train_shape(params, config)
             plan = plan_train(shape, t)
+            two = replace(t, ranks=2, sharded=True, batch_size=max(2, t.batch_size))  # an example for each rank
             row = {"setup": setup, "model": name, "predicted_gib": round(plan.device_peak / 2**30, 2)}
             row["nf4_base_gib"] = round(plan.base_nf4 / 2**30, 2)
-            for gb in (48, 24):
-                fits = plan.device_peak <= usable_bytes(gb * 10**9)
-                fix = None if fits else (fitting_changes(shape, t, gb * 10**9) or [("nothing fits", None)])[0][0]
-                row[f"{gb}GB"] = "fits" if fits else f"no; {fix}"
+            row["48GB"], row["24GB"] = verdict(shape, t, 48), verdict(shape, t, 24)
+            row["2x24GB_fsdp_per_rank_gib"] = round(plan_train(shape, two).device_peak / 2**30, 2)
+            row["2x24GB_fsdp"] = verdict(shape, two, 24)
+            if setup == PAPER_SETUP and name in PAPER_MB:
+                row["ours_vs_paper"] = paper_columns(name, plan)
             rows.append(row)
-            print(f"| {setup[:8]} | {name} | {row['predicted_gib']} | {row['48GB']} | {row['24GB']} |")
+            print(f"| {setup[:8]} | {name} | {row['predicted_gib']} | {row['48GB']} | {row['24GB']} |", end=" ")
+            print(f"{row['2x24GB_fsdp_per_rank_gib']} | {row['2x24GB_fsdp']} | {row.get('ours_vs_paper', '')} |")
     return rows
 
 
@@ -106,7 +139,8 @@ def main() -> None:
     args = ap.parse_args()
     print("| config | measured MiB | predicted MiB | error % |\n|---|---|---|---|")
     measured = measured_table()
-    print("\n| setup | model | predicted GiB | 48 GB GPU | 24 GB GPU |\n|---|---|---|---|---|")
+    print("\n| setup | model | predicted GiB | 48 GB | 24 GB | 2x24 GB per rank GiB | 2x24 GB | ours vs paper |")
+    print("|---|---|---|---|---|---|---|---|")
     big = big_models()
     worst = max(abs(r["error_pct"]) for r in measured)
     print(f"\nworst error {worst}% over {len(measured)} configurations")

@@ -59,6 +59,9 @@ class _NF4Linear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+_NF4_STATE = ("packed", "absmax", "nested_absmax", "nested_code")
+
+
 class Linear4bit(nn.Module):
     """A frozen NF4 ``nn.Linear`` replacement; packed state lives in buffers so ``.to()`` moves it.
 
@@ -99,22 +102,40 @@ class Linear4bit(nn.Module):
             **self._meta,
         )
 
+    def store_as_parameters(self) -> None:
+        """Hold the packed state as frozen parameters instead of buffers, so FSDP2 shards it with the layer (it
+        shards parameters only; each rank then keeps 1/N of the codes and absmax and gathers them around the
+        layer's forward and backward). The nested code table is copied: a tensor shared by two layers cannot be
+        sharded by both."""
+        for name in _NF4_STATE:
+            tensor = self._buffers.pop(name)
+            if tensor is None:
+                self._buffers[name] = None
+                continue
+            if name == "nested_code":
+                tensor = tensor.clone()
+            self._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
     def _apply(self, fn, recurse=True):
         """Let ``.to(device)`` move the packed state but never ``.half()``/``.to(bf16)`` cast it.
 
         Casting the fp32 nested absmax (or plain absmax) would silently change every dequantized value; the
         bias follows dtype changes like any float tensor.
         """
-        names = ("packed", "absmax", "nested_absmax", "nested_code")
-        held = {n: self._buffers.pop(n) for n in names}
+        held = {}
+        for name in _NF4_STATE:
+            store = self._parameters if name in self._parameters else self._buffers
+            held[name] = (store, store.pop(name))
         try:
             super()._apply(fn, recurse)
         finally:
-            for name, tensor in held.items():
+            for name, (store, tensor) in held.items():
                 if tensor is not None and not tensor.is_meta:
                     target = fn(torch.empty(0, device=tensor.device)).device  # where fn sends tensors
-                    tensor = tensor.to(target)
-                self._buffers[name] = tensor
+                    if tensor.device != target:
+                        moved = tensor.data.to(target)
+                        tensor = nn.Parameter(moved, requires_grad=False) if store is self._parameters else moved
+                store[name] = tensor
         return self
 
     @property

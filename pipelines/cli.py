@@ -181,7 +181,8 @@ def plan_cmd(
         return
     t = train_shape(p, config)
     plan = plan_train(shape, t)
-    typer.echo(f"train step on {config.get('architectures', ['?'])[0]}, {t.batch_size} x {t.max_length} tokens:")
+    where = f", on each of {t.ranks} GPUs ({'FSDP2-sharded' if t.sharded else 'replicated'})" if t.ranks > 1 else ""
+    typer.echo(f"train step on {config.get('architectures', ['?'])[0]}, {t.batch_size} x {t.max_length} tokens{where}:")
     for name, value in plan.as_dict().items():
         if isinstance(value, int) and value:
             typer.echo(f"  {name:<15} {gib(value):8.2f} GiB")

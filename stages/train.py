@@ -20,14 +20,29 @@ import torch
 
 from qlora_pipeline.kernels.architectures import family_of_class
 from qlora_pipeline.kernels.dtypes import dtype_name, torch_dtype
+from qlora_pipeline.kernels.linear4bit import Linear4bit
 from qlora_pipeline.stages.contract.artifacts import Manifest, clean_stale_temps, sha256_json
+from qlora_pipeline.stages.contract.device import check_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params, TrainParams
-from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
-from qlora_pipeline.stages.lm.batching import Batch, BatchPlan, token_rows
-from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute, follow
+from qlora_pipeline.stages.lm.batching import Batch, BatchPlan, target_count, token_rows
+from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
+from qlora_pipeline.stages.lm.distributed import (
+    World,
+    backward_scale,
+    full_value,
+    gradient_sync,
+    launch,
+    local,
+    parameter_bytes,
+    shard_model,
+    sum_gradients,
+    whole_parameters,
+)
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
+from qlora_pipeline.stages.lm.report import plot_losses
 from qlora_pipeline.stages.lm.schedule import lr_at, total_steps
 from qlora_pipeline.stages.lm.validation import ValidationState
 from qlora_pipeline.stages.prepare import PrepareRecord
@@ -147,31 +162,37 @@ def make_optimizer(trainable: list, t: TrainParams) -> torch.optim.Optimizer:
     return AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, state_bits=kind.state_bits, paging=paging)
 
 
-def checkpoint_root(ctx: StageContext) -> Path:
-    """Keyed by everything that determines the run, so only an identical run resumes from it."""
+def checkpoint_root(ctx: StageContext, world: World | None = None) -> Path:
+    """Keyed by everything that determines the run (train.nproc included), so only an identical run resumes from
+    it; one folder per rank when several train."""
     key = sha256_json({"train": ctx.params.section("train"), "parents": {k: v.outputs for k, v in ctx.parents.items()}})
-    return ctx.artifacts_root / ".checkpoints" / f"train-{key[:16]}"
+    root = ctx.artifacts_root / ".checkpoints" / f"train-{key[:16]}"
+    return root if world is None else root / f"rank{world.rank}"
 
 
 def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter as this process holds it (its shards under fsdp)."""
     from qlora_pipeline.kernels.lora import lora_state_dict
 
-    return lora_state_dict(model)
+    return {k: local(v) for k, v in lora_state_dict(model).items()}
 
 
 def restore_adapter(model: Any, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for k, v in tensors.items():
-        params[k].data.copy_(v)
+        local(params[k].data).copy_(v)
 
 
 def resume(
-    ctx: StageContext, model: Any, opt: torch.optim.Optimizer, ckpt_root: Path
+    ctx: StageContext, model: Any, opt: torch.optim.Optimizer, ckpt_root: Path, world: World | None
 ) -> tuple[int, list, list, ValidationState]:
     """(start step, losses, log, validation state) from the last complete checkpoint of this exact run, or a fresh
-    start."""
+    start. Several ranks restart at the newest step every one of them saved (a killed rank may lag by one)."""
     clean_stale_temps(ckpt_root)  # a checkpoint a killed run was still writing
     last = latest_checkpoint(ckpt_root)
+    if world is not None:
+        step = world.min_int(0 if last is None else int(last.name.split("-")[1]), torch.device("cpu"))
+        last = step_dir(ckpt_root, step) if step else None
     if last is None:
         return 0, [], [], ValidationState()
     tensors, state = load_checkpoint(last, opt)
@@ -181,19 +202,50 @@ def resume(
     return state.step, state.losses, state.extra.get("log", []), validation
 
 
-def accumulate_gradients(model: Any, batches: list[Batch], t: TrainParams, step: int, device: torch.device) -> Any:
-    """Backward over the step's micro-batches, each loss divided by the step's target tokens; returns the summed
-    loss, still on the device."""
-    n_target = sum(b.n_target_tokens for b in batches)
+@dataclass
+class StepBatches:
+    """One step's micro-batches as this process trains them, and what the whole step holds over every rank."""
+
+    batches: list[Batch]
+    n_target: int
+    tokens: int
+    padded_tokens: int
+    """Positions computed, padding included, over every rank."""
+
+
+def next_step(
+    plan: BatchPlan, stream: Any, rows: list, targets: list[int], pad_id: int, world: World | None, accum: int
+) -> StepBatches:
+    """The step's `accum` micro-batches, this process's share of each."""
+    picked = [next(stream) for _ in range(accum)]
+    examples = [i for batch in picked for row in batch for i in row]
+    ranks = 1 if world is None else world.size
+    shares = [[plan.share(b, r, ranks) for b in picked] for r in range(ranks)]  # every rank's, to count padding
+    mine = shares[0 if world is None else world.rank]
+    return StepBatches(
+        batches=[plan.collate(b, rows, pad_id) for b in mine],
+        n_target=sum(targets[i] for i in examples),
+        tokens=sum(plan.lengths[i] for i in examples),
+        padded_tokens=sum(plan.padded_tokens(b) for share in shares for b in share),
+    )
+
+
+def accumulate_gradients(
+    model: Any, work: StepBatches, t: TrainParams, step: int, device: torch.device, world: World | None
+) -> Any:
+    """Backward over the step's micro-batches, each loss divided by the step's target tokens (over every rank);
+    returns this process's summed loss, still on the device."""
     step_loss = torch.zeros((), dtype=torch.float32, device=device)
-    for b in batches:
+    n_target, scale = max(work.n_target, 1), backward_scale(world)
+    for k, b in enumerate(work.batches):
         b = b.to(device)
+        gradient_sync(model, world, last=k == len(work.batches) - 1)
         if t.gradient_checkpointing:
             set_checkpointing(model, b.input_ids.numel() >= t.checkpoint_min_tokens)
         try:
             total, _ = summed_loss(model, b)
-            loss = total / max(n_target, 1)
-            loss.backward()
+            loss = total / n_target
+            (loss * scale if scale != 1 else loss).backward()
         except (torch.OutOfMemoryError, MemoryError):
             raise PipelineError(
                 f"out of memory at step {step + 1} on a batch of {b.n_examples} examples "
@@ -215,27 +267,33 @@ def batch_plan(params: Params, rows: list) -> BatchPlan:
     return BatchPlan(lengths, t.batch_size, t.seed, pack_to)
 
 
-def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_rows: list, pad_id: int) -> TrainResult:
+def train_loop(
+    ctx: StageContext, model: Any, trainable: list, rows: list, val_rows: list, pad_id: int, world: World | None
+) -> TrainResult:
     from tqdm import tqdm
 
     t = ctx.params.train
     device = next(p.device for p in trainable)
     opt = make_optimizer(trainable, t)
-    ckpt_root = checkpoint_root(ctx)
-    start, losses, log, validation = resume(ctx, model, opt, ckpt_root)
+    ckpt_root = checkpoint_root(ctx, world)
+    start, losses, log, validation = resume(ctx, model, opt, ckpt_root, world)
     plan = batch_plan(ctx.params, rows)
+    targets = [target_count(labels) for _, labels in rows]
     stream = plan.stream(start=start * t.grad_accum)
     model.train()
     total = total_steps(t, len(rows))
-    bar = tqdm(range(start, total), desc="train", initial=start, total=total)
+    quiet = world is not None and not world.main
+    bar = tqdm(range(start, total), desc="train", initial=start, total=total, disable=quiet)
     for step in bar:
         lr = lr_at(step, t, total)
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        batches = [plan.collate(next(stream), rows, pad_id) for _ in range(t.grad_accum)]
-        step_loss = accumulate_gradients(model, batches, t, step, device)
-        norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+        work = next_step(plan, stream, rows, targets, pad_id, world, t.grad_accum)
+        step_loss = accumulate_gradients(model, work, t, step, device, world)
+        sum_gradients(trainable, world)
+        norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
+        step_loss = step_loss if world is None else world.sum(step_loss)
         # The step's one read back to the host (for the log and the checks); everything before it stays queued.
         step_value, grad_norm = torch.stack([step_loss, norm.float()]).tolist()
         # Both checks come before the update, so NaN weights never reach a checkpoint.
@@ -246,7 +304,6 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_r
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        tokens = sum(b.n_tokens for b in batches)
         losses.append(step_value)
         log.append(
             {
@@ -255,15 +312,15 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_r
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "seconds": dt,
-                "tokens": tokens,
-                "padded_tokens": sum(b.input_ids.numel() for b in batches),
-                "tokens_per_s": tokens / dt,
-                "target_tokens": sum(b.n_target_tokens for b in batches),
+                "tokens": work.tokens,
+                "padded_tokens": work.padded_tokens,
+                "tokens_per_s": work.tokens / dt,
+                "target_tokens": work.n_target,
             }
         )
-        metrics = {"loss": step_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "step_s": dt}
+        metrics = {"loss": step_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": work.tokens / dt, "step_s": dt}
         ctx.tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step + 1)
-        bar.set_postfix(loss=f"{step_value:.3f}", tok_s=f"{tokens / dt:.0f}")
+        bar.set_postfix(loss=f"{step_value:.3f}", tok_s=f"{work.tokens / dt:.0f}")
         if t.eval_every and (step + 1) % t.eval_every == 0:
             val_loss = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id)["loss"]
             model.train()
@@ -276,34 +333,11 @@ def train_loop(ctx: StageContext, model: Any, trainable: list, rows: list, val_r
         if stop:
             break
     # Checkpoints go only once the adapter artifact is published; a crash before that resumes from them.
-    ctx.after_publish.append(lambda: shutil.rmtree(ckpt_root, ignore_errors=True))
+    ctx.after_publish.append(lambda: shutil.rmtree(checkpoint_root(ctx), ignore_errors=True))
     if validation.best_adapter is not None:  # the best validated adapter is the one trained
         restore_adapter(model, validation.best_adapter)
     paging = getattr(opt, "paging_stats", None)
     return TrainResult(log=log, paging=paging() if callable(paging) else None, validation=validation)
-
-
-def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    steps, losses = [e["step"] for e in log], [e["loss"] for e in log]
-    ax.plot(steps, losses, lw=0.8, alpha=0.45, label="per step")
-    window = 5
-    if len(losses) >= window:
-        smooth = [sum(losses[i - window + 1 : i + 1]) / window for i in range(window - 1, len(losses))]
-        ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"{window}-step mean")
-        ax.legend(frameon=False)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (reply tokens)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def save_adapter(ctx: StageContext, model: Any) -> None:
@@ -349,15 +383,23 @@ def body(ctx: StageContext) -> dict[str, Any]:
         raise InputError(
             f"train.batch_size={t.batch_size} is larger than the {len(rows)} training examples; lower train.batch_size"
         )
-    device = torch.device(ctx.device)
+    world = World.from_env(t.distributed)
+    device = torch.device(ctx.device) if world is None else world.device(torch.device(ctx.device))
     dtype = compute_dtype(t, device)
     model, trainable = build_model(ctx.parent_dir("quantize") / "model", t, device, dtype)
+    if world is not None:
+        world.start(device)
+        shard_model(model, world, device)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # fully_shard made them DTensors
+        torch.manual_seed(t.seed + world.rank)  # each rank its own dropout masks
     n_trainable = sum(p.numel() for p in trainable)
     before = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
-    result = train_loop(ctx, model, trainable, rows, val_rows, pad_id)
+    result = train_loop(ctx, model, trainable, rows, val_rows, pad_id, world)
     after = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id) if val_rows else None
 
-    save_adapter(ctx, model)
+    with whole_parameters(model):
+        if world is None or world.main:
+            save_adapter(ctx, model)
     log = result.log
     (ctx.out / "train_log.json").write_text(json.dumps(log, indent=1))
     plot_losses(log, ctx.out / "loss_curve.png", f"LoRA r={t.lora_r} on NF4, {t.optimizer}")
@@ -377,7 +419,11 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "device": str(device),
         "val_loss_before": before["loss"] if before else None,
         "val_loss_after": after["loss"] if after else None,
+        "nproc": 1 if world is None else world.size,
+        "nf4_bytes_per_rank": parameter_bytes(model, Linear4bit),
     }
+    if world is not None:
+        metrics["distributed"] = world.mode
     if result.paging:
         metrics["optimizer_paging"] = result.paging
     if t.eval_every:
@@ -390,5 +436,19 @@ def body(ctx: StageContext) -> dict[str, Any]:
     return metrics
 
 
-def run(params: Params, parent_run_id: str | None = None) -> Manifest:
-    return execute(STAGE, params, body, parent_run_id)
+def run(params: Params, parent_run_id: str | None = None) -> Manifest | None:
+    """Train on this process, or on train.nproc processes that torchrun starts (each running this function again);
+    the manifest comes from rank 0, which alone publishes (None on the other ranks)."""
+    world = World.from_env(params.train.distributed)
+    if world is None:
+        nproc = check_nproc(params)
+        if nproc > 1:
+            return launch(STAGE, params, nproc, parent_run_id)
+        return execute(STAGE, params, body, parent_run_id)
+    try:
+        if world.main:
+            return execute(STAGE, params, body, parent_run_id)
+        follow(STAGE, params, body)
+        return None
+    finally:
+        world.stop()

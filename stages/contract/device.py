@@ -42,6 +42,27 @@ def resolve_device(spec: str) -> Any:
     return torch.device(dev.type, index)
 
 
+def resolve_nproc(params: Any) -> int:
+    """train.nproc, with auto = the GPUs of the node when the run computes on a GPU, else 1."""
+    nproc = params.train.nproc
+    if nproc != "auto":
+        return int(nproc)
+    import torch
+
+    return torch.cuda.device_count() if resolve_device(params.runtime.device).type == "cuda" else 1
+
+
+def check_nproc(params: Any) -> int:
+    """train.nproc resolved, refused in one line when a batch cannot give every rank an example."""
+    nproc, batch = resolve_nproc(params), params.train.batch_size
+    if batch < nproc:
+        raise InputError(
+            f"train.batch_size={batch} gives some of the {nproc} processes no example; set train.batch_size to at "
+            "least train.nproc"
+        )
+    return nproc
+
+
 def reset_peak_memory(device: Any) -> None:
     import torch
 

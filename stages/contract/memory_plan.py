@@ -95,10 +95,23 @@ class TrainShape:
     blocksize: int = 64
     reference_dequant: bool = True
     """The CPU's torch dequantization (fp32 values on the way); a GPU's Triton kernel writes the weight directly."""
+    ranks: int = 1
+    """Training processes (train.nproc), one per GPU; each takes every ranks-th example of a batch."""
+    sharded: bool = False
+    """FSDP2 (train.distributed: fsdp): each rank keeps 1/ranks of every decoder layer and of the adapter state."""
+
+    @property
+    def rank_batch(self) -> int:
+        """The examples one rank trains of a batch."""
+        return math.ceil(self.batch_size / self.ranks)
 
     @property
     def tokens(self) -> int:
-        return self.batch_size * self.max_length
+        return self.rank_batch * self.max_length
+
+    @property
+    def shards(self) -> int:
+        return self.ranks if self.sharded else 1
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,8 @@ class MemoryPlan:
     activations: int
     transient: int
     host_optimizer: int
+    gathered: int = 0
+    """FSDP2: the decoder layers gathered whole at once (the one computing and the one prefetched)."""
 
     @property
     def device_peak(self) -> int:
@@ -126,6 +141,7 @@ class MemoryPlan:
             + self.lora_grads
             + self.activations
             + self.transient
+            + self.gathered
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -161,19 +177,19 @@ def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
     mlp = 3 * cb * ffn  # gate output (for the activation), its activation and the up output (for the product)
     scores = 0
     if shape.family.eager_attention:  # per head: scores, their fp32 softmax and its cast, for every query row
-        scores = t.batch_size * shape.heads * t.max_length**2 * (4 + 2 * cb)
+        scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + 2 * cb)
     return n * (norms + lora + attention + mlp) + scores
 
 
 def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
-    """The peak bytes of one train step (forward, backward, optimizer update) of `shape` under `t`."""
-    cb, ab, n = t.compute_bytes, t.adapter_bytes, t.tokens
-    base_nf4 = shape.layers * sum(nf4_bytes(out * in_, t.blocksize) for out, in_ in shape.linears.values())
+    """The peak bytes of one train step (forward, backward, optimizer update) of `shape` under `t`, on one rank."""
+    cb, ab, n, shards = t.compute_bytes, t.adapter_bytes, t.tokens, t.shards
+    layer_nf4 = sum(nf4_bytes(out * in_, t.blocksize) for out, in_ in shape.linears.values())
     head = shape.vocab * shape.hidden * (1 if shape.tied else 2)
     base_16bit = cb * (head + (2 * shape.layers + 1) * shape.hidden)
     lora_sizes = [t.lora_r * (out + in_) for out, in_ in targeted(shape, t.targets).values()] * shape.layers
-    lora = ab * sum(lora_sizes)
-    state = sum(optimizer_state_bytes(size, t.state_bits) for size in lora_sizes)
+    lora = ab * sum(lora_sizes) // shards
+    state = sum(optimizer_state_bytes(size, t.state_bits) for size in lora_sizes) // shards
     device_state = state if t.page_budget_bytes is None else min(state, t.page_budget_bytes)
     layer = layer_activation_bytes(shape, t)
     residual = n * shape.hidden * cb
@@ -196,7 +212,7 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     )
     return MemoryPlan(
         phase=phase,
-        base_nf4=base_nf4,
+        base_nf4=shape.layers * layer_nf4 // shards,
         base_16bit=base_16bit,
         lora=lora,
         optimizer=device_state,
@@ -204,6 +220,7 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
         activations=activations,
         transient=transient,
         host_optimizer=state if t.page_budget_bytes is not None else 0,
+        gathered=2 * (layer_nf4 + ab * sum(lora_sizes) // shape.layers) if shards > 1 else 0,
     )
 
 
@@ -218,12 +235,14 @@ def usable_bytes(capacity: int) -> int:
     return int(capacity * (1 - ALLOCATOR_HEADROOM)) - CUDA_CONTEXT_BYTES
 
 
-def train_shape(params: Any, config: dict[str, Any], device_type: str = "cuda") -> TrainShape:
-    """What of `params` (a Params) sets a train step's memory, for the model of `config` on a `device_type`."""
+def train_shape(params: Any, config: dict[str, Any], device_type: str = "cuda", ranks: int | None = None) -> TrainShape:
+    """What of `params` (a Params) sets a train step's memory, for the model of `config` on a `device_type`, with
+    `ranks` processes (default: train.nproc, 1 for auto)."""
     t = params.train
+    ranks = ranks or (t.nproc if isinstance(t.nproc, int) else 1)
     shape = ModelShape.from_config(config)
     kind = t.optimizer_kind
-    tokens = t.batch_size * params.data.max_length
+    tokens = math.ceil(t.batch_size / ranks) * params.data.max_length
     budget = t.optimizer_page_budget_mb
     return TrainShape(
         batch_size=t.batch_size,
@@ -238,6 +257,8 @@ def train_shape(params: Any, config: dict[str, Any], device_type: str = "cuda") 
         page_budget_bytes=int(budget * 2**20) if kind.paged and budget is not None else None,
         blocksize=params.quantize.blocksize,
         reference_dequant=device_type == "cpu",
+        ranks=ranks,
+        sharded=ranks > 1 and t.distributed == "fsdp",
     )
 
 
@@ -267,21 +288,28 @@ def fitting_changes(shape: ModelShape, t: TrainShape, capacity: int) -> list[tup
     while length > 256:
         length //= 2
         tries.append((f"data.max_length: {length} (longer examples are cut)", {"max_length": length}))
+    more_gpus = [  # the most intrusive: more hardware; every rank needs an example of each batch
+        (f"train.nproc: {g} with train.distributed: fsdp ({g} such GPUs)", {"ranks": g, "sharded": True})
+        for g in (2, 4, 8)
+        if g > t.ranks and t.batch_size >= g
+    ]
     found = []
-    for label, fields in tries:
+    for label, fields in tries + more_gpus:
         plan = plan_train(shape, replace(t, **fields))
         if plan.device_peak <= usable:
             found.append((label, plan))
     if found:
         return found
-    applied: dict[str, Any] = {}
-    labels: list[str] = []
-    for label, fields in tries:
-        applied |= fields
-        labels = [*[x for x in labels if x.split(":")[0] != label.split(":")[0]], label]
-        plan = plan_train(shape, replace(t, **applied))
-        if plan.device_peak <= usable:
-            return [(" and ".join(labels), plan)]
+    for base_label, base in [("", {}), *more_gpus]:  # the shortest run of changes, on these GPUs or more
+        applied, labels = dict(base), [base_label] if base_label else []
+        for label, fields in tries:
+            if fields.get("batch_size", t.batch_size) < applied.get("ranks", t.ranks):
+                continue
+            applied |= fields
+            labels = [*[x for x in labels if x.split(":")[0] != label.split(":")[0]], label]
+            plan = plan_train(shape, replace(t, **applied))
+            if plan.device_peak <= usable:
+                return [(" and ".join(labels), plan)]
     return []
 
 
@@ -289,12 +317,14 @@ def gib(n: int) -> float:
     return n / 2**30
 
 
-def check_train_memory(params: Any, config: dict[str, Any], capacity: int, where: str) -> MemoryPlan:
-    """The plan of a train step on a device of `capacity` bytes; InputError in one line, with the least intrusive
-    change that fits, when it does not fit."""
+def check_train_memory(
+    params: Any, config: dict[str, Any], capacity: int, where: str, ranks: int | None = None
+) -> MemoryPlan:
+    """The plan of a train step on each of `ranks` devices of `capacity` bytes; InputError in one line, with the
+    least intrusive change that fits, when it does not fit."""
     from qlora_pipeline.stages.contract.errors import InputError
 
-    shape, t = ModelShape.from_config(config), train_shape(params, config)
+    shape, t = ModelShape.from_config(config), train_shape(params, config, ranks=ranks)
     plan = plan_train(shape, t)
     if plan.device_peak <= usable_bytes(capacity):
         return plan

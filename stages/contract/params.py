@@ -140,6 +140,11 @@ class TrainParams(Section):
     checkpoint_every: Annotated[int, Field(ge=1)] = 20
     seed: Annotated[int, Field(ge=0)] = 0
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    nproc: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
+    """Training processes (torchrun, one per GPU); auto: every GPU of the node (1 without one)."""
+    distributed: Literal["ddp", "fsdp"] = "fsdp"
+    """With nproc > 1: ddp keeps the whole model on every rank; fsdp shards each decoder layer (NF4 storage, LoRA
+    and its optimizer state) across them, for a model one GPU cannot hold (docs/multi_gpu.md)."""
 
     @property
     def optimizer_kind(self) -> OptimizerKind:

@@ -6,7 +6,8 @@
   size fits its linears, from config.json and tokenizer.json alone, so a run that would fail at export fails in
   seconds, before training;
 - `prepare` checks that the disk holding the artifacts has room for everything the run writes
-  (`stages/contract/disk.py`), and on a GPU that a train step fits its memory (`stages/contract/memory_plan.py`);
+  (`stages/contract/disk.py`), on a GPU that a train step fits its memory (`stages/contract/memory_plan.py`),
+  and that each of train.nproc processes gets an example of every batch;
 - with `export.score_gguf` on, `prepare` checks that the GGUF reader is installed and has loaded a model on this
   machine (a smoke load in a child process, remembered per reader build and CPU), so a reader that crashes on
   this CPU stops the run at `prepare`, not after training; `export` checks that it is installed (its own reads
@@ -20,7 +21,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from qlora_pipeline.stages.contract.device import resolve_device
+from qlora_pipeline.stages.contract.device import check_nproc, resolve_device, resolve_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params
 
@@ -32,6 +33,7 @@ def preflight(params: Params, stage: str, uses_device: bool) -> str:
         check_reader(smoke=stage == "prepare")
     if stage == "prepare":
         check_base_model(params)
+        check_nproc(params)
         if device.startswith("cuda"):
             check_gpu_memory(params, device)
     return device if uses_device else "cpu"
@@ -52,7 +54,7 @@ def check_gpu_memory(params: Params, device: str) -> None:
         return
     capacity = torch.cuda.get_device_properties(torch.device(device)).total_memory
     try:
-        check_train_memory(params, config, capacity, device)
+        check_train_memory(params, config, capacity, device, ranks=resolve_nproc(params))
     except ValueError:
         return  # a family the planner does not know is prepare's own error
 

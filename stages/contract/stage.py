@@ -149,6 +149,24 @@ def execute(
     return manifest
 
 
+def follow(stage: str, params: Params, body: Callable[[StageContext], dict[str, Any]]) -> None:
+    """Run a stage's body on a rank other than 0 of a stage that trains on several processes: the same verified
+    inputs and params, its outputs written to a scratch folder and dropped; rank 0's `execute` publishes."""
+    import tempfile
+
+    from qlora_pipeline.stages.contract.device import resolve_device
+
+    set_offline_env()
+    spec = STAGES[stage]
+    device = str(resolve_device(params.runtime.device)) if spec.uses_device else "cpu"
+    root = artifacts_root(params)
+    parents = {p: verify_artifact(root / p, p) for p in spec.parents}
+    with tempfile.TemporaryDirectory(prefix=f"{stage}-rank-") as scratch:
+        declared = DeclaredParams(params, spec.params, stage)
+        tracker = Tracker(params.tracking.model_copy(update={"mlflow": False}))
+        body(StageContext(stage, declared, Path(scratch), root, parents, tracker, device))
+
+
 def _write_metrics_file(path: Path, manifest: Manifest) -> None:
     """DVC metrics live outside the artifact dir (DVC forbids overlapping outputs); written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,11 @@ def token_rows(split: Any) -> list[tuple[list[int], list[int]]]:
     return list(zip(split["input_ids"], split["labels"], strict=True))
 
 
+def target_count(labels: Sequence[int]) -> int:
+    """Positions of an example whose next token is a label: what it adds to a batch's n_target_tokens."""
+    return sum(1 for y in labels[1:] if y != IGNORE_INDEX)
+
+
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     """Right-pad ids with pad_id and labels with IGNORE_INDEX to the longest row (on the CPU)."""
     width = max(len(ids) for ids, _ in rows)
@@ -216,6 +221,20 @@ class BatchPlan:
             else:
                 offset -= len(batches)
             epoch += 1
+
+    def share(self, batch: list[list[int]], rank: int, ranks: int) -> list[list[int]]:
+        """Rank `rank`'s part of a batch trained on `ranks` processes: every `ranks`-th of its examples, packed
+        again (or one per row), so the ranks together compute the batch one process would."""
+        if ranks == 1:
+            return batch
+        mine = [i for row in batch for i in row][rank::ranks]
+        if self.pack_to is None:
+            return [[i] for i in mine]
+        return pack_rows(self.lengths, mine, self.pack_to)
+
+    def padded_tokens(self, batch: list[list[int]]) -> int:
+        """Positions `collate` makes of a batch: its rows times the longest row."""
+        return len(batch) * max(sum(self.lengths[i] for i in row) for row in batch)
 
     def collate(self, batch: list[list[int]], examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
         if self.pack_to is None:

@@ -39,6 +39,10 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name.split("-")[1]))
 
 
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:07d}"
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -48,7 +52,7 @@ def save_checkpoint(
     extra: dict[str, Any],
     best_adapter: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    final = root / f"step-{step:07d}"
+    final = step_dir(root, step)
     with atomic_dir(final) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
         if best_adapter is not None:  # periodic validation's best so far (stages/lm/validation.py)

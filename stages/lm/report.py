@@ -39,3 +39,26 @@ def html_page(markdown_text: str, title: str, images: dict[str, Path] | None = N
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body>{body}</body></html>\n"
     )
+
+
+def plot_losses(log: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    steps, losses = [e["step"] for e in log], [e["loss"] for e in log]
+    ax.plot(steps, losses, lw=0.8, alpha=0.45, label="per step")
+    window = 5
+    if len(losses) >= window:
+        smooth = [sum(losses[i - window + 1 : i + 1]) / window for i in range(window - 1, len(losses))]
+        ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"{window}-step mean")
+        ax.legend(frameon=False)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (reply tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -98,3 +98,35 @@ def test_plan_command_says_fits_or_what_to_change(tmp_path: Path) -> None:
     assert big.exit_code == 1 and "does not fit" in big.output and "fits with train." in big.output, big.output
     bad = runner.invoke(app, ["plan", "-p", str(params), "--gpu-memory", "lots"])
     assert bad.exit_code == 2 and "not a number of GiB" in bad.output
+
+
+def test_fsdp_divides_the_layers_and_adapter_state_among_the_ranks() -> None:
+    """Per rank under FSDP2 with 2 GPUs: half the NF4 layers, adapter and optimizer state, plus two whole layers
+    gathered; the same 16-bit embeddings and head; half the examples. ddp: only the examples are divided."""
+    one = parse_params(
+        {"train": {"lora_r": 64, "batch_size": 2, "optimizer": "adamw_32bit", "checkpoint_min_tokens": 0}}
+    )
+    shape = ModelShape.from_config(LLAMA_65B)
+    single = plan_train(shape, train_shape(one, LLAMA_65B))
+    sharded = plan_train(shape, train_shape(one, LLAMA_65B, ranks=2))
+    replicated = plan_train(
+        shape,
+        train_shape(parse_params({"train": {**one.train.model_dump(), "distributed": "ddp"}}), LLAMA_65B, ranks=2),
+    )
+    layer = single.base_nf4 / shape.layers
+    assert sharded.base_nf4 == pytest.approx(single.base_nf4 / 2, rel=1e-6)
+    assert sharded.gathered == pytest.approx(2 * (layer + single.lora / shape.layers), rel=1e-3)
+    assert (sharded.lora, sharded.optimizer) == (single.lora // 2, single.optimizer // 2)
+    assert sharded.base_16bit == replicated.base_16bit == single.base_16bit
+    assert replicated.base_nf4 == single.base_nf4 and replicated.optimizer == single.optimizer
+    assert replicated.activations < single.activations and replicated.gathered == 0
+
+
+def test_a_model_no_single_gpu_holds_is_told_how_many_gpus_would() -> None:
+    """Llama 3 70B's defaults on 24 GB GPUs: no setting fits one; FSDP2 over 4 of them does, and the plan says so."""
+    llama3_70b = {**LLAMA_65B, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256}
+    params = parse_params({})
+    shape, t = ModelShape.from_config(llama3_70b), train_shape(params, llama3_70b)
+    changes = fitting_changes(shape, t, 24 * 10**9)
+    assert changes[0][0].startswith("train.nproc: 4 with train.distributed: fsdp"), changes[0][0]
+    assert changes[0][1].device_peak <= usable_bytes(24 * 10**9) < plan_train(shape, t).device_peak
