@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -131,6 +131,9 @@ def deploy_cmd(
     name: Annotated[str, typer.Option(help="deployment name")] = "scheduled-retrain",
     params: ParamsOpt = Path("params.yaml"),
     timezone: Annotated[str, typer.Option()] = "UTC",
+    cpu_pool: Annotated[
+        str | None, typer.Option(help="run the CPU stages on this pool; train, evaluate, export on --pool")
+    ] = None,
 ) -> None:
     """Register the scheduled retraining deployment on a running Prefect server (PREFECT_API_URL)."""
     try:
@@ -139,8 +142,14 @@ def deploy_cmd(
         _fail(exc)
     from qlora_pipeline.pipelines.deploy import deploy
 
-    deployment_id = deploy(pool=pool, cron=cron, name=name, params_path=str(params), timezone=timezone)
-    typer.echo(f"deployment qlora_pipeline/{name} ({deployment_id}) on pool {pool}, schedule '{cron}' {timezone}")
+    deployment_id = deploy(
+        pool=pool, cron=cron, name=name, params_path=str(params), timezone=timezone, cpu_pool=cpu_pool
+    )
+    home = cpu_pool or pool
+    typer.echo(f"deployment qlora_pipeline/{name} ({deployment_id}) on pool {home}, schedule '{cron}' {timezone}")
+    if cpu_pool:
+        typer.echo(f"train, evaluate and export: qlora_stage/{name}-gpu on pool {pool} (shared artifacts folder)")
+        typer.echo(f"on a CPU node: .venv/bin/prefect worker start --pool {cpu_pool}")
     typer.echo(f"on the GPU node, from this checkout: .venv/bin/prefect worker start --pool {pool}")
 
 
@@ -148,29 +157,27 @@ def deploy_cmd(
 def plan_cmd(
     params: ParamsOpt = Path("params.yaml"),
     gpu_memory: Annotated[str, typer.Option(help="GiB of the GPU to plan for, or auto: this node's GPU 0")] = "auto",
+    host_memory: Annotated[str, typer.Option(help="GiB of host RAM to plan for, or auto: this machine's")] = "auto",
     model_config: Annotated[
         Path | None, typer.Option(help="plan for this config.json instead of the params' base model")
     ] = None,
 ) -> None:
-    """Predict a train step's peak GPU memory, say whether it fits, and which one change makes it fit."""
+    """Predict a train step's peak GPU memory and each stage's peak host memory, say whether they fit, and which
+    change makes the train step fit."""
     import json
 
-    from qlora_pipeline.stages.contract.memory_plan import (
-        ModelShape,
-        fitting_changes,
-        gib,
-        plan_train,
-        train_shape,
-        usable_bytes,
-    )
+    from qlora_pipeline.stages.contract.host_plan import host_plan
+    from qlora_pipeline.stages.contract.memory_plan import ModelShape, gib, plan_train, train_shape, usable_bytes
 
+    model_dir = None
     try:
         p = load_params(params)
-        capacity = _gpu_capacity(gpu_memory)
+        capacity, ram = _gpu_capacity(gpu_memory), _host_capacity(host_memory)
         if model_config is None:
             from qlora_pipeline.stages.lm.modelio import base_model_dir
 
-            model_config = base_model_dir(p.model) / "config.json"
+            model_dir = base_model_dir(p.model)
+            model_config = model_dir / "config.json"
         try:
             config = json.loads(model_config.read_text())
             shape = ModelShape.from_config(config)
@@ -187,17 +194,43 @@ def plan_cmd(
         if isinstance(value, int) and value:
             typer.echo(f"  {name:<15} {gib(value):8.2f} GiB")
     typer.echo(f"  (peak in the {plan.phase} pass)")
+    host = host_plan(p, config, model_dir, "cuda")
+    over = {stage: peak for stage, peak in host.items() if peak > ram}
+    typer.echo(f"host memory per stage on the GPU node (of {gib(ram):.1f} GiB RAM):")
+    typer.echo("  " + ", ".join(f"{stage} {gib(peak):.1f}" for stage, peak in host.items()) + " GiB")
+    if over:
+        typer.echo(f"  does not fit the host: {', '.join(over)}")
     usable = usable_bytes(capacity)
     if plan.device_peak <= usable:
         typer.echo(f"fits: {gib(plan.device_peak):.1f} of {gib(usable):.1f} usable GiB ({gib(capacity):.1f} GiB GPU)")
+        if over:
+            raise typer.Exit(1)
         return
+    _print_fixes(shape, t, plan, capacity)
+    raise typer.Exit(1)
+
+
+def _print_fixes(shape: Any, t: Any, plan: Any, capacity: int) -> None:
+    from qlora_pipeline.stages.contract.memory_plan import fitting_changes, gib, usable_bytes
+
+    usable = usable_bytes(capacity)
     typer.echo(f"does not fit: {gib(plan.device_peak):.1f} GiB > {gib(usable):.1f} usable of {gib(capacity):.1f} GiB")
     changes = fitting_changes(shape, t, capacity)
     for change, fixed in changes[:3]:
         typer.echo(f"  fits with {change}: {gib(fixed.device_peak):.1f} GiB")
     if not changes:
         typer.echo("  no single setting fits: use a GPU with more memory")
-    raise typer.Exit(1)
+
+
+def _host_capacity(spec: str) -> int:
+    if spec != "auto":
+        try:
+            return int(float(spec) * 2**30)
+        except ValueError:
+            raise PipelineError(f"--host-memory {spec!r} is not a number of GiB or auto") from None
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _gpu_capacity(spec: str) -> int:

@@ -28,7 +28,7 @@ from qlora_pipeline.stages.contract.artifacts import read_manifest
 from qlora_pipeline.stages.contract.currency import artifacts_root, cache_key, currency
 from qlora_pipeline.stages.contract.errors import PipelineError
 from qlora_pipeline.stages.contract.params import Params, load_params
-from qlora_pipeline.stages.contract.registry import ORDER, load_stage
+from qlora_pipeline.stages.contract.registry import ORDER, STAGES, load_stage
 from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 from qlora_pipeline.stages.contract.tracking import Tracker, set_offline_env
 
@@ -106,11 +106,43 @@ def run_stage(
     return json.loads(manifest.to_json())
 
 
+@flow(name="qlora_stage")
+def qlora_stage(
+    stage: str, params_path: str = "params.yaml", force: bool = False, parent_run_id: str | None = None
+) -> dict[str, Any]:
+    """One stage, as a flow of its own: what a GPU node's work pool runs for a pipeline routed from a CPU pool."""
+    set_offline_env()
+    return run_stage(stage, load_params(params_path).model_dump(mode="json"), force=force, parent_run_id=parent_run_id)
+
+
+def run_on_gpu_pool(
+    deployment: str, stage: str, params: Params, params_path: str, force: bool, parent_run_id: str | None
+) -> dict[str, Any]:
+    """Run `stage` as a `qlora_stage` flow run of `deployment` (a GPU node's pool), wait for it, and return the
+    manifest it wrote to the shared artifacts folder."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        name=deployment,
+        parameters={"stage": stage, "params_path": params_path, "force": force, "parent_run_id": parent_run_id},
+        timeout=None,
+    )
+    if run.state is None or not run.state.is_completed():
+        message = run.state.message if run.state is not None else "no state"
+        raise PipelineError(f"{stage} failed on {deployment} (flow run {run.id}): {message}")
+    return json.loads(read_manifest(artifacts_root(params) / stage, stage).to_json())
+
+
 @flow(name="qlora_pipeline")
 def qlora_pipeline(
-    params_path: str = "params.yaml", stages: list[str] | None = None, force: bool = False
+    params_path: str = "params.yaml",
+    stages: list[str] | None = None,
+    force: bool = False,
+    gpu_deployment: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """All stages in order; `stages` limits the run (parents must then already exist)."""
+    """All stages in order; `stages` limits the run (parents must then already exist). With `gpu_deployment`
+    (`qlora_stage/<name>` on a GPU node's pool), the stages that compute on a device (train, evaluate, export) run
+    there and the rest here; both nodes must see the same artifacts folder (docs/multi_gpu.md)."""
     set_offline_env()
     params = load_params(params_path)
     selected = [s for s in ORDER if not stages or s in stages]
@@ -123,6 +155,13 @@ def qlora_pipeline(
             refresh = force or not state.current
             if not state.current:
                 log.info("%s: %s", name, state.reason)
+            if gpu_deployment and STAGES[name].uses_device:
+                results[name] = (
+                    run_on_gpu_pool(gpu_deployment, name, params, params_path, refresh, run_id)
+                    if refresh
+                    else json.loads(read_manifest(artifacts_root(params) / name, name).to_json())
+                )
+                continue
             stage_task = run_stage.with_options(refresh_cache=refresh)
             results[name] = stage_task(name, params.model_dump(mode="json"), force=refresh, parent_run_id=run_id)
         tracker.set_tags({f"stage.{k}.created_at": v.get("created_at") for k, v in results.items()})

@@ -18,6 +18,7 @@ from qlora_pipeline.stages.contract.artifacts import (
     Manifest,
     clean_stale_temps,
     manifest_digest,
+    read_manifest,
     sha256_file,
     verify_artifact,
     write_manifest,
@@ -160,7 +161,7 @@ def follow(stage: str, params: Params, body: Callable[[StageContext], dict[str, 
     spec = STAGES[stage]
     device = str(resolve_device(params.runtime.device)) if spec.uses_device else "cpu"
     root = artifacts_root(params)
-    parents = {p: verify_artifact(root / p, p) for p in spec.parents}
+    parents = {p: read_manifest(root / p, p) for p in spec.parents}  # rank 0 verifies the files' hashes
     with tempfile.TemporaryDirectory(prefix=f"{stage}-rank-") as scratch:
         declared = DeclaredParams(params, spec.params, stage)
         tracker = Tracker(params.tracking.model_copy(update={"mlflow": False}))

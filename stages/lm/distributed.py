@@ -58,7 +58,7 @@ class World:
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=None)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def stop(self) -> None:
         import torch.distributed as dist

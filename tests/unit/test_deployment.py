@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -40,7 +44,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"prefect server at {url} not healthy after {timeout} s")
 
 
-def test_deployment_runs_through_server_and_worker(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+@contextlib.contextmanager
+def prefect_server(tmp_path: Path) -> Iterator[tuple[dict[str, str], Any]]:
+    """A real Prefect server on a free loopback port; yields its environment and the log that workers share. The
+    server and every process started with `start_new_session` through `spawn` are stopped on exit."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -52,86 +59,115 @@ def test_deployment_runs_through_server_and_worker(tmp_path, tiny_llama_dir, qa_
         "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
-    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl)
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally
-    server = subprocess.Popen(
-        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    worker = None
-    try:
-        _wait_healthy(api, server, 180)
-        deploy = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from qlora_pipeline.pipelines.deploy import deploy; "
-                f"print(deploy(pool='test-gpu-node', cron='0 2 * * 1', name='test-retrain', "
-                f"params_path={str(params_file)!r}, stages=['prepare', 'quantize']))",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert deploy.returncode == 0, deploy.stderr[-3000:]
-        trigger = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from prefect.deployments import run_deployment; "
-                "r = run_deployment('qlora_pipeline/test-retrain', timeout=0); print(r.id)",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert trigger.returncode == 0, trigger.stderr[-3000:]
-        run_id = trigger.stdout.strip().splitlines()[-1]
-        worker = subprocess.Popen(
-            [*PREFECT, "worker", "start", "--pool", "test-gpu-node", "--type", "process"],
-            cwd=REPO,
+    procs = [
+        subprocess.Popen(
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        state = _wait_for_run(run_id, env, timeout=420)
-        assert state == "COMPLETED", (tmp_path / "server.log").read_text()[-4000:]
-        assert (tmp_path / "artifacts" / "quantize" / "manifest.json").exists()
-        schedules = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from prefect.client.orchestration import get_client\n"
-                "with get_client(sync_client=True) as c:\n"
-                "    d = c.read_deployment_by_name('qlora_pipeline/test-retrain')\n"
-                "    print([s.schedule.cron for s in d.schedules], d.work_pool_name)",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+    ]
+    try:
+        _wait_healthy(api, procs[0], 180)
+        yield (
+            env,
+            lambda cmd: procs.append(
+                subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            ),
         )
-        assert "['0 2 * * 1'] test-gpu-node" in schedules.stdout, schedules.stderr[-2000:]
     finally:
-        for proc in (worker, server):
-            if proc is not None and proc.poll() is None:
+        for proc in reversed(procs):
+            if proc.poll() is None:
                 os.killpg(proc.pid, 15)
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, 9)
         log.close()
+
+
+def _python(code: str, env: dict[str, str], timeout: float = 180) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def _trigger(deployment: str, env: dict[str, str]) -> str:
+    code = f"from prefect.deployments import run_deployment; print(run_deployment({deployment!r}, timeout=0).id)"
+    return _python(code, env, 120).splitlines()[-1]
+
+
+def _worker(pool: str) -> list[str]:
+    return [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"]
+
+
+def test_deployment_runs_through_server_and_worker(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    with prefect_server(tmp_path) as (env, spawn):
+        _python(
+            "from qlora_pipeline.pipelines.deploy import deploy; "
+            f"print(deploy(pool='test-gpu-node', cron='0 2 * * 1', name='test-retrain', "
+            f"params_path={str(params_file)!r}, stages=['prepare', 'quantize']))",
+            env,
+        )
+        run_id = _trigger("qlora_pipeline/test-retrain", env)
+        spawn(_worker("test-gpu-node"))
+        state = _wait_for_run(run_id, env, timeout=420)
+        assert state == "COMPLETED", (tmp_path / "server.log").read_text()[-4000:]
+        assert (tmp_path / "artifacts" / "quantize" / "manifest.json").exists()
+        schedules = _python(
+            "from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    d = c.read_deployment_by_name('qlora_pipeline/test-retrain')\n"
+            "    print([s.schedule.cron for s in d.schedules], d.work_pool_name)",
+            env,
+            60,
+        )
+        assert "['0 2 * * 1'] test-gpu-node" in schedules
+
+
+def test_device_stages_run_on_the_gpu_pool_and_the_rest_on_the_cpu_pool(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
+    """`deploy(pool=gpu, cpu_pool=cpu)`: the pipeline's flow run is on the CPU pool's worker, prepare and quantize
+    run inside it, and train runs as a `qlora_stage` flow run on the GPU pool's worker, into the same artifacts."""
+    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl, train={"max_steps": 3, "batch_size": 4})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    with prefect_server(tmp_path) as (env, spawn):
+        _python(
+            "from qlora_pipeline.pipelines.deploy import deploy; "
+            f"print(deploy(pool='gpu-pool', cpu_pool='cpu-pool', cron=None, name='split', "
+            f"params_path={str(params_file)!r}, stages=['prepare', 'quantize', 'train']))",
+            env,
+        )
+        run_id = _trigger("qlora_pipeline/split", env)
+        spawn(_worker("cpu-pool"))
+        spawn(_worker("gpu-pool"))
+        state = _wait_for_run(run_id, env, timeout=600)
+        assert state == "COMPLETED", (tmp_path / "server.log").read_text()[-4000:]
+        runs = _python(
+            "import json\n"
+            "from prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.sorting import FlowRunSort\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    runs = c.read_flow_runs(limit=50, sort=FlowRunSort.ID_DESC)\n"
+            "    print(json.dumps([[c.read_flow(r.flow_id).name, r.work_pool_name, r.parameters.get('stage'),"
+            " r.state.type.value] for r in runs]))",
+            env,
+            60,
+        )
+        seen = sorted(map(tuple, json.loads(runs.splitlines()[-1])), key=str)
+        assert seen == sorted(
+            [("qlora_pipeline", "cpu-pool", None, "COMPLETED"), ("qlora_stage", "gpu-pool", "train", "COMPLETED")],
+            key=str,
+        ), seen
+    for stage in ("prepare", "quantize", "train"):
+        assert (tmp_path / "artifacts" / stage / "manifest.json").exists(), stage
 
 
 def _wait_for_run(run_id: str, env: dict[str, str], timeout: float) -> str:

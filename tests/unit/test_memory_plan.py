@@ -130,3 +130,21 @@ def test_a_model_no_single_gpu_holds_is_told_how_many_gpus_would() -> None:
     changes = fitting_changes(shape, t, 24 * 10**9)
     assert changes[0][0].startswith("train.nproc: 4 with train.distributed: fsdp"), changes[0][0]
     assert changes[0][1].device_peak <= usable_bytes(24 * 10**9) < plan_train(shape, t).device_peak
+
+
+def test_plan_command_reports_each_stages_host_memory_and_refuses_a_host_too_small(tmp_path: Path) -> None:
+    """A 65B config: evaluate and export load its 16-bit weights (130 GB) on the host; 64 GiB of RAM is refused."""
+    model = tiny.make_model_dir(tmp_path / "m", "llama")
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"model": {"source": "local", "path": str(model)}}))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_65B))
+    runner = CliRunner()
+    args = ["plan", "-p", str(params), "--gpu-memory", "80", "--model-config", str(config), "--host-memory", "64"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 1 and "host memory per stage" in out.output, out.output
+    assert "does not fit the host: evaluate, export" in out.output, out.output
+    peaks = dict(re.findall(r"(\w+) (\d+\.\d)", out.output.split("RAM):")[1].splitlines()[1]))
+    assert float(peaks["evaluate"]) == pytest.approx(2 * 65.3e9 / 2**30 + 0.5, rel=0.02)
+    assert float(peaks["quantize"]) < 12 and float(peaks["merge"]) < 12, "one shard at a time, not the model"
+    assert runner.invoke(app, [*args[:-1], "256"]).exit_code == 0
