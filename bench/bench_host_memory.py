@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_host_memory.py [--sizes smollm2 0.5B] [--out bench/results/host_memory.json]
 
 Every stage runs as `qlora stage NAME` in a process of its own (as DVC runs it), so each peak is that stage's
-alone: the embedded SmolLM2-135M and a random 0.5B Llama (bf16 shards of at most 512 MiB), on small data and few
-steps (the model, not the data, sets host memory). Prediction: `stages/contract/host_plan.py` for a CPU node.
+alone: a tiny random Llama (~1 MB: what a stage costs whatever the model), the embedded SmolLM2-135M and a random
+0.5B Llama (bf16 shards of at most 500 MB), on small data and few steps (the model, not the data, sets host
+memory). Prediction: `stages/contract/host_plan.py` for a CPU node.
 Takes about 15 minutes on 2 cores.
 """
 
@@ -25,13 +26,17 @@ from checkout import ensure_importable  # noqa: E402
 ensure_importable()
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("prepare", "quantize", "train", "merge", "evaluate", "export")
+STAGES = ("prepare", "quantize", "train", "merge", "evaluate", "export", "release")
 LLAMA_05B = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
 
 
 def model_source(size: str, work: Path) -> dict:
     if size == "smollm2":
         return {"source": "embedded"}
+    if size == "tiny":  # ~1 MB of weights: what each stage costs whatever the model
+        from tests.tiny import make_model_dir
+
+        return {"source": "local", "path": str(make_model_dir(work / "model-tiny", "llama"))}
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -42,7 +47,7 @@ def model_source(size: str, work: Path) -> dict:
     heads = LLAMA_05B["num_attention_heads"]  # the offline test tokenizer's vocabulary: the layers make the size
     config = LlamaConfig(vocab_size=len(tok), num_key_value_heads=heads // 4, tie_word_embeddings=True, **LLAMA_05B)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path, max_shard_size="512MiB")
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path, max_shard_size="500MB")
     tok.save_pretrained(path)
     return {"source": "local", "path": str(path)}
 
@@ -58,6 +63,7 @@ def run_stages(size: str, work: Path) -> tuple[dict[str, float], dict[str, int]]
         "train": {"max_steps": 3, "batch_size": 4},
         "evaluate": {"max_examples": 16, "num_generations": 1, "max_new_tokens": 4},
         "export": {"gguf_types": ["F16", "Q4_K_M"], "gptq_calibration_samples": 8},
+        "release": {"allow_dirty": True, "publish_dir": str(work / "releases")},
         "tracking": {
             "mlflow": False,
             "artifacts_dir": str(work / "artifacts"),
@@ -81,7 +87,7 @@ def run_stages(size: str, work: Path) -> tuple[dict[str, float], dict[str, int]]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", nargs="+", default=["smollm2", "0.5B"])
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "smollm2", "0.5B"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_memory.json")
     args = ap.parse_args()
     rows = []

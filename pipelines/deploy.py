@@ -51,17 +51,14 @@ def deploy(
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import Flow
 
-    from qlora_pipeline.pipelines.flow import RESULTS_DIR
-
     asyncio.run(_ensure_pool(pool))
     remote = Flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
     params: dict[str, Any] = {"params_path": str(Path(params_path).resolve())}
     if stages:
         params["stages"] = stages
     variables = {
-        # scheduled runs keep their task results next to the artifacts, as `qlora run` does
         "working_dir": str(REPO_ROOT),
-        "env": {**OFFLINE_ENV, "PREFECT_LOCAL_STORAGE_PATH": str(RESULTS_DIR), **(env or {})},
+        "env": {**OFFLINE_ENV, **(env or {})},
     }
     if cpu_pool is not None:
         asyncio.run(_ensure_pool(cpu_pool))

@@ -1,9 +1,8 @@
 """The Prefect flow `qlora_pipeline`: one task per stage, each calling the stage's own `run` (`load_stage`).
 
-Cache keys are content hashes (declared params + code the stage reaches + external inputs + parent manifests,
-`currency.cache_key`), so an unchanged stage is skipped across runs; Prefect's default policy includes the run id
-and would never reuse. A cached key is only trusted while `currency.currency` says the artifact on disk is still
-current; otherwise the flow refreshes the cache entry and the stage re-runs.
+A stage whose artifact on disk is current (`currency.currency`: intact, built from these declared params, this code,
+these inputs and these parents) is reused, not re-run; otherwise it runs. That check is the whole cache: Prefect
+persists no task result, so nothing is ever unpickled from a results folder (a planted pickle there runs nothing).
 """
 
 from __future__ import annotations
@@ -17,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
 from prefect.settings import (
-    PREFECT_LOCAL_STORAGE_PATH,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     temporary_settings,
 )
 
 from qlora_pipeline.stages.contract.artifacts import read_manifest
-from qlora_pipeline.stages.contract.currency import artifacts_root, cache_key, currency
+from qlora_pipeline.stages.contract.currency import artifacts_root, currency
 from qlora_pipeline.stages.contract.errors import PipelineError
 from qlora_pipeline.stages.contract.params import Params, load_params
 from qlora_pipeline.stages.contract.registry import ORDER, STAGES, load_stage
@@ -33,15 +31,6 @@ from qlora_pipeline.stages.contract.runtime import REPO_ROOT
 from qlora_pipeline.stages.contract.tracking import Tracker, set_offline_env
 
 log = logging.getLogger(__name__)
-
-RESULTS_DIR = REPO_ROOT / ".prefect" / "results"
-"""Task results (manifests, never tensors) persist next to the artifacts they describe."""
-
-
-def _cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    params = Params.model_validate(parameters["params"])
-    stage = parameters["stage"]
-    return f"{stage}-{cache_key(stage, params)}"
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -82,8 +71,8 @@ def dvc_commit(stage: str) -> None:
 @task(
     name="stage",
     task_run_name="{stage}",
-    cache_key_fn=_cache_key_fn,
-    persist_result=True,
+    persist_result=False,
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=_retry_transient,
@@ -162,8 +151,7 @@ def qlora_pipeline(
                     else json.loads(read_manifest(artifacts_root(params) / name, name).to_json())
                 )
                 continue
-            stage_task = run_stage.with_options(refresh_cache=refresh)
-            results[name] = stage_task(name, params.model_dump(mode="json"), force=refresh, parent_run_id=run_id)
+            results[name] = run_stage(name, params.model_dump(mode="json"), force=refresh, parent_run_id=run_id)
         tracker.set_tags({f"stage.{k}.created_at": v.get("created_at") for k, v in results.items()})
         # every stage's memory peak and wall time side by side in the pipeline run
         tracker.log_metrics(
@@ -194,7 +182,7 @@ def run_pipeline(
 ) -> dict[str, dict[str, Any]]:
     """The flow with our Prefect defaults (the environment wins where it sets them): results next to the artifacts,
     and a patient start of the ephemeral server (slow on a 2-core machine)."""
-    defaults = {PREFECT_LOCAL_STORAGE_PATH: RESULTS_DIR, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}
+    defaults = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}
     settings = {s: v for s, v in defaults.items() if s.name not in os.environ}
     with temporary_settings(updates=settings):
         return qlora_pipeline(params_path=str(params_path), stages=stages, force=force)

@@ -165,6 +165,12 @@ def tokenize_splits(splits: dict[str, list[Example]], tokenizer: Any, params: Pa
         raise InputError(
             f"no training examples fit data.max_length={params.data.max_length}; raise it or shorten prompts"
         )
+    if stats["test"]["examples"] == 0:  # evaluate and export score on it: an empty one would read as loss 0
+        dropped = stats["test"]["dropped_prompt_too_long"]
+        raise InputError(
+            f"no test example fits data.max_length={params.data.max_length} (all {dropped} have longer prompts); "
+            "raise data.max_length or data.test_fraction"
+        )
     return datasets.DatasetDict(out), stats
 
 

@@ -8,6 +8,7 @@ Embeddings, norms and lm_head stay 16-bit.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.stages.contract.artifacts import Manifest
@@ -16,6 +17,19 @@ from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.stage import StageContext, execute
 
 STAGE = "quantize"
+
+
+def check_base_model(model_dir: Path, params: Params) -> None:
+    """At prepare: the weights quantize will read are safetensors files of the model folder (an index naming a path
+    outside it is refused)."""
+    from qlora_pipeline.kernels.formats.hf_folder import weight_files
+
+    if not (model_dir / "config.json").is_file():
+        return  # prepare reports a missing config itself
+    try:
+        weight_files(model_dir)
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"base model: {exc}") from None
 
 
 def body(ctx: StageContext) -> dict[str, Any]:

@@ -61,6 +61,8 @@ def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
         if dirty
         else ""
     )
+    if cv.get("commit") is None:
+        banner += "\n> **WARNING: the code commit is unknown (git was missing or refused the checkout).**\n"
     rows = "\n".join(f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in ev.items())
     targets = json.loads((ctx.parent_dir("train") / "adapter" / "adapter_config.json").read_text())["target_modules"]
     t = p.train
@@ -183,6 +185,12 @@ def lineage_record(ctx: StageContext, release_id: str, cv: dict[str, Any], bundl
 def body(ctx: StageContext) -> dict[str, Any]:
     r = ctx.params.release
     cv = code_version()
+    if cv.get("commit") is None and not r.allow_dirty:
+        raise InputError(
+            f"cannot tell which commit built this release: git is missing or refuses {REPO_ROOT} (for 'dubious "
+            f"ownership': git config --global --add safe.directory {REPO_ROOT}); fix git, or set "
+            "release.allow_dirty: true to release with a loud flag"
+        )
     if cv.get("dirty") and not r.allow_dirty:
         raise InputError(
             "the working tree has uncommitted changes; commit them (an auditor needs the commit to "

@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +21,22 @@ import torch
 from qlora_pipeline.kernels.architectures import family_of_class
 from qlora_pipeline.kernels.dtypes import dtype_name, torch_dtype
 from qlora_pipeline.kernels.linear4bit import Linear4bit
-from qlora_pipeline.stages.contract.artifacts import Manifest, clean_stale_temps, sha256_json
+from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.device import check_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params, TrainParams
 from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute, follow
 from qlora_pipeline.stages.lm.batching import Batch, BatchPlan, target_count, token_rows
-from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
+from qlora_pipeline.stages.lm.checkpoints import (
+    latest_checkpoint,
+    save_checkpoint,
+)
 from qlora_pipeline.stages.lm.distributed import (
     World,
     backward_scale,
     full_value,
     gradient_sync,
     launch,
-    local,
     parameter_bytes,
     shard_model,
     sum_gradients,
@@ -44,6 +46,7 @@ from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
 from qlora_pipeline.stages.lm.report import plot_losses
 from qlora_pipeline.stages.lm.schedule import lr_at, total_steps
+from qlora_pipeline.stages.lm.train_state import adapter_tensors, checkpoint_root, restore_adapter, resume
 from qlora_pipeline.stages.lm.validation import ValidationState
 from qlora_pipeline.stages.prepare import PrepareRecord
 
@@ -54,6 +57,8 @@ STAGE = "train"
 class TrainRecord(StageRecord):
     resumed_from_step: int | None = None
     """The checkpoint step this run continued from; None for a run from step 0."""
+    skipped_checkpoints: list[str] = field(default_factory=list)
+    """Newer checkpoints found damaged (truncated, edited) and passed over, with what was wrong."""
 
 
 @dataclass
@@ -162,46 +167,6 @@ def make_optimizer(trainable: list, t: TrainParams) -> torch.optim.Optimizer:
     return AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, state_bits=kind.state_bits, paging=paging)
 
 
-def checkpoint_root(ctx: StageContext, world: World | None = None) -> Path:
-    """Keyed by everything that determines the run (train.nproc included), so only an identical run resumes from
-    it; one folder per rank when several train."""
-    key = sha256_json({"train": ctx.params.section("train"), "parents": {k: v.outputs for k, v in ctx.parents.items()}})
-    root = ctx.artifacts_root / ".checkpoints" / f"train-{key[:16]}"
-    return root if world is None else root / f"rank{world.rank}"
-
-
-def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
-    """The adapter as this process holds it (its shards under fsdp)."""
-    from qlora_pipeline.kernels.lora import lora_state_dict
-
-    return {k: local(v) for k, v in lora_state_dict(model).items()}
-
-
-def restore_adapter(model: Any, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    for k, v in tensors.items():
-        local(params[k].data).copy_(v)
-
-
-def resume(
-    ctx: StageContext, model: Any, opt: torch.optim.Optimizer, ckpt_root: Path, world: World | None
-) -> tuple[int, list, list, ValidationState]:
-    """(start step, losses, log, validation state) from the last complete checkpoint of this exact run, or a fresh
-    start. Several ranks restart at the newest step every one of them saved (a killed rank may lag by one)."""
-    clean_stale_temps(ckpt_root)  # a checkpoint a killed run was still writing
-    last = latest_checkpoint(ckpt_root)
-    if world is not None:
-        step = world.min_int(0 if last is None else int(last.name.split("-")[1]), torch.device("cpu"))
-        last = step_dir(ckpt_root, step) if step else None
-    if last is None:
-        return 0, [], [], ValidationState()
-    tensors, state = load_checkpoint(last, opt)
-    restore_adapter(model, tensors)
-    ctx.record = TrainRecord(resumed_from_step=state.step)
-    validation = ValidationState.from_json(state.extra.get("validation"), state.best_adapter)
-    return state.step, state.losses, state.extra.get("log", []), validation
-
-
 @dataclass
 class StepBatches:
     """One step's micro-batches as this process trains them, and what the whole step holds over every rank."""
@@ -276,7 +241,10 @@ def train_loop(
     device = next(p.device for p in trainable)
     opt = make_optimizer(trainable, t)
     ckpt_root = checkpoint_root(ctx, world)
-    start, losses, log, validation = resume(ctx, model, opt, ckpt_root, world)
+    resumed = resume(model, opt, ckpt_root, world)
+    start, losses, log, validation = resumed.step, resumed.losses, resumed.log, resumed.validation
+    if resumed.step or resumed.skipped:
+        ctx.record = TrainRecord(resumed_from_step=resumed.step or None, skipped_checkpoints=resumed.skipped)
     plan = batch_plan(ctx.params, rows)
     targets = [target_count(labels) for _, labels in rows]
     stream = plan.stream(start=start * t.grad_accum)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -20,3 +21,27 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch: pytest.MonkeyPatch):
+    """`interrupt_training(params, step)`: run the train stage and interrupt it (KeyboardInterrupt, in this process)
+    as 0-based `step` begins; the stage's own code is restored afterwards."""
+    from qlora_pipeline.stages import train
+
+    def run(params, step: int) -> None:
+        real_lr_at = train.lr_at
+
+        def lr_at(s, t, total):
+            if s == step:
+                raise KeyboardInterrupt("killed")
+            return real_lr_at(s, t, total)
+
+        monkeypatch.setattr(train, "lr_at", lr_at)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train.run(params)
+        finally:
+            monkeypatch.setattr(train, "lr_at", real_lr_at)
+
+    return run

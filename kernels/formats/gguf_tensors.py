@@ -161,8 +161,10 @@ class TensorSource:
         from safetensors import safe_open
 
         index = model_dir / "model.safetensors.index.json"
-        if index.is_file():  # sharded checkpoint: exactly the shards the index names
-            files = sorted({model_dir / f for f in read_json(index).get("weight_map", {}).values()})
+        if index.is_file():  # sharded checkpoint: exactly the shards the index names, each checked to be in it
+            from qlora_pipeline.kernels.formats.hf_folder import weight_files
+
+            files = [model_dir / f for f in weight_files(model_dir)]
         elif (model_dir / "model.safetensors").is_file():  # ignore stray files such as adapter_model.safetensors
             files = [model_dir / "model.safetensors"]
         else:

@@ -28,6 +28,12 @@ def weight_files(model_dir: Path) -> list[str]:
     if (model_dir / INDEX_FILE).is_file():
         weight_map = json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
         files = sorted(set(weight_map.values()))
+        for name in files:  # names are joined to this folder (and to the folders written from it)
+            if not _plain_shard_name(name):
+                raise ValueError(
+                    f"{model_dir / INDEX_FILE} names {name!r} as a shard: not a .safetensors file in that folder; "
+                    "the index is corrupt or hostile, replace it"
+                )
     elif (model_dir / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
@@ -36,6 +42,18 @@ def weight_files(model_dir: Path) -> list[str]:
         if not (model_dir / name).is_file():
             raise ValueError(f"{model_dir / name} listed in {INDEX_FILE} does not exist")
     return files
+
+
+def _plain_shard_name(name: object) -> bool:
+    """A file name of this folder: no directory part, no '..', a .safetensors suffix."""
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        and not name.startswith(".")
+    )
 
 
 class LazyTensors:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.stages.contract.errors import InputError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -84,12 +86,12 @@ class Manifest:
 
 
 def clean_stale_temps(parent: Path) -> None:
-    """Remove temp dirs a killed process left behind (their names start with '.' and hold '.tmp-'/'.old-')."""
-    if not parent.exists():
-        return
-    for p in parent.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    """Finish the swaps a killed process left half-done (an artifact is never lost between its renames) and remove
+    the temp dirs it left behind (`kernels/formats/atomic.py` `recover_swaps`)."""
+    from qlora_pipeline.kernels.formats.atomic import recover_swaps
+
+    for line in recover_swaps(parent):
+        log.warning("%s (a run was killed while publishing it)", line)
 
 
 def write_manifest(out_dir: Path, manifest: Manifest) -> Manifest:

@@ -14,8 +14,6 @@ from pathlib import Path
 from qlora_pipeline.stages.contract.artifacts import (
     Manifest,
     manifest_digest,
-    read_manifest,
-    sha256_json,
     verify_artifact,
 )
 from qlora_pipeline.stages.contract.codedeps import code_hash
@@ -80,24 +78,3 @@ def currency(stage: str, params: Params) -> Currency:
     if manifest.code_hash != code_hash(loaded.spec.code()):
         return Currency(False, "code changed")
     return Currency(True)
-
-
-def cache_key(stage: str, params: Params) -> str:
-    """Content key: stage, its declared params, its code, its external inputs and the manifests of its parents."""
-    loaded = load_stage(stage)
-    root = artifacts_root(params)
-    parents = {}
-    for p in loaded.spec.parents:
-        try:
-            parents[p] = sha256_json(read_manifest(root / p, p).outputs)
-        except PipelineError:
-            parents[p] = "missing"
-    return sha256_json(
-        {
-            "stage": stage,
-            "params": loaded.spec.param_values(params),
-            "code": code_hash(loaded.spec.code()),
-            "parents": parents,
-            "inputs": loaded.external_inputs(params),
-        }
-    )

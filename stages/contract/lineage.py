@@ -7,6 +7,8 @@ dataset bytes, the code commit and the params, through the manifests the bundle 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
     path = bundle / LINEAGE
     if not path.exists():
         raise InputError(f"{bundle} has no {LINEAGE}; it is not a release bundle")
+    odd = first_odd_entry(bundle)
+    if odd is not None:
+        raise InputError(f"{odd[0]} is {odd[1]}: a release bundle holds only regular files and folders")
     lineage = json.loads(path.read_text())
     listed: dict[str, str] = lineage["files"]
     actual = hash_tree(bundle, exclude=frozenset({LINEAGE}))
@@ -36,6 +41,21 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
     if extra:
         raise InputError(f"{bundle / extra[0]} is in the bundle but not in {LINEAGE} (added after release)")
     return {"files": len(listed), "bundle": str(bundle)}
+
+
+def first_odd_entry(root: Path) -> tuple[Path, str] | None:
+    """The first entry under `root` that is not a regular file or folder (a symlink, a FIFO, a device, a socket),
+    found without following links or opening anything (hashing a FIFO would hang, a link would read outside)."""
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in sorted(dirs + files):
+            entry = Path(folder) / name
+            mode = entry.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                return entry, f"a symlink (to {os.readlink(entry)})"
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file"
+                return entry, kind
+    return None
 
 
 def find_bundle_of(file: Path, search: list[Path]) -> tuple[Path, str]:

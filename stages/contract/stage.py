@@ -6,8 +6,10 @@ Every stage body is a function `(ctx) -> metrics` that writes into `ctx.out`; `e
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +27,11 @@ from qlora_pipeline.stages.contract.artifacts import (
 )
 from qlora_pipeline.stages.contract.codedeps import code_hash
 from qlora_pipeline.stages.contract.currency import artifacts_root, check_lineage
-from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import DeclaredParams, Params
 from qlora_pipeline.stages.contract.preflight import preflight
 from qlora_pipeline.stages.contract.registry import STAGES
+from qlora_pipeline.stages.contract.run_lock import run_lock
 from qlora_pipeline.stages.contract.runtime import (
     REPO_ROOT,
     code_version,
@@ -93,6 +96,23 @@ def metrics_path(params: Params, stage: str) -> Path:
     return (root if root.is_absolute() else REPO_ROOT / root) / f"{stage}.json"
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, raised as an OSError or reported by a native writer (safetensors: "os error 28")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class DiskFull(PipelineError):
+    """The disk filled up under a stage; its temporary output is gone, the previous artifact untouched. Not
+    transient: retrying fills the same disk again."""
+
+
 def execute(
     stage: str, params: Params, body: Callable[[StageContext], dict[str, Any]], parent_run_id: str | None = None
 ) -> Manifest:
@@ -104,6 +124,30 @@ def execute(
     spec = STAGES[stage]
     device = preflight(params, stage, spec.uses_device)
     root = artifacts_root(params)
+    with run_lock(root, f"qlora stage {stage}"):
+        try:
+            return _execute_locked(stage, params, body, parent_run_id, spec, device, root)
+        except Exception as exc:
+            if not _disk_full(exc):
+                raise
+            where = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else root
+            free = shutil.disk_usage(root).free / 2**20
+            raise DiskFull(
+                f"disk full while {stage} wrote {where} ({free:.0f} MiB free there); nothing of this run was kept: "
+                "free space or set tracking.artifacts_dir to a larger disk, then run again"
+            ) from None
+
+
+def _execute_locked(
+    stage: str,
+    params: Params,
+    body: Callable[[StageContext], dict[str, Any]],
+    parent_run_id: str | None,
+    spec: Any,
+    device: str,
+    root: Path,
+) -> Manifest:
+    """`execute` once the artifacts folder is this run's alone."""
     clean_stale_temps(root)
     parents = {p: verify_artifact(root / p, p) for p in spec.parents}
     check_lineage(root, parents)

@@ -73,6 +73,31 @@ def save_checkpoint(
     return final
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files (missing, truncated or edited against its checksums), or None."""
+    try:
+        sums = json.loads((path / "checksums.json").read_text())
+        for name, digest in sums.items():
+            if sha256_file(path / name) != digest:
+                return f"{name} does not match its checksum"
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def usable_checkpoints(root: Path) -> tuple[list[Path], list[str]]:
+    """Checkpoints whose files verify, newest first, and a line for each damaged one skipped on the way (a power
+    loss or a kill can leave the newest one torn; two are kept so the one before it is still there)."""
+    usable, skipped = [], []
+    for path in reversed(_step_dirs(root)):
+        problem = damage(path)
+        if problem is None:
+            usable.append(path)
+        else:
+            skipped.append(f"{path.name}: {problem}")
+    return usable, skipped
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     dirs = _step_dirs(root)
     return dirs[-1] if dirs else None

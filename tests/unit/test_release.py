@@ -111,6 +111,25 @@ def test_verify_passes_then_fails_naming_a_tampered_byte(released, tmp_path) -> 
     assert "gguf/model-Q8_0.gguf does not match lineage.json" in bad.output
 
 
+@pytest.mark.parametrize("plant", ["symlink", "fifo"])
+def test_verify_refuses_a_link_or_special_file_added_to_a_bundle(released, tmp_path, plant: str) -> None:
+    """Before: 'OK: 27 files … match' with a symlink to /etc and a FIFO added (hash_tree skipped or followed them)."""
+    import os
+    import shutil
+
+    _, _, _, bundle = released
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy)
+    if plant == "symlink":
+        (copy / "gguf" / "etc").symlink_to("/etc")
+    else:
+        os.mkfifo(copy / "report" / "pipe")
+    bad = CliRunner().invoke(app, ["verify", str(copy)])
+    assert bad.exit_code == 1, bad.output
+    expected = "gguf/etc is a symlink (to /etc)" if plant == "symlink" else "report/pipe is a FIFO"
+    assert expected in bad.output and "holds only regular files" in bad.output, bad.output
+
+
 def test_trace_of_the_gguf_reaches_dataset_hash_and_commit(released) -> None:
     tmp, _, _, bundle = released
     out = CliRunner().invoke(app, ["trace", str(bundle / "gguf" / "model-Q8_0.gguf"), "--search", str(tmp)])
@@ -141,6 +160,19 @@ def test_dirty_tree_is_refused_unless_allowed(released, monkeypatch) -> None:
     m = release.run(params)
     card = (Path(params.tracking.artifacts_dir) / "release" / m.metrics["release_id"] / "README.md").read_text()
     assert "WARNING: built from a working tree with uncommitted changes" in card
+
+
+def test_a_release_without_a_known_commit_is_refused_unless_allowed(released, monkeypatch, tmp_path) -> None:
+    """git genuinely failing (GIT_DIR pointing nowhere, as when git is missing or refuses the checkout): no release
+    with `commit: null` unless allow_dirty, and then the card says the commit is unknown."""
+    _, params, _, _ = released
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-such-git-dir"))
+    strict = params.model_copy(update={"release": params.release.model_copy(update={"allow_dirty": False})})
+    with pytest.raises(InputError, match=r"cannot tell which commit built this release: git is missing or refuses"):
+        release.run(strict)
+    m = release.run(params)
+    card = (Path(params.tracking.artifacts_dir) / "release" / m.metrics["release_id"] / "README.md").read_text()
+    assert "WARNING: the code commit is unknown" in card
 
 
 def test_release_is_a_registered_model_version_with_sha256_tags(released) -> None:
