@@ -91,16 +91,38 @@ def status(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 @app.command()
-def verify(bundle: Annotated[Path, typer.Argument(help="a release bundle directory")]) -> None:
-    """Re-hash every file of a release bundle against its lineage.json; exit 1 naming any mismatch."""
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="a release bundle directory")],
+    public_key: Annotated[
+        Path | None, typer.Option(help="the team's public key (PEM): check the bundle's model-signing signature")
+    ] = None,
+) -> None:
+    """Check a release bundle: no links or special files, every file's sha256 against lineage.json and the
+    provenance, and with --public-key its signature (exactly these files, signed by that key). Exit 1 naming the
+    first problem."""
     from qlora_pipeline.stages.contract.lineage import verify_bundle
+    from qlora_pipeline.stages.contract.signing import SIGNATURE, verify_signature
 
     try:
         result = verify_bundle(bundle)
+        if public_key is not None:
+            verify_signature(bundle, public_key)
+        elif result["signed"]:
+            raise PipelineError(
+                f"{bundle} is signed ({SIGNATURE}) but no --public-key was given: pass the team's public key; "
+                "without it nothing shows the bundle was not rewritten"
+            )
     except PipelineError as exc:
         typer.echo(f"FAILED: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"OK: {result['files']} files in {bundle} match lineage.json")
+    if public_key is not None:
+        typer.echo(f"OK: signed by the key of {public_key}; no file added, removed or changed since")
+    else:
+        typer.echo(
+            "UNSIGNED: this bundle carries no signature, so matching hashes do not show it was not rewritten "
+            "(set release.signing_key to sign releases)"
+        )
 
 
 @app.command()

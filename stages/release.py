@@ -17,10 +17,18 @@ from typing import Any
 
 from qlora_pipeline.kernels.formats.atomic import atomic_dir
 from qlora_pipeline.stages.contract.artifacts import Manifest, clean_stale_temps, hash_tree, sha256_file, sha256_json
-from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.lineage import LINEAGE
 from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.runtime import REPO_ROOT, code_version, utc_now
+from qlora_pipeline.stages.contract.signing import (
+    PROVENANCE,
+    SIGNATURE,
+    key_fingerprint,
+    provenance_statement,
+    sign_bundle,
+    signing_key_path,
+)
 from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute
 from qlora_pipeline.stages.prepare import PrepareRecord
 
@@ -63,6 +71,15 @@ def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
     )
     if cv.get("commit") is None:
         banner += "\n> **WARNING: the code commit is unknown (git was missing or refused the checkout).**\n"
+    key = signing_key_path(p.release)
+    if key is None:
+        banner += (
+            "\n> **UNSIGNED: no release.signing_key was set. lineage.json lists every file's sha256, but whoever can "
+            "change a file can rewrite it too; only a signature shows this is the bundle that was released.**\n"
+        )
+        signature = "none (unsigned)"
+    else:
+        signature = f"`{SIGNATURE}` (OpenSSF model-signing), public key sha256 {key_fingerprint(key)}"
     rows = "\n".join(f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in ev.items())
     targets = json.loads((ctx.parent_dir("train") / "adapter" / "adapter_config.json").read_text())["target_modules"]
     t = p.train
@@ -79,6 +96,7 @@ QLoRA fine-tune released by the qlora-pipeline.
   {p.quantize.blocksize}, double-quantized absmax)
 - **Merged into**: the original 16-bit weights (`model/`), dtype {p.merge.dtype}
 - **Code**: commit {cv.get("commit")} (dirty: {dirty})
+- **Signature**: {signature}; provenance: `{PROVENANCE}` (in-toto statement, SLSA v1 provenance)
 
 ## Held-out test split
 
@@ -206,6 +224,12 @@ def body(ctx: StageContext) -> dict[str, Any]:
     (bundle / "README.md").write_text(model_card(ctx, release_id, cv))
     lineage = lineage_record(ctx, release_id, cv, bundle)
     (bundle / LINEAGE).write_text(json.dumps(lineage, indent=1, sort_keys=True))
+    materials = dict(ctx.parents["prepare"].inputs)
+    statement = provenance_statement(hash_tree(bundle), lineage["params"], materials, cv.get("commit"), release_id)
+    (bundle / PROVENANCE).write_text(json.dumps(statement, indent=1, sort_keys=True))
+    key = signing_key_path(r)
+    if key is not None:
+        sign_bundle(bundle, key)
     tar_path = ctx.out / f"{release_id}.tar.gz"
     with tarfile.open(tar_path, "w:gz", compresslevel=1) as tar:
         tar.add(bundle, arcname=release_id)
@@ -221,13 +245,16 @@ def body(ctx: StageContext) -> dict[str, Any]:
         params={"bundle": str(bundle), "files": str(len(lineage["files"]))},
     )
     ctx.record = ReleaseRecord(release_id=release_id, mlflow_model=registered or None)
-    ctx.after_publish.append(lambda: publish(ctx.artifacts_root / STAGE / release_id, r.publish_dir))
+    # Published before the stage is sealed: a release that could not publish is not current, so the next run
+    # publishes it rather than trusting an artifact nobody received.
+    publish(bundle, r.publish_dir)
     return {
         "release_id": release_id,
         "files": len(lineage["files"]),
         "bundle_bytes": sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()),
         "tarball_bytes": tar_path.stat().st_size,
         "dirty": bool(cv.get("dirty")),
+        "signed": key is not None,
     }
 
 
@@ -236,10 +263,16 @@ def publish(bundle: Path, publish_dir: str) -> Path:
     dst_root = Path(publish_dir)
     dst_root = dst_root if dst_root.is_absolute() else REPO_ROOT / dst_root
     dst = dst_root / bundle.name
-    clean_stale_temps(dst_root)  # a copy a killed run left half-done
-    if not dst.exists():
-        with atomic_dir(dst) as tmp:
-            shutil.copytree(bundle, tmp, dirs_exist_ok=True)
+    try:
+        clean_stale_temps(dst_root)  # a copy a killed run left half-done
+        if not dst.exists():
+            with atomic_dir(dst) as tmp:
+                shutil.copytree(bundle, tmp, dirs_exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot publish the release to {dst_root} ({exc.strerror or exc}); nothing was published and the "
+            "release is not current: fix release.publish_dir and run release again"
+        ) from None
     return dst
 
 

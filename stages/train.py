@@ -46,7 +46,14 @@ from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
 from qlora_pipeline.stages.lm.report import plot_losses
 from qlora_pipeline.stages.lm.schedule import lr_at, total_steps
-from qlora_pipeline.stages.lm.train_state import adapter_tensors, checkpoint_root, restore_adapter, resume
+from qlora_pipeline.stages.lm.train_state import (
+    adapter_tensors,
+    checkpoint_root,
+    record_identity,
+    restore_adapter,
+    resume,
+    why_not_resumed,
+)
 from qlora_pipeline.stages.lm.validation import ValidationState
 from qlora_pipeline.stages.prepare import PrepareRecord
 
@@ -59,6 +66,8 @@ class TrainRecord(StageRecord):
     """The checkpoint step this run continued from; None for a run from step 0."""
     skipped_checkpoints: list[str] = field(default_factory=list)
     """Newer checkpoints found damaged (truncated, edited) and passed over, with what was wrong."""
+    started_over: str | None = None
+    """Why checkpoints of an earlier, interrupted run could not be continued (what changed), if there were any."""
 
 
 @dataclass
@@ -243,8 +252,10 @@ def train_loop(
     ckpt_root = checkpoint_root(ctx, world)
     resumed = resume(model, opt, ckpt_root, world)
     start, losses, log, validation = resumed.step, resumed.losses, resumed.log, resumed.validation
-    if resumed.step or resumed.skipped:
-        ctx.record = TrainRecord(resumed_from_step=resumed.step or None, skipped_checkpoints=resumed.skipped)
+    started_over = None if resumed.step else why_not_resumed(ctx)
+    ctx.record = TrainRecord(resumed.step or None, resumed.skipped, started_over)
+    if world is None or world.main:
+        record_identity(ctx)
     plan = batch_plan(ctx.params, rows)
     targets = [target_count(labels) for _, labels in rows]
     stream = plan.stream(start=start * t.grad_accum)

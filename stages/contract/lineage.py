@@ -14,6 +14,7 @@ from typing import Any
 
 from qlora_pipeline.stages.contract.artifacts import hash_tree, sha256_file
 from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.signing import PROVENANCE, SIGNATURE
 
 LINEAGE = "lineage.json"
 # which stage produced each top-level folder of a bundle
@@ -31,7 +32,7 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
         raise InputError(f"{odd[0]} is {odd[1]}: a release bundle holds only regular files and folders")
     lineage = json.loads(path.read_text())
     listed: dict[str, str] = lineage["files"]
-    actual = hash_tree(bundle, exclude=frozenset({LINEAGE}))
+    actual = hash_tree(bundle, exclude=frozenset({LINEAGE, PROVENANCE, SIGNATURE}))
     for rel, digest in sorted(listed.items()):
         if rel not in actual:
             raise InputError(f"{bundle / rel} is missing from the bundle (listed in {LINEAGE})")
@@ -40,7 +41,13 @@ def verify_bundle(bundle: Path) -> dict[str, Any]:
     extra = sorted(set(actual) - set(listed))
     if extra:
         raise InputError(f"{bundle / extra[0]} is in the bundle but not in {LINEAGE} (added after release)")
-    return {"files": len(listed), "bundle": str(bundle)}
+    if (bundle / PROVENANCE).is_file():
+        subjects = json.loads((bundle / PROVENANCE).read_text())["subject"]
+        present = {**actual, LINEAGE: sha256_file(bundle / LINEAGE)}
+        for subject in subjects:
+            if present.get(subject["name"]) != subject["digest"]["sha256"]:
+                raise InputError(f"{bundle / subject['name']} does not match {PROVENANCE}")
+    return {"files": len(listed), "bundle": str(bundle), "signed": (bundle / SIGNATURE).is_file()}
 
 
 def first_odd_entry(root: Path) -> tuple[Path, str] | None:

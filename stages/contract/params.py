@@ -194,6 +194,10 @@ class ReleaseParams(Section):
     allow_dirty: bool = False
     """Release from a tree with uncommitted code changes (flagged loudly in the model card and lineage)."""
     publish_dir: str = "releases"
+    signing_key: str | None = None
+    """An elliptic-curve private key (PEM) the team holds: every bundle is signed with it (OpenSSF model-signing;
+    `qlora verify --public-key` and model-signing's own CLI check it). null: released unsigned, said loudly in the
+    model card and by `qlora verify`."""
 
 
 class TrackingParams(Section):

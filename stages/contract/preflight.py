@@ -34,6 +34,10 @@ def preflight(params: Params, stage: str, uses_device: bool) -> str:
     if stage == "prepare":
         check_base_model(params)
         check_nproc(params)
+        if params.release.signing_key is not None:  # a run that cannot sign its release fails now, not at the end
+            from qlora_pipeline.stages.contract.signing import signing_key_path
+
+            signing_key_path(params.release)
         if device.startswith("cuda"):
             check_gpu_memory(params, device)
     return device if uses_device else "cpu"

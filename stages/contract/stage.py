@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from qlora_pipeline.kernels.formats.atomic import atomic_dir
+from qlora_pipeline.kernels.formats.atomic import atomic_dir, atomic_file
 from qlora_pipeline.stages.contract.artifacts import (
     Manifest,
     clean_stale_temps,
@@ -214,8 +214,6 @@ def follow(stage: str, params: Params, body: Callable[[StageContext], dict[str, 
 
 def _write_metrics_file(path: Path, manifest: Manifest) -> None:
     """DVC metrics live outside the artifact dir (DVC forbids overlapping outputs); written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": manifest.metrics, "timings": manifest.timings, "memory": manifest.memory}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # a unique temp name, fsynced before the rename
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))

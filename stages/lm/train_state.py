@@ -3,6 +3,7 @@ and resuming from the newest checkpoint that verifies (stages/lm/checkpoints.py 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,71 @@ from qlora_pipeline.stages.lm.validation import ValidationState
 log = logging.getLogger(__name__)
 
 
+RESUMABLE = (
+    "learning_rate",
+    "lr_schedule",
+    "warmup_ratio",
+    "max_steps",
+    "epochs",
+    "eval_every",
+    "early_stopping_patience",
+    "checkpoint_every",
+)
+"""train params a run may change and still continue from its checkpoints: the schedule and the length of the run
+(what the NaN and out-of-memory messages tell a user to change before resuming). With packing, batch_size and
+grad_accum may change too while their product (examples per step) stays: the same examples make each step."""
+
+
+def run_identity(ctx: StageContext) -> dict[str, Any]:
+    """What a checkpoint must share with this run to continue it: the train params except the resumable ones, the
+    parent artifacts, and the code of the stage (its numerics)."""
+    from qlora_pipeline.stages.contract.codedeps import code_hash
+    from qlora_pipeline.stages.contract.registry import STAGES
+
+    train = {k: v for k, v in ctx.params.section("train").items() if k not in RESUMABLE}
+    if train.get("packing"):
+        train["examples_per_step"] = train.pop("batch_size") * train.pop("grad_accum")
+    parents = {k: v.outputs for k, v in ctx.parents.items()}
+    return {"train": train, "parents": sha256_json(parents), "code": code_hash(STAGES[ctx.stage].code())}
+
+
 def checkpoint_root(ctx: StageContext, world: World | None = None) -> Path:
-    """Keyed by everything that determines the run (train.nproc included), so only an identical run resumes from
-    it; one folder per rank when several train."""
-    key = sha256_json({"train": ctx.params.section("train"), "parents": {k: v.outputs for k, v in ctx.parents.items()}})
+    """Keyed by the run's identity (`run_identity`, train.nproc included), so only a run that can continue them
+    resumes from them; one folder per rank when several train."""
+    key = sha256_json(run_identity(ctx))
     root = ctx.artifacts_root / ".checkpoints" / f"train-{key[:16]}"
     return root if world is None else root / f"rank{world.rank}"
+
+
+def record_identity(ctx: StageContext) -> None:
+    """Write the run's identity next to its checkpoints (so a later run can say why it cannot continue them)."""
+    root = checkpoint_root(ctx)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / IDENTITY).write_text(json.dumps(run_identity(ctx), sort_keys=True))
+
+
+IDENTITY = "run.json"
+
+
+def why_not_resumed(ctx: StageContext) -> str | None:
+    """When checkpoints of another run are on disk: which of its train params, parents or code differ from this
+    run's, so starting over is said, not silent."""
+    mine, root = run_identity(ctx), checkpoint_root(ctx)
+    for other in sorted((ctx.artifacts_root / ".checkpoints").glob(f"train-*/{IDENTITY}")):
+        if other.parent == root or not any(other.parent.glob("**/step-*")):
+            continue
+        theirs = json.loads(other.read_text())
+        changed = [
+            f"train.{k} {theirs['train'].get(k)!r} -> {mine['train'].get(k)!r}"
+            for k in sorted(set(mine["train"]) | set(theirs["train"]))
+            if mine["train"].get(k) != theirs["train"].get(k)
+        ]
+        changed += ["the parent artifacts"] * (theirs["parents"] != mine["parents"])
+        changed += ["the training code"] * (theirs["code"] != mine["code"])
+        why = f"checkpoints of an earlier run in {other.parent.name} cannot continue this one ({', '.join(changed)})"
+        log.warning("starting over: %s", why)
+        return why
+    return None
 
 
 def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:

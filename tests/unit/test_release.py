@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from qlora_pipeline.pipelines.cli import app
 from qlora_pipeline.stages import evaluate, export, merge, prepare, quantize, release, train
 from qlora_pipeline.stages.contract import runtime
-from qlora_pipeline.stages.contract.errors import InputError
+from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 
@@ -128,6 +128,115 @@ def test_verify_refuses_a_link_or_special_file_added_to_a_bundle(released, tmp_p
     assert bad.exit_code == 1, bad.output
     expected = "gguf/etc is a symlink (to /etc)" if plant == "symlink" else "report/pipe is a FIFO"
     assert expected in bad.output and "holds only regular files" in bad.output, bad.output
+
+
+def test_a_release_that_cannot_publish_fails_and_is_not_current_until_it_does(released, tmp_path) -> None:
+    """Before: publish ran after the stage was sealed, so a failure there left a 'current' release nobody got."""
+    from qlora_pipeline.stages.contract.currency import currency
+
+    _, params, _, _ = released
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the publish folder should be")
+    bad = params.model_copy(
+        update={"release": params.release.model_copy(update={"publish_dir": str(blocker / "releases")})}
+    )
+    with pytest.raises(PipelineError, match=r"cannot publish the release to .*nothing was published"):
+        release.run(bad)
+    assert not currency("release", bad).current
+    good = params.model_copy(
+        update={"release": params.release.model_copy(update={"publish_dir": str(tmp_path / "releases")})}
+    )
+    m = release.run(good)
+    assert (tmp_path / "releases" / m.metrics["release_id"] / "lineage.json").is_file()
+    assert currency("release", good).current
+
+
+def _ec_key(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = tmp_path / "team-key.pem", tmp_path / "team-key.pub.pem"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return private, public
+
+
+def _model_signing_cli(bundle: Path, public: Path) -> subprocess.CompletedProcess:
+    """OpenSSF model-signing's own CLI, independent of our code."""
+    import shutil
+    import sys
+
+    cli = Path(sys.executable).parent / "model_signing"
+    cmd = [str(cli) if cli.exists() else shutil.which("model_signing"), "verify", "key"]
+    cmd += ["--public_key", str(public), "--signature", str(bundle / "model.sig"), str(bundle)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_a_signed_bundle_verifies_with_our_cli_and_model_signings_and_a_rewrite_does_not(released, tmp_path) -> None:
+    """Before: a flipped byte plus a lineage.json updated with the new sha256 verified "OK"."""
+    import shutil
+
+    _, params, _, _ = released
+    private, public = _ec_key(tmp_path)
+    signed = params.model_copy(
+        update={
+            "release": params.release.model_copy(
+                update={"signing_key": str(private), "publish_dir": str(tmp_path / "releases")}
+            )
+        }
+    )
+    m = release.run(signed)
+    assert m.metrics["signed"] is True
+    bundle = tmp_path / "releases" / m.metrics["release_id"]
+    card = (bundle / "README.md").read_text()
+    assert "model.sig` (OpenSSF model-signing), public key sha256" in card and "UNSIGNED" not in card
+    statement = json.loads((bundle / "provenance.intoto.json").read_text())
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    assert subjects["gguf/model-Q8_0.gguf"] == _sha256(bundle / "gguf" / "model-Q8_0.gguf")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", str(bundle), "--public-key", str(public)])
+    assert ok.exit_code == 0 and "OK: signed by the key" in ok.output, ok.output
+    assert _model_signing_cli(bundle, public).returncode == 0
+    no_key = runner.invoke(app, ["verify", str(bundle)])
+    assert no_key.exit_code == 1 and "no --public-key was given" in no_key.output
+
+    rewritten = tmp_path / "rewritten"
+    shutil.copytree(bundle, rewritten)
+    gguf = rewritten / "gguf" / "model-Q8_0.gguf"
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    gguf.write_bytes(bytes(data))
+    lineage = json.loads((rewritten / "lineage.json").read_text())
+    lineage["files"]["gguf/model-Q8_0.gguf"] = _sha256(gguf)
+    (rewritten / "lineage.json").write_text(json.dumps(lineage, indent=1, sort_keys=True))
+    statement = json.loads((rewritten / "provenance.intoto.json").read_text())
+    for subject in statement["subject"]:
+        if subject["name"] in ("gguf/model-Q8_0.gguf", "lineage.json"):
+            subject["digest"]["sha256"] = _sha256(rewritten / subject["name"])
+    (rewritten / "provenance.intoto.json").write_text(json.dumps(statement, indent=1, sort_keys=True))
+    hashes_only = runner.invoke(app, ["verify", str(rewritten)])
+    assert "no --public-key was given" in hashes_only.output, "every hash matches: only the signature can tell"
+    bad = runner.invoke(app, ["verify", str(rewritten), "--public-key", str(public)])
+    assert bad.exit_code == 1 and "does not verify" in bad.output, bad.output
+    assert _model_signing_cli(rewritten, public).returncode != 0
+    extra = tmp_path / "extra"
+    shutil.copytree(bundle, extra)
+    (extra / "notes.txt").write_text("added later")
+    assert runner.invoke(app, ["verify", str(extra), "--public-key", str(public)]).exit_code == 1
+    assert _model_signing_cli(extra, public).returncode != 0
+
+
+def test_an_unsigned_release_says_so_in_its_card_and_in_verify(released) -> None:
+    _, _, _, bundle = released
+    assert "UNSIGNED: no release.signing_key was set" in (bundle / "README.md").read_text()
+    out = CliRunner().invoke(app, ["verify", str(bundle)])
+    assert out.exit_code == 0 and "UNSIGNED: this bundle carries no signature" in out.output
 
 
 def test_trace_of_the_gguf_reaches_dataset_hash_and_commit(released) -> None:

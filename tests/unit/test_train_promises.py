@@ -105,8 +105,9 @@ def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, interrup
     tmp, model, data = quantized
     over = {"batch_size": 4, "max_steps": 6, "checkpoint_every": 2}
     interrupt_training(_params(tmp, model, data, **over), 4)
-    other = train.run(_params(tmp, model, data, **over, learning_rate=1e-3))  # other params: starts over
+    other = train.run(_params(tmp, model, data, **over, weight_decay=0.01))  # a non-resumable param: starts over
     assert train.TrainRecord.of(other).resumed_from_step is None and len(_log(tmp)) == 6
+    assert "train.weight_decay 0.0 -> 0.01" in train.TrainRecord.of(other).started_over
     same = train.run(_params(tmp, model, data, **over))  # the interrupted run itself: resumes
     assert train.TrainRecord.of(same).resumed_from_step == 4
 
