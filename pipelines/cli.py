@@ -244,23 +244,27 @@ def _print_fixes(shape: Any, t: Any, plan: Any, capacity: int) -> None:
         typer.echo("  no single setting fits: use a GPU with more memory")
 
 
+def _gib_option(spec: str, option: str) -> int | None:
+    """`--<option> GIB` in bytes; None for auto."""
+    if spec == "auto":
+        return None
+    try:
+        return int(float(spec) * 2**30)
+    except ValueError:
+        raise PipelineError(f"--{option} {spec!r} is not a number of GiB or auto") from None
+
+
 def _host_capacity(spec: str) -> int:
-    if spec != "auto":
-        try:
-            return int(float(spec) * 2**30)
-        except ValueError:
-            raise PipelineError(f"--host-memory {spec!r} is not a number of GiB or auto") from None
     import os
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    given = _gib_option(spec, "host-memory")
+    return given if given is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _gpu_capacity(spec: str) -> int:
-    if spec != "auto":
-        try:
-            return int(float(spec) * 2**30)
-        except ValueError:
-            raise PipelineError(f"--gpu-memory {spec!r} is not a number of GiB or auto") from None
+    given = _gib_option(spec, "gpu-memory")
+    if given is not None:
+        return given
     import torch
 
     if not torch.cuda.is_available():

@@ -34,8 +34,9 @@ STAGE_BASE_MIB = {
     "release": 545,
 }
 """Peak RSS of each stage with a 2-layer, 64-wide model (`bench/bench_host_memory.py`, size "tiny"): the imports and
-the stage's own work. Measured on the 2-core dev VM (torch 2.13 CPU build); a CUDA build of torch adds its libraries
-to every stage that imports it, an amount not measured here."""
+the stage's own work. Measured on the 2-core dev VM (torch 2.13 CPU build), except release, taken as prepare's (it
+measured 424-479 MiB: the figure errs high). A CUDA build of torch adds its libraries to every stage that imports
+it, an amount not measured here."""
 HUB_SHARD_BYTES = 5 * 10**9
 """The largest shard assumed when only config.json is known (the hub's usual 5 GB shards)."""
 

@@ -101,20 +101,28 @@ def _trigger(deployment: str, env: dict[str, str]) -> str:
     return _python(code, env, 120).splitlines()[-1]
 
 
+def _deploy(env: dict[str, str], **kwargs: object) -> str:
+    """`pipelines.deploy.deploy(**kwargs)` in a process of its own, against the server of `env`."""
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return _python(f"from qlora_pipeline.pipelines.deploy import deploy; print(deploy({args}))", env)
+
+
+def _write_params(tmp_path: Path, raw: dict[str, Any]) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
 def _worker(pool: str) -> list[str]:
     return [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"]
 
 
 def test_deployment_runs_through_server_and_worker(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
-    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl)
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
+    params_file = _write_params(tmp_path, tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl))
     with prefect_server(tmp_path) as (env, spawn):
-        _python(
-            "from qlora_pipeline.pipelines.deploy import deploy; "
-            f"print(deploy(pool='test-gpu-node', cron='0 2 * * 1', name='test-retrain', "
-            f"params_path={str(params_file)!r}, stages=['prepare', 'quantize']))",
-            env,
+        stages = ["prepare", "quantize"]
+        _deploy(
+            env, pool="test-gpu-node", cron="0 2 * * 1", name="test-retrain", params_path=params_file, stages=stages
         )
         run_id = _trigger("qlora_pipeline/test-retrain", env)
         spawn(_worker("test-gpu-node"))
@@ -135,15 +143,12 @@ def test_deployment_runs_through_server_and_worker(tmp_path, tiny_llama_dir, qa_
 def test_device_stages_run_on_the_gpu_pool_and_the_rest_on_the_cpu_pool(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
     """`deploy(pool=gpu, cpu_pool=cpu)`: the pipeline's flow run is on the CPU pool's worker, prepare and quantize
     run inside it, and train runs as a `qlora_stage` flow run on the GPU pool's worker, into the same artifacts."""
-    raw = tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl, train={"max_steps": 3, "batch_size": 4})
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
+    train = {"max_steps": 3, "batch_size": 4}
+    params_file = _write_params(tmp_path, tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl, train=train))
     with prefect_server(tmp_path) as (env, spawn):
-        _python(
-            "from qlora_pipeline.pipelines.deploy import deploy; "
-            f"print(deploy(pool='gpu-pool', cpu_pool='cpu-pool', cron=None, name='split', "
-            f"params_path={str(params_file)!r}, stages=['prepare', 'quantize', 'train']))",
-            env,
+        stages = ["prepare", "quantize", "train"]
+        _deploy(
+            env, pool="gpu-pool", cpu_pool="cpu-pool", cron=None, name="split", params_path=params_file, stages=stages
         )
         run_id = _trigger("qlora_pipeline/split", env)
         spawn(_worker("cpu-pool"))
