@@ -49,6 +49,18 @@ def estimate_run_bytes(params: Params, source_bytes: int, bytes_per_source_param
     return RunSize({k: int(v * MARGIN) for k, v in per_stage.items()})
 
 
+def stage_write_bytes(params: Params, stage: str) -> int | None:
+    """About how much `stage` writes (the estimate prepare's disk check sums), from the prepared model when there is
+    one, else the base model; None for stages it does not size (train's adapter and checkpoints are small)."""
+    from qlora_pipeline.stages.contract.currency import artifacts_root
+    from qlora_pipeline.stages.lm.modelio import base_model_dir
+
+    prepared = artifacts_root(params) / "prepare" / "model"
+    model_dir = prepared if prepared.is_dir() else base_model_dir(params.model)
+    source = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) if model_dir.is_dir() else 0
+    return estimate_run_bytes(params, source, 2).per_stage.get(stage) if source else None
+
+
 def free_bytes(path: Path) -> int:
     """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
     while not path.exists() and path != path.parent:
@@ -56,4 +68,4 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-__all__ = ["RunSize", "estimate_run_bytes", "free_bytes"]
+__all__ = ["RunSize", "estimate_run_bytes", "free_bytes", "stage_write_bytes"]

@@ -108,6 +108,19 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
+def _disk_full_error(stage: str, params: Params, root: Path, exc: BaseException) -> DiskFull:
+    from qlora_pipeline.stages.contract.disk import stage_write_bytes
+
+    where = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else root
+    free = shutil.disk_usage(root).free / 2**20
+    need = stage_write_bytes(params, stage)
+    needs = f"; {stage} writes about {need / 2**20:.0f} MiB" if need else ""
+    return DiskFull(
+        f"disk full while {stage} wrote {where} ({free:.0f} MiB free there{needs}); nothing of this run was kept: "
+        "free space or set tracking.artifacts_dir to a larger disk, then run again"
+    )
+
+
 class DiskFull(PipelineError):
     """The disk filled up under a stage; its temporary output is gone, the previous artifact untouched. Not
     transient: retrying fills the same disk again."""
@@ -130,12 +143,7 @@ def execute(
         except Exception as exc:
             if not _disk_full(exc):
                 raise
-            where = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else root
-            free = shutil.disk_usage(root).free / 2**20
-            raise DiskFull(
-                f"disk full while {stage} wrote {where} ({free:.0f} MiB free there); nothing of this run was kept: "
-                "free space or set tracking.artifacts_dir to a larger disk, then run again"
-            ) from None
+            raise _disk_full_error(stage, params, root, exc) from None
 
 
 def _execute_locked(

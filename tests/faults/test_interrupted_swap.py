@@ -24,11 +24,14 @@ def replace(a, b):
         os.kill(os.getpid(), signal.SIGKILL)
 atomic.os.replace = replace
 with atomic.atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "weights.bin").write_text("ne")
+    if die_after == 0:  # killed while writing, as a checkpoint or an artifact is being written
+        os.kill(os.getpid(), signal.SIGKILL)
     (tmp / "weights.bin").write_text("new")
 """
 
 
-@pytest.mark.parametrize(("die_after", "expected"), [(1, "old"), (2, "new"), (3, "new")])
+@pytest.mark.parametrize(("die_after", "expected"), [(0, "old"), (1, "old"), (2, "new"), (3, "new")])
 def test_a_kill_between_the_renames_loses_neither_artifact(tmp_path: Path, die_after: int, expected: str) -> None:
     final = tmp_path / "artifacts" / "quantize"
     final.mkdir(parents=True)
