@@ -22,10 +22,10 @@ STAGE = "quantize"
 def check_base_model(model_dir: Path, params: Params) -> None:
     """At prepare: the weights quantize will read are safetensors files of the model folder (an index naming a path
     outside it is refused)."""
-    from qlora_pipeline.kernels.formats.hf_folder import weight_files
+    from qlora_pipeline.kernels.formats.hf_folder import INDEX_FILE, weight_files
 
-    if not (model_dir / "config.json").is_file():
-        return  # prepare reports a missing config itself
+    if not (model_dir / "config.json").is_file() or not (model_dir / INDEX_FILE).is_file():
+        return  # prepare reports a missing config or missing weights itself
     try:
         weight_files(model_dir)
     except (ValueError, KeyError, OSError) as exc:

@@ -114,7 +114,7 @@ def _disk_full_error(stage: str, params: Params, root: Path, exc: BaseException)
     where = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else root
     free = shutil.disk_usage(root).free / 2**20
     need = stage_write_bytes(params, stage)
-    needs = f"; {stage} writes about {need / 2**20:.0f} MiB" if need else ""
+    needs = f"; {stage} writes about {need / 2**20:.1f} MiB" if need else ""
     return DiskFull(
         f"disk full while {stage} wrote {where} ({free:.0f} MiB free there{needs}); nothing of this run was kept: "
         "free space or set tracking.artifacts_dir to a larger disk, then run again"

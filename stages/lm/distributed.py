@@ -73,17 +73,14 @@ class World:
         dist.all_reduce(out)
         return out
 
-    def min_int(self, value: int, device: torch.device) -> int:
+    def min_int(self, value: int) -> int:
+        """The smallest `value` over the ranks (on the backend's device: NCCL reduces only GPU tensors)."""
         import torch.distributed as dist
 
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         t = torch.tensor([value], dtype=torch.long, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def backward_scale(world: World | None) -> int:

@@ -120,7 +120,7 @@ def resume(model: Any, opt: torch.optim.Optimizer, ckpt_root: Path, world: World
     usable, skipped = usable_checkpoints(ckpt_root)
     last = usable[0] if usable else None
     if world is not None:
-        step = world.min_int(0 if last is None else int(last.name.split("-")[1]), torch.device("cpu"))
+        step = world.min_int(0 if last is None else int(last.name.split("-")[1]))
         last = next((p for p in usable if p == step_dir(ckpt_root, step)), None)
     for line in skipped:
         log.warning("damaged checkpoint %s skipped; resuming from %s", line, last.name if last else "step 0")

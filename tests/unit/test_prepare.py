@@ -15,6 +15,7 @@ from qlora_pipeline.stages import prepare
 from qlora_pipeline.stages.contract import artifacts
 from qlora_pipeline.stages.contract.errors import InputError, ParamsError
 from qlora_pipeline.stages.contract.params import parse_params
+from qlora_pipeline.stages.contract.stage import DiskFull
 from qlora_pipeline.stages.lm import dataio
 from qlora_pipeline.stages.lm.conversations import Record
 from tests import tiny
@@ -175,7 +176,7 @@ def test_crash_while_writing_leaves_previous_artifact(tmp_path, tiny_llama_dir, 
     assert artifacts.hash_tree(out) == before
     assert artifacts.verify_artifact(out, "prepare").created_at == first.created_at
     leftovers = [p.name for p in (tmp_path / "artifacts").iterdir() if p.name != "prepare"]
-    assert leftovers == []
+    assert leftovers == [".lock"], "only the run lock's file (free once its process ends)"
 
 
 def test_crash_on_first_run_leaves_nothing(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
@@ -184,9 +185,9 @@ def test_crash_on_first_run_leaves_nothing(tmp_path, tiny_llama_dir, qa_jsonl, m
         "save_to_disk",
         lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")),
     )
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFull, match="disk full while prepare wrote"):
         _run(tmp_path, tiny_llama_dir, qa_jsonl)
-    assert list((tmp_path / "artifacts").iterdir()) == []
+    assert [p.name for p in (tmp_path / "artifacts").iterdir()] == [".lock"]
 
 
 @pytest.mark.parametrize("tamper", ["edit", "delete", "add"])
