@@ -52,6 +52,7 @@ from qlora_pipeline.stages.lm.train_state import (
     record_identity,
     restore_adapter,
     resume,
+    run_identity,
     why_not_resumed,
 )
 from qlora_pipeline.stages.lm.validation import ValidationState
@@ -249,13 +250,14 @@ def train_loop(
     t = ctx.params.train
     device = next(p.device for p in trainable)
     opt = make_optimizer(trainable, t)
-    ckpt_root = checkpoint_root(ctx, world)
+    identity = run_identity(ctx)  # params, parents and code: what a checkpoint must share to be continued
+    ckpt_root = checkpoint_root(ctx, identity, world)
     resumed = resume(model, opt, ckpt_root, world)
     start, losses, log, validation = resumed.step, resumed.losses, resumed.log, resumed.validation
-    started_over = None if resumed.step else why_not_resumed(ctx)
+    started_over = None if resumed.step else why_not_resumed(ctx, identity)
     ctx.record = TrainRecord(resumed.step or None, resumed.skipped, started_over)
     if world is None or world.main:
-        record_identity(ctx)
+        record_identity(ctx, identity)
     plan = batch_plan(ctx.params, rows)
     targets = [target_count(labels) for _, labels in rows]
     stream = plan.stream(start=start * t.grad_accum)
@@ -312,7 +314,7 @@ def train_loop(
         if stop:
             break
     # Checkpoints go only once the adapter artifact is published; a crash before that resumes from them.
-    ctx.after_publish.append(lambda: shutil.rmtree(checkpoint_root(ctx), ignore_errors=True))
+    ctx.after_publish.append(lambda: shutil.rmtree(checkpoint_root(ctx, identity), ignore_errors=True))
     if validation.best_adapter is not None:  # the best validated adapter is the one trained
         restore_adapter(model, validation.best_adapter)
     paging = getattr(opt, "paging_stats", None)

@@ -195,7 +195,7 @@ class _Segment:
     page: int
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2-sharded (DTensor) parameter or gradient; the tensor itself otherwise. The
     update is elementwise, so each rank steps its own shard and keeps that shard's state."""
     to_local = getattr(t, "to_local", None)
@@ -270,7 +270,7 @@ class AdamW(torch.optim.Optimizer):
         return self._maps[device]
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], bits: int | None = None) -> dict[str, Any]:
-        n = _local(p).numel()
+        n = local_shard(p).numel()
         bs = group["blocksize"]
         if bits is None:
             bits = 8 if group["state_bits"] == 8 and n >= group["min_8bit_size"] else 32
@@ -301,11 +301,11 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                if not _local(p.data).is_contiguous():
+                if not local_shard(p.data).is_contiguous():
                     p.data = p.data.contiguous()
                 state = self.state[p] or self._init_state(p, group)
                 state["step"] += 1
-                g = _local(p.grad.detach()).contiguous()
+                g = local_shard(p.grad.detach()).contiguous()
                 work.extend((group, p, g, state, seg) for seg in state["segments"])
         for i, (group, p, g, state, seg) in enumerate(work):
             store = self._store(p.device)
@@ -327,7 +327,7 @@ class AdamW(torch.optim.Optimizer):
         buf: torch.Tensor,
     ) -> None:
         n = seg.stop - seg.start
-        pf = _local(p.data).view(-1)[seg.start : seg.stop]
+        pf = local_shard(p.data).view(-1)[seg.start : seg.stop]
         gf = g.view(-1)[seg.start : seg.stop]
         bs = state["blocksize"]
         views = _segment_views(buf, state["bits"], n, bs)
@@ -352,7 +352,7 @@ class AdamW(torch.optim.Optimizer):
         out: dict[str, Any] = {"step": torch.tensor(float(state["step"]))}
         for k in keys:
             t = torch.cat([d[k] for d in parts]) if parts else torch.empty(0)
-            out[k] = t.reshape(_local(p).shape) if k in ("exp_avg", "exp_avg_sq", "state1", "state2") else t
+            out[k] = t.reshape(local_shard(p).shape) if k in ("exp_avg", "exp_avg_sq", "state1", "state2") else t
         return out
 
     def dequantized_state(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,7 +459,7 @@ class AdamW(torch.optim.Optimizer):
         missing = [k for k in keys if k not in st]
         if missing:
             raise ValueError(f"state for a parameter of shape {tuple(p.shape)} lacks {missing}")
-        n, bs = _local(p).numel(), group["blocksize"]
+        n, bs = local_shard(p).numel(), group["blocksize"]
         nb = -(-n // bs)
         for k in keys:
             want = nb if k.startswith("absmax") else n

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from qlora_pipeline.kernels.optim.adamw import local_shard
+
 
 @dataclass(frozen=True)
 class World:
@@ -141,13 +143,6 @@ def sum_gradients(trainable: list[torch.nn.Parameter], world: World | None) -> N
             g.copy_(summed)
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's shard on this rank (the tensor itself otherwise)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered whole on every rank (the tensor itself otherwise)."""
     from torch.distributed.tensor import DTensor
@@ -176,7 +171,7 @@ def parameter_bytes(model: Any, kind: type) -> int:
     for module in model.modules():
         if isinstance(module, kind):
             for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                total += local(t).numel() * t.element_size()
+                total += local_shard(t).numel() * t.element_size()
     return total
 
 

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
+from qlora_pipeline.kernels.optim.adamw import local_shard
 from qlora_pipeline.stages.contract.artifacts import clean_stale_temps, sha256_json
 from qlora_pipeline.stages.contract.stage import StageContext
 from qlora_pipeline.stages.lm.checkpoints import load_checkpoint, step_dir, usable_checkpoints
-from qlora_pipeline.stages.lm.distributed import World, local
+from qlora_pipeline.stages.lm.distributed import World
 from qlora_pipeline.stages.lm.validation import ValidationState
 
 log = logging.getLogger(__name__)
@@ -48,28 +49,28 @@ def run_identity(ctx: StageContext) -> dict[str, Any]:
     return {"train": train, "parents": sha256_json(parents), "code": code_hash(STAGES[ctx.stage].code())}
 
 
-def checkpoint_root(ctx: StageContext, world: World | None = None) -> Path:
+def checkpoint_root(ctx: StageContext, identity: dict[str, Any], world: World | None = None) -> Path:
     """Keyed by the run's identity (`run_identity`, train.nproc included), so only a run that can continue them
     resumes from them; one folder per rank when several train."""
-    key = sha256_json(run_identity(ctx))
+    key = sha256_json(identity)
     root = ctx.artifacts_root / ".checkpoints" / f"train-{key[:16]}"
     return root if world is None else root / f"rank{world.rank}"
 
 
-def record_identity(ctx: StageContext) -> None:
+def record_identity(ctx: StageContext, identity: dict[str, Any]) -> None:
     """Write the run's identity next to its checkpoints (so a later run can say why it cannot continue them)."""
-    root = checkpoint_root(ctx)
+    root = checkpoint_root(ctx, identity)
     root.mkdir(parents=True, exist_ok=True)
-    (root / IDENTITY).write_text(json.dumps(run_identity(ctx), sort_keys=True))
+    (root / IDENTITY).write_text(json.dumps(identity, sort_keys=True))
 
 
 IDENTITY = "run.json"
 
 
-def why_not_resumed(ctx: StageContext) -> str | None:
+def why_not_resumed(ctx: StageContext, mine: dict[str, Any]) -> str | None:
     """When checkpoints of another run are on disk: which of its train params, parents or code differ from this
-    run's, so starting over is said, not silent."""
-    mine, root = run_identity(ctx), checkpoint_root(ctx)
+    run's identity (`mine`), so starting over is said, not silent."""
+    root = checkpoint_root(ctx, mine)
     for other in sorted((ctx.artifacts_root / ".checkpoints").glob(f"train-*/{IDENTITY}")):
         if other.parent == root or not any(other.parent.glob("**/step-*")):
             continue
@@ -91,13 +92,13 @@ def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
     """The adapter as this process holds it (its shards under fsdp)."""
     from qlora_pipeline.kernels.lora import lora_state_dict
 
-    return {k: local(v) for k, v in lora_state_dict(model).items()}
+    return {k: local_shard(v) for k, v in lora_state_dict(model).items()}
 
 
 def restore_adapter(model: Any, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for k, v in tensors.items():
-        local(params[k].data).copy_(v)
+        local_shard(params[k].data).copy_(v)
 
 
 @dataclass
