@@ -9,8 +9,8 @@ projections, gradient checkpointing, lr 2e-4 constant, clip 0.3. `smollm2` is Sm
 and quantize left it; `llama3-8b-shape` is a random model with Llama-3-8B's layer shapes (hidden 4096, FFN 14336,
 32 heads / 8 KV heads, vocab 128256, untied head) cut to `--layers` decoder blocks, quantized by our NF4 code.
 Each configuration runs in its own subprocess so its peak memory is its own (peak RSS on the CPU,
-`torch.cuda.max_memory_allocated` on a GPU); all run in this one invocation. On a GPU the bnb+peft baseline
-runs under bf16 autocast, as HF Trainer with `bf16=True` runs it (`--no-bnb-autocast` turns that off).
+`torch.cuda.max_memory_allocated` on a GPU); all run in this one invocation. The bnb+peft baseline runs under
+bf16 autocast, on the CPU as on a GPU, as HF Trainer with `bf16=True` runs it (`--no-bnb-autocast` turns that off).
 By default each stack batches as it does out of the box (bnb+peft: random batches padded to the longest
 row, as HF Trainer) and ours runs twice, with `train.packing` off (length-grouped batches of 8 examples) and on
 (random batches of 8 examples packed into balanced rows of at most 256 tokens);
@@ -151,6 +151,7 @@ def worker(args: argparse.Namespace) -> dict:
         examples.append(n_examples)
         losses.append(loss)
     gpu_train = peak_memory_mb(device)
+    rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timed = slice(2, None) if len(times) > 4 else slice(None)
     held = heldout_loss(model, test, 8, pad)["loss"] if args.eval else None
     return {
@@ -174,6 +175,7 @@ def worker(args: argparse.Namespace) -> dict:
         "last5_loss": statistics.mean(losses[-5:]),
         "heldout_loss": held,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_train_mb": rss_train,
         "rss_after_load_mb": rss_model,
         "trainable": sum(p.numel() for p in trainable),
     }
@@ -186,7 +188,15 @@ def _ours(args: argparse.Namespace, nf4_dir: Path, device):
     from qlora_pipeline.stages.lm.lm_loss import summed_loss
     from qlora_pipeline.stages.train import build_model, compute_dtype, make_optimizer, set_checkpointing
 
-    t = TrainParams(optimizer=args.optimizer, lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
+    t = TrainParams(
+        optimizer=args.optimizer,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=TARGETS,
+        **({} if args.checkpoint_min_tokens is None else {"checkpoint_min_tokens": args.checkpoint_min_tokens}),
+        **({} if args.weight_cache_mb is None else {"frozen_weight_cache_mb": args.weight_cache_mb}),
+    )
     model, trainable = build_model(nf4_dir, t, device, compute_dtype(t, device))
     opt = make_optimizer(trainable, t)
     model.train()
@@ -253,6 +263,9 @@ def run_worker(args: argparse.Namespace, stack: str, bits: str, batching: str) -
     cmd += ["--tokens", str(args.tokens)] if args.tokens else []
     cmd += ["--device", args.device, "--model", args.model, "--layers", str(args.layers)]
     cmd += [] if args.eval_rows is None else ["--eval-rows", str(args.eval_rows)]
+    for flag in ("checkpoint_min_tokens", "weight_cache_mb"):
+        value = getattr(args, flag)
+        cmd += [] if value is None else ["--" + flag.replace("_", "-"), str(value)]
     cmd += [] if args.eval else ["--no-eval"]
     cmd += ["--bnb-autocast" if args.bnb_autocast else "--no-bnb-autocast"]
     budget = f"{args.tokens} tokens" if args.tokens else f"{args.steps} steps"
@@ -286,6 +299,7 @@ def compare(results: list[dict], bits: str) -> dict[str, Any]:
             "step_time_ratio_ours_over_bnb": ratio(ours["median_step_s"], base["median_step_s"]),
             "tokens_per_s_ratio_ours_over_bnb": ratio(ours["tokens_per_s"], base["tokens_per_s"]),
             "peak_rss_ratio_ours_over_bnb": ratio(ours["peak_rss_mb"], base["peak_rss_mb"]),
+            "peak_rss_train_ratio_ours_over_bnb": ratio(ours["peak_rss_train_mb"], base["peak_rss_train_mb"]),
             "peak_gpu_allocated_ratio_ours_over_bnb": ratio(
                 ours["peak_gpu_allocated_mb"], base["peak_gpu_allocated_mb"]
             ),
@@ -307,6 +321,8 @@ def main() -> None:
     ap.add_argument("--model", choices=("smollm2", "llama3-8b-shape"), default="smollm2")
     ap.add_argument("--layers", type=int, default=2, help="decoder blocks of the llama3-8b-shape model")
     ap.add_argument("--bnb-autocast", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--checkpoint-min-tokens", type=int, default=None, help="ours: train.checkpoint_min_tokens")
+    ap.add_argument("--weight-cache-mb", type=float, default=None, help="ours: train.frozen_weight_cache_mb")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stack", default="ours")
@@ -317,7 +333,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     if args.bnb_autocast is None:
-        args.bnb_autocast = device.type == "cuda"
+        args.bnb_autocast = True
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return
@@ -335,6 +351,8 @@ def main() -> None:
         "steps": None if args.tokens else args.steps,
         "tokens": args.tokens,
         "same_batches": args.same_batches,
+        "checkpoint_min_tokens": args.checkpoint_min_tokens,
+        "weight_cache_mb": args.weight_cache_mb,
         "bnb_autocast": args.bnb_autocast,
         "results": results,
         "ratios": ratios,

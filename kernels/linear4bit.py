@@ -41,11 +41,19 @@ class _NF4Linear(torch.autograd.Function):
     """Autograd for a frozen NF4 weight: no weight/bias grad, backward re-dequantizes."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, nf4: NF4Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype):
-        w = dequantize(nf4, compute_dtype)
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        nf4: NF4Weight,
+        cached: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+    ):
+        w = cached if cached is not None else dequantize(nf4, compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         y = nn.functional.linear(x.to(compute_dtype), w, b)
         ctx.nf4 = nf4  # packed bytes only (already held by the module); no activation, no dequantized weight
+        ctx.cached = cached  # the layer's resident dequantized copy, when it keeps one: nothing new is held
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
         return y.to(x.dtype)
@@ -54,9 +62,9 @@ class _NF4Linear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = dequantize(ctx.nf4, ctx.compute_dtype)
+            w = ctx.cached if ctx.cached is not None else dequantize(ctx.nf4, ctx.compute_dtype)
             grad_x = (grad_y.to(ctx.compute_dtype) @ w).to(ctx.x_dtype)
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None
 
 
 _NF4_STATE = ("packed", "absmax", "nested_absmax", "nested_code")
@@ -80,6 +88,10 @@ class Linear4bit(nn.Module):
             raise ValueError(f"Linear4bit needs a 2-D weight, got shape {tuple(nf4.shape)}")
         self.out_features, self.in_features = int(nf4.shape[0]), int(nf4.shape[1])
         self.compute_dtype = compute_dtype
+        self.dequantized_cache: torch.Tensor | None = None
+        """The weight in the compute dtype, kept when :func:`cache_dequantized_weights` gave this layer room: a
+        frozen weight never changes, so each forward and backward then skips its dequant. A plain attribute, not a
+        buffer: never saved, never sharded, dropped when the layer moves."""
         self._set_nf4(nf4)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -106,7 +118,8 @@ class Linear4bit(nn.Module):
         """Hold the packed state as frozen parameters instead of buffers, so FSDP2 shards it with the layer (it
         shards parameters only; each rank then keeps 1/N of the codes and absmax and gathers them around the
         layer's forward and backward). The nested code table is copied: a tensor shared by two layers cannot be
-        sharded by both."""
+        sharded by both. A dequantized cache is dropped: a rank holds only its shard of the weight."""
+        self.dequantized_cache = None
         for name in _NF4_STATE:
             tensor = self._buffers.pop(name)
             if tensor is None:
@@ -135,6 +148,7 @@ class Linear4bit(nn.Module):
                     if tensor.device != target:
                         moved = tensor.data.to(target)
                         tensor = nn.Parameter(moved, requires_grad=False) if store is self._parameters else moved
+                        self.dequantized_cache = None
                 store[name] = tensor
         return self
 
@@ -144,7 +158,9 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or default_compute_dtype(x.device)
-        return _NF4Linear.apply(x, self.nf4, self.bias, dtype)
+        cache = self.dequantized_cache
+        cached = cache if cache is not None and cache.dtype == dtype and cache.device == x.device else None
+        return _NF4Linear.apply(x, self.nf4, cached, self.bias, dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The 16/32-bit weight this layer computes with (for merging, checks, export)."""
@@ -236,3 +252,44 @@ def quantize_model_linears(
         stats[name] = nf4_error_stats(w, nf4)
     replace_linears_with_4bit(model, weights, compute_dtype)
     return stats
+
+
+@torch.no_grad()
+def cache_dequantized_weights(model: nn.Module, budget_bytes: int, dtype: torch.dtype) -> int:
+    """Keep the dequantized weight of every Linear4bit, in model order, while the copies fit ``budget_bytes``;
+    returns the bytes kept.
+
+    Training re-dequantizes each frozen weight two or three times a step (forward, recomputed forward,
+    backward); on a CPU that costs a quarter of a SmolLM2 step (bench/results/profile_step-before.txt). Keeping
+    the copies trades memory the host has for that time; on a GPU the memory is what QLoRA saves, so the caller
+    budgets it. The copies are views of one buffer allocated up front, so the dequant's temporaries cannot
+    fragment the heap between them. The values are the dequant's own: a cached layer computes exactly what an
+    uncached one does.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for module in layers:
+        module.dequantized_cache = None
+    chosen, kept = [], 0
+    item = torch.empty(0, dtype=dtype).element_size()
+    for module in layers:
+        size = module.out_features * module.in_features
+        if kept + size * item <= budget_bytes:
+            chosen.append(module)
+            kept += size * item
+    if not chosen:
+        return 0
+    flat = torch.empty(kept // item, dtype=dtype, device=chosen[0].packed.device)
+    offset = 0
+    for module in chosen:
+        size = module.out_features * module.in_features
+        view = flat[offset : offset + size].view(module.out_features, module.in_features)
+        view.copy_(module.dequantized_weight(dtype))
+        module.dequantized_cache = view
+        offset += size
+    return kept
+
+
+def cached_weight_bytes(model: nn.Module) -> int:
+    """Bytes of dequantized weights the model's Linear4bit layers keep now."""
+    caches = (m.dequantized_cache for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(c.numel() * c.element_size() for c in caches if c is not None)

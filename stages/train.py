@@ -20,7 +20,7 @@ import torch
 
 from qlora_pipeline.kernels.architectures import family_of_class
 from qlora_pipeline.kernels.dtypes import dtype_name, torch_dtype
-from qlora_pipeline.kernels.linear4bit import Linear4bit
+from qlora_pipeline.kernels.linear4bit import Linear4bit, cache_dequantized_weights, cached_weight_bytes
 from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.device import check_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
@@ -103,6 +103,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     """NF4 base (our loader, no bitsandbytes) + LoRA on the target projections; returns (model, trainable)."""
     from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
     from qlora_pipeline.kernels.lora import inject_lora
+    from qlora_pipeline.stages.contract.memory_plan import weight_cache_budget
 
     try:
         model = load_4bit_model(quantized_dir, compute_dtype=dtype)
@@ -123,6 +124,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
         )
     except ValueError as exc:
         raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
+    cache_dequantized_weights(model, weight_cache_budget(t, device.type), dtype)
     if t.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -402,6 +404,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "val_loss_after": after["loss"] if after else None,
         "nproc": 1 if world is None else world.size,
         "nf4_bytes_per_rank": parameter_bytes(model, Linear4bit),
+        "frozen_weight_cache_mb": round(cached_weight_bytes(model) / 2**20, 1),
     }
     if world is not None:
         metrics["distributed"] = world.mode

@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from qlora_pipeline.stages.contract.memory_plan import MemoryPlan, ModelShape, TrainShape, plan_train
+from qlora_pipeline.stages.contract.memory_plan import (
+    MemoryPlan,
+    ModelShape,
+    TrainShape,
+    plan_train,
+    weight_cache_budget,
+)
 from qlora_pipeline.stages.contract.memory_track import AllocationTracker
 from tests import tiny
 
@@ -101,6 +107,7 @@ def measure(probe: Probe, steps: int = 2) -> tuple[int, MemoryPlan]:
         state_bits=8 if "8bit" in probe.optimizer else 32,
         page_budget_bytes=None,
         reference_dequant=True,
+        weight_cache_bytes=weight_cache_budget(t, "cpu"),
     )
     return tracker.peak, plan_train(shape, shape_t)
 

@@ -99,6 +99,8 @@ class TrainShape:
     """Training processes (train.nproc), one per GPU; each takes every ranks-th example of a batch."""
     sharded: bool = False
     """FSDP2 (train.distributed: fsdp): each rank keeps 1/ranks of every decoder layer and of the adapter state."""
+    weight_cache_bytes: int = 0
+    """train.frozen_weight_cache_mb resolved: at most this many bytes of dequantized frozen weights are kept."""
 
     @property
     def rank_batch(self) -> int:
@@ -130,6 +132,8 @@ class MemoryPlan:
     host_optimizer: int
     gathered: int = 0
     """FSDP2: the decoder layers gathered whole at once (the one computing and the one prefetched)."""
+    weight_cache: int = 0
+    """Dequantized copies of the frozen weights kept between steps (train.frozen_weight_cache_mb)."""
 
     @property
     def device_peak(self) -> int:
@@ -142,6 +146,7 @@ class MemoryPlan:
             + self.activations
             + self.transient
             + self.gathered
+            + self.weight_cache
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -205,6 +210,7 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     # the gradient flowing between layers and, inside the MLP, into its gate and up outputs, a dequantized weight
     # and its fp32 values (the reference path).
     largest = max(out * in_ for out, in_ in shape.linears.values())
+    cache = 0 if shards > 1 else weight_cache_bytes(shape, cb, t.weight_cache_bytes)
     flowing = 2 * residual + 2 * n * shape.ffn * cb
     backward = saved + (layer if t.checkpointing else 0) + flowing, largest * (cb + (4 if t.reference_dequant else 0))
     phase, (activations, transient), grads = max(
@@ -221,7 +227,36 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
         transient=transient,
         host_optimizer=state if t.page_budget_bytes is not None else 0,
         gathered=2 * (layer_nf4 + ab * sum(lora_sizes) // shape.layers) if shards > 1 else 0,
+        weight_cache=cache,
     )
+
+
+def weight_cache_bytes(shape: ModelShape, compute_bytes: int, budget: int) -> int:
+    """What cache_dequantized_weights keeps under `budget`: whole layers' weights, in model order."""
+    kept = 0
+    for _ in range(shape.layers):
+        for out, in_ in shape.linears.values():
+            size = out * in_ * compute_bytes
+            if kept + size <= budget:
+                kept += size
+    return kept
+
+
+AUTO_WEIGHT_CACHE_SHARE = 0.25
+"""train.frozen_weight_cache_mb: auto on a CPU may use this share of the host's physical memory."""
+
+
+def weight_cache_budget(t: Any, device_type: str) -> int:
+    """train.frozen_weight_cache_mb (a TrainParams) in bytes on a `device_type`: a number as given; auto keeps
+    nothing on a GPU (its memory is what 4-bit storage saves) and up to a quarter of the host's RAM on a CPU,
+    where re-dequantizing every weight each step costs more time than its copy costs memory."""
+    if t.frozen_weight_cache_mb != "auto":
+        return int(t.frozen_weight_cache_mb * 2**20)
+    if device_type != "cpu":
+        return 0
+    import os
+
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * AUTO_WEIGHT_CACHE_SHARE)
 
 
 ALLOCATOR_HEADROOM = 0.10
@@ -259,6 +294,7 @@ def train_shape(params: Any, config: dict[str, Any], device_type: str = "cuda", 
         reference_dequant=device_type == "cpu",
         ranks=ranks,
         sharded=ranks > 1 and t.distributed == "fsdp",
+        weight_cache_bytes=weight_cache_budget(t, device_type),
     )
 
 
@@ -271,6 +307,8 @@ def fitting_changes(shape: ModelShape, t: TrainShape, capacity: int) -> list[tup
         for out, in_ in targeted(shape, t.targets).values()
     )
     tries: list[tuple[str, dict[str, Any]]] = []
+    if t.weight_cache_bytes and plan_train(shape, t).weight_cache:
+        tries.append(("train.frozen_weight_cache_mb: 0", {"weight_cache_bytes": 0}))
     if not t.checkpointing:
         tries.append(("train.gradient_checkpointing: true, checkpoint_min_tokens: 0", {"checkpointing": True}))
     if t.state_bits == 32:

@@ -142,6 +142,9 @@ class TrainParams(Section):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     nproc: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
     """Training processes (torchrun, one per GPU); auto: every GPU of the node (1 without one)."""
+    frozen_weight_cache_mb: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
+    """Keep this many MiB of the frozen weights dequantized between steps instead of dequantizing each one two or
+    three times a step; auto: up to a quarter of the host's RAM on a CPU, none on a GPU (bench/bench_train.py)."""
     distributed: Literal["ddp", "fsdp"] = "fsdp"
     """With nproc > 1: ddp keeps the whole model on every rank; fsdp shards each decoder layer (NF4 storage, LoRA
     and its optimizer state) across them, for a model one GPU cannot hold (docs/multi_gpu.md)."""

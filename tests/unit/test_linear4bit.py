@@ -160,3 +160,33 @@ def test_default_compute_dtype() -> None:
         layer.bias.to(DEFAULT_CPU_COMPUTE_DTYPE),
     )
     assert torch.equal(layer(x), ref.float())
+
+
+def test_cached_weight_computes_exactly_what_the_dequant_does() -> None:
+    """The dequantized cache: the same forward and input gradient bit for bit, filled in model order within its
+    budget, never saved, dropped by a move or by sharding."""
+    from qlora_pipeline.kernels.linear4bit import cache_dequantized_weights, cached_weight_bytes
+
+    model = nn.Sequential(_layer(compute_dtype=torch.bfloat16, seed=0), _layer(compute_dtype=torch.bfloat16, seed=1))
+    x = torch.randn(4, 80, requires_grad=True)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        x.grad = None
+        y = model[0](x) + model[1](x)
+        y.float().square().sum().backward()
+        assert x.grad is not None
+        return y.detach(), x.grad.clone()
+
+    plain = run()
+    one_layer = 48 * 80 * 2
+    assert cache_dequantized_weights(model, one_layer + 10, torch.bfloat16) == one_layer
+    assert model[0].dequantized_cache is not None and model[1].dequantized_cache is None
+    assert cache_dequantized_weights(model, 2 * one_layer, torch.bfloat16) == 2 * one_layer
+    assert torch.equal(model[1].dequantized_cache, dequantize_nf4(model[1].nf4, torch.bfloat16))
+    cached = run()
+    assert torch.equal(cached[0], plain[0]) and torch.equal(cached[1], plain[1])
+    assert not any("cache" in k for k in model.state_dict())
+    model[0].store_as_parameters()
+    assert model[0].dequantized_cache is None and cached_weight_bytes(model) == one_layer
+    model.to("meta")
+    assert cached_weight_bytes(model) == 0

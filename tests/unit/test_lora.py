@@ -300,3 +300,34 @@ def test_fast_dropout_rate_scale_gradient_and_replay() -> None:
     assert torch.equal(d.eval()(x), x)
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
         FastDropout(1.0)
+
+
+def _splitmix64_python(seed: int, i: int) -> int:
+    """splitmix64 as published (Steele, Lea, Flood 2014), in Python's unbounded integers."""
+    z = (seed + i * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, -(2**63), 2**63 - 1, -7])
+def test_splitmix64_words_are_the_published_generator(seed: int) -> None:
+    from qlora_pipeline.kernels.lora import splitmix64
+
+    words = splitmix64(seed, 1000, torch.device("cpu")).tolist()
+    assert [w % 2**64 for w in words] == [_splitmix64_python(seed % 2**64, i) for i in range(1000)]
+
+
+def test_cpu_dropout_lanes_each_drop_at_the_rate() -> None:
+    """Each of a word's four 16-bit lanes (the top one included, which torch's random_ cannot fill) drops at p,
+    and neighbouring elements are uncorrelated."""
+    from qlora_pipeline.kernels.lora import FastDropout
+
+    d = FastDropout(0.25).train()
+    torch.manual_seed(3)
+    dropped = d.drop_mask(torch.Size([4 * 250_000]), torch.device("cpu")).view(-1, 4).float()
+    sigma = (0.25 * 0.75 / 250_000) ** 0.5
+    for lane in range(4):
+        assert abs(float(dropped[:, lane].mean()) - 0.25) < 6 * sigma, lane
+    both = float((dropped[:, 0] * dropped[:, 1]).mean())
+    assert abs(both - 0.25**2) < 6 * (0.0625 * 0.9375 / 250_000) ** 0.5

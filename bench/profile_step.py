@@ -1,0 +1,82 @@
+"""Where one CPU training step spends its time: torch.profiler's top ops by self CPU time, ours and bnb+peft, on
+the same batch.
+
+    .venv/bin/python bench/profile_step.py [--stack ours|bnb+peft|both] [--tag before] [--rows 20]
+
+Builds each stack exactly as bench/bench_train.py does (SmolLM2 from artifacts/prepare and artifacts/quantize,
+LoRA r=16 on all 7 projections, gradient checkpointing, paged AdamW 32-bit; bnb+peft under bf16 autocast as HF
+Trainer with bf16=True), runs two warm-up steps on HF-style random batches, then profiles the third. Each stack in
+its own subprocess. Writes bench/results/profile_step-<tag>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def profile_one(args: argparse.Namespace) -> str:
+    import bench_train as bt
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    opts = argparse.Namespace(
+        optimizer="paged_adamw_32bit",
+        bnb_autocast=True,
+        model="smollm2",
+        artifacts=args.artifacts,
+        layers=2,
+        checkpoint_min_tokens=None,
+        weight_cache_mb=None,
+    )
+    torch.manual_seed(0)
+    rows = bt.load_rows(args.artifacts, "train")
+    bf16_dir, nf4_dir = bt.model_dirs(opts)
+    device = torch.device("cpu")
+    _, _, step = bt._ours(opts, nf4_dir, device) if args.stack == "ours" else bt._bnb(opts, bf16_dir, device)
+    from qlora_pipeline.stages.lm.batching import collate
+
+    stream = bt.random_batches(len(rows), 8, 0)
+    batches = [collate([rows[i] for i in next(stream)], 2) for _ in range(3)]
+    for batch in batches[:2]:
+        step(batch)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss = step(batches[2])
+    total_ms = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=48)
+    head = f"== {args.stack}: one step, {batches[2].input_ids.numel()} padded tokens, loss {loss:.4f}, "
+    return head + f"self CPU total {total_ms:.0f} ms ==\n{table}\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
+    ap.add_argument("--stack", default="both")
+    ap.add_argument("--tag", default="now")
+    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(profile_one(args))
+        return
+    stacks = ["ours", "bnb+peft"] if args.stack == "both" else [args.stack]
+    parts = []
+    for stack in stacks:
+        cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--artifacts", str(args.artifacts)]
+        proc = subprocess.run([*cmd, "--rows", str(args.rows)], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+        parts.append(proc.stdout[proc.stdout.index("== ") :])
+        print(parts[-1], flush=True)
+    out = ROOT / "bench" / "results" / f"profile_step-{args.tag}.txt"
+    out.write_text("".join(parts))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
