@@ -101,6 +101,7 @@ def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
 
 def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype: torch.dtype) -> tuple[Any, list]:
     """NF4 base (our loader, no bitsandbytes) + LoRA on the target projections; returns (model, trainable)."""
+    from qlora_pipeline.kernels.attention import use_cpu_training_attention
     from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
     from qlora_pipeline.kernels.lora import inject_lora
     from qlora_pipeline.stages.contract.memory_plan import weight_cache_budget
@@ -110,6 +111,8 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     except ValueError as exc:
         raise InputError(f"cannot load the 4-bit base {quantized_dir}: {exc}") from None
     model = cast_parameters(model, dtype, device)
+    if device.type == "cpu":
+        use_cpu_training_attention(model)
     torch.manual_seed(t.seed)
     try:
         inject_lora(

@@ -107,6 +107,7 @@ def measure(probe: Probe, steps: int = 2) -> tuple[int, MemoryPlan]:
         state_bits=8 if "8bit" in probe.optimizer else 32,
         page_budget_bytes=None,
         reference_dequant=True,
+        short_attention=True,
         weight_cache_bytes=weight_cache_budget(t, "cpu"),
     )
     return tracker.peak, plan_train(shape, shape_t)

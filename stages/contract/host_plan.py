@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.stages.contract.memory_plan import LOSS_CHUNK, ModelShape, TrainShape, plan_train
+from qlora_pipeline.stages.contract.memory_plan import BYTES_PER_LOGIT, LOSS_CHUNK, ModelShape, TrainShape, plan_train
 
 STAGE_BASE_MIB = {
     "prepare": 545,
@@ -71,7 +71,7 @@ def host_peaks(shape: ModelShape, t: TrainShape, files: ModelFiles, device_type:
     """Predicted peak RSS of each stage in bytes, on a node computing on `device_type` ('cuda' or 'cpu')."""
     train_plan = plan_train(shape, replace(t, ranks=1, sharded=False, reference_dequant=device_type == "cpu"))
     nf4_model = train_plan.base_nf4 + train_plan.base_16bit
-    logits_chunk = 10 * LOSS_CHUNK * shape.vocab
+    logits_chunk = BYTES_PER_LOGIT * LOSS_CHUNK * shape.vocab
     if device_type == "cpu":
         train = train_plan.device_peak + train_plan.host_optimizer
     else:

@@ -29,7 +29,13 @@ from qlora_pipeline.kernels.architectures import Family, family_of_class
 NF4_NESTED_BLOCK = 256
 OPTIM_8BIT_BLOCK = 256
 OPTIM_8BIT_MIN_SIZE = 4096
-LOSS_CHUNK = 512
+LOSS_CHUNK = 256
+"""Rows per chunk of the frozen-head loss (kernels/fused_ce.py DEFAULT_CHUNK). The kernels' sizes are restated here,
+kept equal by tests/unit/test_memory_plan.py, so that prepare, which plans, does not depend on the kernels' code."""
+BYTES_PER_LOGIT = 6
+"""Peak bytes per logit of a loss chunk (kernels/fused_ce.py BYTES_PER_LOGIT)."""
+SHORT_ATTENTION_KEYS = 1024
+"""Longest rows the CPU's three-op attention takes (kernels/attention.py SHORT_KEYS)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -99,6 +105,9 @@ class TrainShape:
     """Training processes (train.nproc), one per GPU; each takes every ranks-th example of a batch."""
     sharded: bool = False
     """FSDP2 (train.distributed: fsdp): each rank keeps 1/ranks of every decoder layer and of the adapter state."""
+    short_attention: bool = False
+    """On a CPU, rows of at most SHORT_ATTENTION_KEYS tokens take the three-op attention, which saves its
+    probabilities."""
     weight_cache_bytes: int = 0
     """train.frozen_weight_cache_mb resolved: at most this many bytes of dequantized frozen weights are kept."""
 
@@ -183,6 +192,8 @@ def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
     scores = 0
     if shape.family.eager_attention:  # per head: scores, their fp32 softmax and its cast, for every query row
         scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + 2 * cb)
+    elif t.short_attention and t.max_length <= SHORT_ATTENTION_KEYS:  # kernels/attention.py: the fp32 probabilities
+        scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + cb)  # and their 16-bit copy
     return n * (norms + lora + attention + mlp) + scores
 
 
@@ -200,9 +211,9 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     residual = n * shape.hidden * cb
     saved = shape.layers * (residual if t.checkpointing else layer)
     # Forward peak, at the loss: every saved activation, the final norm's fp32 input and the hidden gradient the
-    # loss forms, and one chunk of logits (fp32 logits, log-softmax and probabilities, their bf16 copy).
+    # loss forms, and one chunk of logits (kernels/fused_ce.py: fp32 logits made probabilities in place, a bf16 copy).
     loss_saved = n * shape.hidden * (4 + cb)
-    logits = 10 * min(LOSS_CHUNK, n) * shape.vocab
+    logits = BYTES_PER_LOGIT * min(LOSS_CHUNK, n) * shape.vocab
     if shape.softcap:  # soft-capped logits take the plain loss: every chunk's logits stay saved for backward
         logits = 14 * n * shape.vocab
     forward = saved + loss_saved, logits
@@ -294,6 +305,7 @@ def train_shape(params: Any, config: dict[str, Any], device_type: str = "cuda", 
         reference_dequant=device_type == "cpu",
         ranks=ranks,
         sharded=ranks > 1 and t.distributed == "fsdp",
+        short_attention=device_type == "cpu",
         weight_cache_bytes=weight_cache_budget(t, device_type),
     )
 

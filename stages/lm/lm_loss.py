@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qlora_pipeline.kernels.fused_ce import frozen_head_cross_entropy
+from qlora_pipeline.kernels.fused_ce import DEFAULT_CHUNK, frozen_head_cross_entropy
 from qlora_pipeline.kernels.lora import module_device
 from qlora_pipeline.stages.lm.batching import Batch, collate, eval_batches
 
@@ -77,7 +77,7 @@ def attention_mask_for(model: Any, batch: Batch) -> torch.Tensor | dict[str, tor
     return device_attention_masks(model, batch)
 
 
-def summed_loss(model: Any, batch: Batch, chunk: int = 512) -> tuple[torch.Tensor, int]:
+def summed_loss(model: Any, batch: Batch, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
     """Sum of token cross-entropies over labelled positions (fp32, on the model's device), and their count.
 
     Reads nothing back to the host: positions and counts were computed on the CPU when the batch was made.

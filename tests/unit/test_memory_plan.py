@@ -148,3 +148,12 @@ def test_plan_command_reports_each_stages_host_memory_and_refuses_a_host_too_sma
     assert float(peaks["evaluate"]) == pytest.approx(2 * 65.3e9 / 2**30 + 0.5, rel=0.02)
     assert float(peaks["quantize"]) < 12 and float(peaks["merge"]) < 12, "one shard at a time, not the model"
     assert runner.invoke(app, [*args[:-1], "256"]).exit_code == 0
+
+
+def test_the_plan_counts_the_sizes_the_kernels_use() -> None:
+    from qlora_pipeline.kernels import attention, fused_ce
+    from qlora_pipeline.stages.contract import memory_plan
+
+    assert memory_plan.LOSS_CHUNK == fused_ce.DEFAULT_CHUNK
+    assert memory_plan.BYTES_PER_LOGIT == fused_ce.BYTES_PER_LOGIT
+    assert memory_plan.SHORT_ATTENTION_KEYS == attention.SHORT_KEYS

@@ -120,12 +120,12 @@ def test_only_a_run_with_the_same_params_and_parents_resumes(quantized, interrup
 LLAMA31_ROPE = tiny.LLAMA31_ROPE
 FIXED_TEXT = "Hello, how are you today? The quick brown fox jumps over the lazy dog."
 TRAINED_READER_GAP = {"F16": 0.004, "Q8_0": 0.04, "Q4_0": 0.06, "Q4_K_M": 0.12, "Q5_K_M": 0.08}
-"""llama.cpp vs transformers on the same weights of the trained (overfit, lr 3e-2) tiny models, on files
-byte-identical to llama.cpp's own quantization: llama.cpp rounds activations to f16 for F16 matmuls and to 8 bits
-for quantized ones, which these models amplify, Gemma 3 (scaled embeddings, no soft-capping) most. Measured with
-packed training (2026-12-04): F16 at most 0.0022 (qwen2); Q8_0 0.024, Q4_K_M 0.075 and Q5_K_M 0.044 on Gemma 3,
-every other family at most 0.016; earlier, length-grouped training: Q4_0 0.050 (llama3.1), Q4_K_M 0.099 on 64-wide
-Qwen2 (all Q5_0/Q8_0 fallbacks)."""
+"""llama.cpp vs transformers on the same weights of the trained tiny models, on files byte-identical to llama.cpp's
+own quantization: llama.cpp rounds activations to f16 for F16 matmuls and to 8 bits for quantized ones, which
+over-fit models amplify erratically. At lr 3e-2 a change of rounding in training alone (the CPU's three-op attention,
+an in-place loss) moved Qwen2's Q5_K_M gap from under 0.02 to 0.195, so the family test trains at 1.5e-2: measured
+(2026-12-04) every family and quantized type at most 0.020 (Qwen3 Q4_K_M), F16 at most 0.0022. The bounds keep
+the earlier, over-fit measurements' margins."""
 FAMILIES = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
@@ -152,7 +152,7 @@ def test_each_family_goes_through_every_stage(family: str, tmp_path: Path, qa_js
         tmp_path,
         model,
         qa_jsonl,
-        train={**BASE, "batch_size": 4, "max_steps": 15, "learning_rate": 3e-2},
+        train={**BASE, "batch_size": 4, "max_steps": 15, "learning_rate": 1.5e-2},  # TRAINED_READER_GAP
         evaluate={"batch_size": 4, "num_generations": 1, "max_new_tokens": 4},
         export={"gguf_types": list(llama_oracle.QUANT_COST), "gptq_group_size": 32, "gptq_calibration_samples": 8},
     )
