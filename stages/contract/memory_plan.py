@@ -243,7 +243,7 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
 
 
 def weight_cache_bytes(shape: ModelShape, compute_bytes: int, budget: int) -> int:
-    """What cache_dequantized_weights keeps under `budget`: whole layers' weights, in model order."""
+    """What cache_dequantized_weights keeps under `budget`: whole linear weights, in model order."""
     kept = 0
     for _ in range(shape.layers):
         for out, in_ in shape.linears.values():
@@ -260,7 +260,10 @@ AUTO_WEIGHT_CACHE_SHARE = 0.25
 def weight_cache_budget(t: Any, device_type: str) -> int:
     """train.frozen_weight_cache_mb (a TrainParams) in bytes on a `device_type`: a number as given; auto keeps
     nothing on a GPU (its memory is what 4-bit storage saves) and up to a quarter of the host's RAM on a CPU,
-    where re-dequantizing every weight each step costs more time than its copy costs memory."""
+    where re-dequantizing every weight each step costs more time than its copy costs memory. Nothing under FSDP2
+    with several processes: a rank holds only its shard of each weight (Linear4bit.store_as_parameters)."""
+    if t.distributed == "fsdp" and isinstance(t.nproc, int) and t.nproc > 1:
+        return 0
     if t.frozen_weight_cache_mb != "auto":
         return int(t.frozen_weight_cache_mb * 2**20)
     if device_type != "cpu":
