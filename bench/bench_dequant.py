@@ -1,6 +1,7 @@
 """Dequant time and effective bandwidth of NF4 + double quant -> bf16: ours vs bitsandbytes, same run.
 
-On CUDA: a 4096x14336 weight (a 7B/8B MLP projection), Triton one-launch kernel vs the torch reference vs bnb
+On CUDA: a 4096x14336 weight (a 7B/8B MLP projection), Triton one-launch kernels (1-D, and the 2-D tile kernel at
+several blocks a program) vs the torch reference vs bnb
 (if installed), the L2 cache flushed before every timed call (a 256 MiB write, more than the H200's 60 MB L2),
 and the device's copy bandwidth measured in the same run (a 1 GiB device-to-device copy, bytes read + written),
 so each kernel's bandwidth is also given as a share of what the memory really delivers. On CPU there is no Triton
@@ -41,6 +42,7 @@ def traffic_bytes(nf4: NF4Weight, out_dtype: torch.dtype) -> int:
     return read + nf4.numel * torch.empty(0, dtype=out_dtype).element_size()
 
 
+TILE_BLOCKS = (32, 64, 128, 256)
 L2_FLUSH_BYTES = 256 * 2**20
 COPY_BYTES = 2**30
 
@@ -117,7 +119,9 @@ def main() -> None:
     if cuda:
         from qlora_pipeline.kernels.nf4_triton import dequantize_nf4_triton
 
-        candidates["triton"] = lambda: dequantize_nf4_triton(nf4, out_dtype)
+        candidates["triton_1d"] = lambda: dequantize_nf4_triton(nf4, out_dtype, None)
+        for blocks in TILE_BLOCKS:  # the 2-D tile kernel, several quantization blocks a program
+            candidates[f"triton_tile{blocks}"] = lambda b=blocks: dequantize_nf4_triton(nf4, out_dtype, b)
     bnb_fn = bnb_dequant(nf4)
     if bnb_fn is not None:
         candidates["bnb"] = bnb_fn

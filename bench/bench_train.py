@@ -14,7 +14,9 @@ bf16 autocast, on the CPU as on a GPU, as HF Trainer with `bf16=True` runs it (`
 By default each stack batches as it does out of the box (bnb+peft: random batches padded to the longest
 row, as HF Trainer) and ours runs twice, with `train.packing` off (length-grouped batches of 8 examples) and on
 (random batches of 8 examples packed into balanced rows of at most 256 tokens);
-`--same-batches` feeds bnb+peft and ours the identical random batches instead. `--tokens N` trains every
+`--same-batches` feeds bnb+peft and ours the identical random batches instead; `--all-batchings` runs ours on
+those batches and on its own two batchings beside one bnb+peft run (ratios `ours_random`, `_grouped`, `_packed`).
+`--tokens N` trains every
 configuration on the same N real (not padding) tokens, so the held-out losses compare at equal data.
 Writes bench/results/train.json (CPU) or bench/results/gpu-train-<model>.json (GPU), or --out.
 """
@@ -314,6 +316,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=None, help="train each configuration on this many real tokens")
     ap.add_argument("--same-batches", action="store_true")
+    ap.add_argument(
+        "--all-batchings", action="store_true", help="ours on bnb's random batches and on its own, in one run"
+    )
     ap.add_argument("--no-eval", dest="eval", action="store_false")
     ap.add_argument("--eval-rows", type=int, default=None, help="score only the first N test rows")
     ap.add_argument("--optimizers", default="32bit,8bit")
@@ -339,7 +344,10 @@ def main() -> None:
         return
     if args.model == "llama3-8b-shape":
         llama3_8b_shape(model_dirs(args)[0].parent, args.layers, args.artifacts / "prepare" / "model")
-    configs = [("bnb+peft", "random"), ("ours", "random")] if args.same_batches else list(CONFIGS)
+    if args.all_batchings:
+        configs = [("bnb+peft", "random"), ("ours", "random"), *CONFIGS[1:]]
+    else:
+        configs = [("bnb+peft", "random"), ("ours", "random")] if args.same_batches else list(CONFIGS)
     results = [
         run_worker(args, stack, bits, batching) for bits in args.optimizers.split(",") for stack, batching in configs
     ]
@@ -351,6 +359,7 @@ def main() -> None:
         "steps": None if args.tokens else args.steps,
         "tokens": args.tokens,
         "same_batches": args.same_batches,
+        "all_batchings": args.all_batchings,
         "checkpoint_min_tokens": args.checkpoint_min_tokens,
         "weight_cache_mb": args.weight_cache_mb,
         "bnb_autocast": args.bnb_autocast,

@@ -2,7 +2,7 @@
 
     python bench/kernel_checks.py --device cuda [--out bench/results/gpu-kernels.json]
 
-- NF4 + double-quant dequant (one launch) to fp32, bf16 and fp16 against
+- NF4 + double-quant dequant (one launch; the 1-D and the 2-D tile kernel) to fp32, bf16 and fp16 against
   ``qlora_pipeline.kernels.nf4.dequantize_nf4`` run on the CPU, on weight shapes up to 4096x14336 with a ragged tail;
 - the 8-bit AdamW step over several steps against ``adamw8bit_update_reference`` on the CPU (params, state codes
   and absmax compared as bits);
@@ -32,7 +32,7 @@ ensure_importable()
 
 from qlora_pipeline.kernels.dynamic_map import requantize_blockwise  # noqa: E402
 from qlora_pipeline.kernels.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
-from qlora_pipeline.kernels.nf4_triton import dequantize_nf4_triton  # noqa: E402
+from qlora_pipeline.kernels.nf4_triton import TILE_BLOCKS_GPU, dequantize_nf4_triton  # noqa: E402
 from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton  # noqa: E402
 from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars  # noqa: E402
 from qlora_pipeline.kernels.optim.adamw import AdamW, QuantMaps, adamw8bit_update_reference  # noqa: E402
@@ -58,9 +58,10 @@ def check_dequant(device: torch.device, shapes: list[tuple[int, int]]) -> list[d
         on_dev = nf4.to(device)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             ref = dequantize_nf4(nf4, dtype)
-            got = dequantize_nf4_triton(on_dev, dtype)
-            row = {"check": "nf4_dq_dequant", "shape": list(shape), "dtype": str(dtype)[6:]}
-            out.append({**row, "ok": same_bits(ref, got)})
+            for kernel, tile_blocks in (("1d", None), ("tile", TILE_BLOCKS_GPU)):  # the tile kernel: GPU default
+                got = dequantize_nf4_triton(on_dev, dtype, tile_blocks)
+                row = {"check": "nf4_dq_dequant", "kernel": kernel, "shape": list(shape), "dtype": str(dtype)[6:]}
+                out.append({**row, "ok": same_bits(ref, got)})
     return out
 
 

@@ -1,12 +1,13 @@
-"""Where one CPU training step spends its time: torch.profiler's top ops by self CPU time, ours and bnb+peft, on
-the same batch.
+"""Where one training step spends its time: torch.profiler's top ops by self time (CPU time on a CPU, device time
+on a GPU), ours and bnb+peft, on the same batch.
 
     .venv/bin/python bench/profile_step.py [--stack ours|bnb+peft|both] [--tag before] [--rows 20]
+                                           [--device cpu|cuda] [--out FILE]
 
 Builds each stack exactly as bench/bench_train.py does (SmolLM2 from artifacts/prepare and artifacts/quantize,
 LoRA r=16 on all 7 projections, gradient checkpointing, paged AdamW 32-bit; bnb+peft under bf16 autocast as HF
 Trainer with bf16=True), runs two warm-up steps on HF-style random batches, then profiles the third. Each stack in
-its own subprocess. Writes bench/results/profile_step-<tag>.txt.
+its own subprocess. Writes bench/results/profile_step-<tag>.txt (or --out).
 """
 
 from __future__ import annotations
@@ -37,20 +38,24 @@ def profile_one(args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     rows = bt.load_rows(args.artifacts, "train")
     bf16_dir, nf4_dir = bt.model_dirs(opts)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     _, _, step = bt._ours(opts, nf4_dir, device) if args.stack == "ours" else bt._bnb(opts, bf16_dir, device)
     from qlora_pipeline.stages.lm.batching import collate
 
     stream = bt.random_batches(len(rows), 8, 0)
-    batches = [collate([rows[i] for i in next(stream)], 2) for _ in range(3)]
+    batches = [collate([rows[i] for i in next(stream)], 2).to(device) for _ in range(3)]
     for batch in batches[:2]:
         step(batch)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        loss = step(batches[2])
-    total_ms = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1000
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=48)
-    head = f"== {args.stack}: one step, {batches[2].input_ids.numel()} padded tokens, loss {loss:.4f}, "
-    return head + f"self CPU total {total_ms:.0f} ms ==\n{table}\n"
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        loss = step(batches[2])  # returns a float: the step has finished on the device
+    events = prof.key_averages()
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    total_ms = sum(getattr(e, key) for e in events) / 1000
+    table = events.table(sort_by=key, row_limit=args.rows, max_name_column_width=48)
+    head = f"== {args.stack} on {device}: one step, {batches[2].input_ids.numel()} padded tokens, loss {loss:.4f}, "
+    return head + f"self {'device' if gpu else 'CPU'} total {total_ms:.0f} ms ==\n{table}\n"
 
 
 def main() -> None:
@@ -59,6 +64,8 @@ def main() -> None:
     ap.add_argument("--stack", default="both")
     ap.add_argument("--tag", default="now")
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -68,12 +75,13 @@ def main() -> None:
     parts = []
     for stack in stacks:
         cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--artifacts", str(args.artifacts)]
+        cmd += ["--device", args.device]
         proc = subprocess.run([*cmd, "--rows", str(args.rows)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         parts.append(proc.stdout[proc.stdout.index("== ") :])
         print(parts[-1], flush=True)
-    out = ROOT / "bench" / "results" / f"profile_step-{args.tag}.txt"
+    out = args.out or ROOT / "bench" / "results" / f"profile_step-{args.tag}.txt"
     out.write_text("".join(parts))
     print(f"wrote {out}")
 

@@ -44,6 +44,7 @@ from qlora_pipeline.stages.lm.distributed import (
 )
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
+from qlora_pipeline.stages.lm.recompute import enable_checkpointing, set_checkpointing
 from qlora_pipeline.stages.lm.report import plot_losses
 from qlora_pipeline.stages.lm.schedule import lr_at, total_steps
 from qlora_pipeline.stages.lm.train_state import (
@@ -129,7 +130,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
         raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
     cache_dequantized_weights(model, weight_cache_budget(t, device.type), dtype)
     if t.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable
@@ -158,16 +159,6 @@ def check_base_model(model_dir: Path, params: Params) -> None:
             f"train.target_modules names {unknown[0]}, which {family.hf_class} does not have (its projections: "
             f"{', '.join(family.lora_targets)}); list some of those, or set train.target_modules: null for all"
         )
-
-
-def set_checkpointing(model: Any, enabled: bool) -> None:
-    """Turn recomputation on or off per batch: a short batch's activations fit anyway, and the long batches,
-    which set the memory peak, still checkpoint."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer) and hasattr(module, "_gradient_checkpointing_func"):
-            module.gradient_checkpointing = enabled
 
 
 def make_optimizer(trainable: list, t: TrainParams) -> torch.optim.Optimizer:

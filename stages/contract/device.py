@@ -67,6 +67,7 @@ def reset_peak_memory(device: Any) -> None:
     import torch
 
     if torch.device(device).type == "cuda":
+        torch.empty(0, device=device)  # the allocator must exist first, else "Invalid device argument" (torch 2.11)
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -24,25 +24,32 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.element_size() == 4 else t.view(torch.int16)
 
 
+TILES = [None, 4]
+"""The 1-D kernel and the 2-D tile kernel (4 quantization blocks a program: several programs even on small shapes)."""
+
+
+@pytest.mark.parametrize("tile_blocks", TILES)
 @pytest.mark.parametrize("shape", [(256, 320), (7, 9), (129, 65), (3, 1000), (1, 1), (300, 1024)])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_triton_equals_reference(shape: tuple[int, int], double_quant: bool) -> None:
+def test_triton_equals_reference(shape: tuple[int, int], double_quant: bool, tile_blocks: int | None) -> None:
     g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
     w = (torch.randn(shape, generator=g) * 0.03).bfloat16()
     nf4 = quantize_nf4(w, double_quant=double_quant).to(DEVICE)
     for dtype in OUT_DTYPES:
-        out = dequantize_nf4_triton(nf4, dtype)
+        out = dequantize_nf4_triton(nf4, dtype, tile_blocks)
         ref = dequantize_nf4(nf4, dtype)
         assert out.dtype == dtype and out.shape == w.shape
         assert torch.equal(_bits(out), _bits(ref)), f"{shape} dq={double_quant} {dtype}"
 
 
+@pytest.mark.parametrize("tile_blocks", TILES)
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024, 4096])
-def test_triton_other_blocksizes(blocksize: int) -> None:
+def test_triton_other_blocksizes(blocksize: int, tile_blocks: int | None) -> None:
     w = torch.randn(61, 333) * 5  # odd element count, partial last block, several nested blocks for small bs
     nf4 = quantize_nf4(w, blocksize=blocksize).to(DEVICE)
     for dtype in OUT_DTYPES:
-        assert torch.equal(_bits(dequantize_nf4_triton(nf4, dtype)), _bits(dequantize_nf4(nf4, dtype)))
+        out = dequantize_nf4_triton(nf4, dtype, tile_blocks)
+        assert torch.equal(_bits(out), _bits(dequantize_nf4(nf4, dtype)))
 
 
 def test_triton_keeps_two_roundings_and_zero_blocks() -> None:
@@ -53,6 +60,7 @@ def test_triton_keeps_two_roundings_and_zero_blocks() -> None:
     nf4 = quantize_nf4(w).to(DEVICE)
     out = dequantize_nf4_triton(nf4, torch.float32)
     assert torch.equal(_bits(out), _bits(dequantize_nf4(nf4, torch.float32)))
+    assert torch.equal(_bits(dequantize_nf4_triton(nf4, torch.float32, 8)), _bits(out))
     assert torch.all(out[5] == 0)
     # an FMA (one rounding) would change some absmax values: the reference really has two roundings
     q, a2, off = nf4.absmax.long(), nf4.nested_absmax, nf4.offset
@@ -92,15 +100,18 @@ _PTX_PROBE = """
 import re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qlora_pipeline.kernels.nf4_triton import _nf4_dq_dequant_kernel as k
+from qlora_pipeline.kernels import nf4_triton
 sig = {"packed_ptr": "*u8", "qabsmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
        "table_ptr": "*fp32", "out_ptr": "*bf16", "offset": "fp32", "n_out": "i32", "n_bytes": "i32",
-       "BLOCKSIZE": "constexpr", "NESTED_BLOCKSIZE": "constexpr", "DOUBLE_QUANT": "constexpr", "BYTES": "constexpr"}
-const = {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": True, "BYTES": 1024}
-for fusion in (False, True):
-    src = ASTSource(fn=k, signature=sig, constexprs={(list(sig).index(n),): v for n, v in const.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fusion}).asm["ptx"]
-    print(fusion, len(re.findall(r"\\bfma\\.", ptx)), len(re.findall(r"cvt\\.rn\\.bf16", ptx)))
+       "BLOCKSIZE": "constexpr", "NESTED_BLOCKSIZE": "constexpr", "DOUBLE_QUANT": "constexpr"}
+const = {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": True}
+for name, k, extra in (("1d", nf4_triton._nf4_dq_dequant_kernel, ("BYTES", 1024)),
+                       ("tile", nf4_triton._nf4_dq_dequant_tile_kernel, ("BLOCKS", 64))):
+    s, c = {**sig, extra[0]: "constexpr"}, {**const, extra[0]: extra[1]}
+    for fusion in (False, True):
+        src = ASTSource(fn=k, signature=s, constexprs={(list(s).index(n),): v for n, v in c.items()})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fusion}).asm["ptx"]
+        print(name, fusion, len(re.findall(r"\\bfma\\.", ptx)), len(re.findall(r"cvt\\.rn\\.bf16", ptx)))
 """
 
 
@@ -118,8 +129,9 @@ def test_cuda_compile_has_no_fma_when_fusion_is_off() -> None:
         [sys.executable, "-c", _PTX_PROBE], cwd=root, env=env, capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    lines = dict(line.split(" ", 1) for line in res.stdout.strip().splitlines())
-    fma_off, cvt_off = map(int, lines["False"].split())
-    fma_on, _ = map(int, lines["True"].split())
-    assert fma_off == 0 and cvt_off > 0
-    assert fma_on > 0  # the option matters: Triton would contract code2[q] * absmax2 + offset by default
+    counts = {tuple(line.split()[:2]): tuple(map(int, line.split()[2:])) for line in res.stdout.strip().splitlines()}
+    for kernel in ("1d", "tile"):  # both compile for sm_90
+        fma_off, cvt_off = counts[(kernel, "False")]
+        fma_on, _ = counts[(kernel, "True")]
+        assert fma_off == 0 and cvt_off > 0, kernel
+        assert fma_on > 0, kernel  # the option matters: Triton would contract code2[q] * absmax2 + offset
