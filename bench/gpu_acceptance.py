@@ -61,7 +61,7 @@ def sub(cmd: list[str], env: dict[str, str] | None = None) -> int:
 def pipeline_params(device: str, work: Path) -> dict[str, Any]:
     return {
         "runtime": {"device": device},
-        "train": {"lora_dropout": 0.0},
+        "train": {"lora_dropout": 0.0, "lora16_baseline": False},
         "export": {"gguf_types": [], "gptq": True, "score_gguf": False},
         "release": {"allow_dirty": True},
         "tracking": {

@@ -1,5 +1,7 @@
 """evaluate: held-out loss and perplexity of the 16-bit base, the NF4 base, NF4 + adapter and the merged
 model on the test split, greedy generations side by side, and a report a reviewer opens without Python.
+When train trained the 16-bit LoRA baseline, its adapter on the 16-bit base too, and the gap QLoRA − LoRA (what
+4 bits cost after fine-tuning); after a LoftQ quantize, the NF4 base + LoftQ's starting adapter (step 0).
 
 Output `artifacts/evaluate/`: `metrics.json` (also the DVC metrics), `report.md`, `report.html` (plots
 embedded), `generations.json`, `loss_curve.png`.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,13 +30,38 @@ from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id
 from qlora_pipeline.stages.lm.report import html_page, markdown_table
 
 STAGE = "evaluate"
-MODELS = ("base_16bit", "base_nf4", "nf4_adapter", "merged")
+MODELS = ("base_16bit", "base_nf4", "loftq_start", "lora16", "nf4_adapter", "merged")
 LABELS = {
     "base_16bit": "16-bit base",
     "base_nf4": "NF4 base",
-    "nf4_adapter": "NF4 base + adapter",
+    "loftq_start": "NF4 base + LoftQ start (step 0)",
+    "lora16": "16-bit base + 16-bit LoRA (baseline)",
+    "nf4_adapter": "NF4 base + adapter (QLoRA)",
     "merged": "merged 16-bit",
 }
+
+
+def present_models(ctx: StageContext) -> list[str]:
+    """The variants this run has: the baseline and the LoftQ start only when train / quantize made them."""
+    from qlora_pipeline.stages.lm.lora16 import ADAPTER
+    from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER
+
+    have = {
+        "loftq_start": (ctx.parent_dir("quantize") / LOFTQ_ADAPTER).is_dir(),
+        "lora16": (ctx.parent_dir("train") / ADAPTER).is_dir(),
+    }
+    return [name for name in MODELS if have.get(name, True)]
+
+
+def with_adapter(model: Any, adapter: Path) -> Any:
+    """`model` with the PEFT adapter in `adapter` applied (no dropout)."""
+    from qlora_pipeline.kernels.formats.peft_adapter import load_peft_adapter, read_adapter_config
+    from qlora_pipeline.kernels.lora import inject_lora
+
+    cfg = read_adapter_config(adapter)
+    inject_lora(model, list(cfg.target_modules), cfg.r, cfg.alpha, 0.0, cfg.use_rslora)
+    load_peft_adapter(model, adapter)
+    return model
 
 
 def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
@@ -42,22 +70,21 @@ def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
     from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
+    from qlora_pipeline.stages.lm.lora16 import ADAPTER
+    from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER
 
     device = torch.device(ctx.device)
-    if name == "base_16bit":
-        return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("prepare") / "model", dtype=dtype).to(device)
+    if name in ("base_16bit", "lora16"):
+        model = AutoModelForCausalLM.from_pretrained(ctx.parent_dir("prepare") / "model", dtype=dtype).to(device)
+        return (with_adapter(model, ctx.parent_dir("train") / ADAPTER) if name == "lora16" else model).eval()
     if name == "merged":
         return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("merge") / "model", dtype=dtype).to(device)
     nf4 = load_4bit_model(ctx.parent_dir("quantize") / "model", compute_dtype=dtype)
     model = cast_parameters(nf4, dtype, device)
     if name == "nf4_adapter":
-        from qlora_pipeline.kernels.formats.peft_adapter import load_peft_adapter, read_adapter_config
-        from qlora_pipeline.kernels.lora import inject_lora
-
-        adapter = ctx.parent_dir("train") / "adapter"
-        cfg = read_adapter_config(adapter)
-        inject_lora(model, list(cfg.target_modules), cfg.r, cfg.alpha, 0.0, cfg.use_rslora)
-        load_peft_adapter(model, adapter)
+        model = with_adapter(model, ctx.parent_dir("train") / "adapter")
+    elif name == "loftq_start":
+        model = with_adapter(model, ctx.parent_dir("quantize") / LOFTQ_ADAPTER)
     return model.eval()
 
 
@@ -162,10 +189,10 @@ def body(ctx: StageContext) -> dict[str, Any]:
     dtype = torch.bfloat16
     results: dict[str, dict[str, float]] = {}
     outputs: dict[str, list[str]] = {}
-    for name in MODELS:
+    for name in present_models(ctx):
         model = load_variant(name, ctx, dtype)
         results[name] = heldout_loss(model, rows, e.batch_size, pad)
-        if name != "base_nf4" and n_gen:
+        if name not in ("base_nf4", "loftq_start") and n_gen:
             outputs[name] = generate(model, tok, prompts, e.max_new_tokens, raw_text)
         del model
         gc.collect()
@@ -188,6 +215,10 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "finetune_gain_vs_16bit": round(results["base_16bit"]["loss"] - results["nf4_adapter"]["loss"], 6),
         "merged_minus_adapter": round(results["merged"]["loss"] - results["nf4_adapter"]["loss"], 6),
     }
+    if "lora16" in results:  # what 4 bits cost after the same fine-tuning
+        metrics["qlora_minus_lora16"] = round(results["nf4_adapter"]["loss"] - results["lora16"]["loss"], 6)
+    if "loftq_start" in results:  # how much of the NF4 error LoftQ's start removes before any training
+        metrics["loftq_start_minus_16bit"] = round(results["loftq_start"]["loss"] - results["base_16bit"]["loss"], 6)
     plot = ctx.parent_dir("train") / "loss_curve.png"
     if plot.exists():
         shutil.copyfile(plot, ctx.out / "loss_curve.png")

@@ -3,6 +3,9 @@
 Merging into dequantized NF4 would bake the quantization error into the served model (the field's
 consensus, and the reason peft warns on 4-bit merges); the adapter was trained to correct the NF4 base, so
 the original weights plus the delta are the closest 16-bit model to what was trained and evaluated.
+The exception is a LoftQ run (`quantize.loftq_iters` > 0): there the adapter starts as `W − Q` and keeps carrying
+it, so adding it to `W` would count that part twice; each LoftQ projection is merged into its dequantized NF4
+weight `Q` instead (the base it was trained against), every other weight stays original. `metrics.base` says which.
 Output `artifacts/merge/model/` loads with plain transformers: no peft, no bitsandbytes.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +82,12 @@ def merge_shards(
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]],
     scaling: float,
     dtype: torch.dtype,
+    replaced: Callable[[str], torch.Tensor | None] | None = None,
 ) -> dict[str, float]:
     """Merge one base tensor at a time into output shards no larger than the base's largest (with an index when there
     are several; one `model.safetensors` when one holds all), so peak memory is one tensor and one output shard, not
-    the model; returns the relative update per layer."""
+    the model; returns the relative update per layer. `replaced(key)`, when not None, is the base weight to merge
+    into instead of the file's (LoftQ's dequantized NF4)."""
     from qlora_pipeline.kernels.formats.hf_folder import LazyTensors, ShardWriter
 
     files = safetensors_files(base_dir)
@@ -95,13 +101,39 @@ def merge_shards(
     writer = ShardWriter(out, max(f.stat().st_size for f in files))
     rel: dict[str, float] = {}
     for key in source.names():
-        base = source.read([key])
+        swap = None if replaced is None else replaced(key)
+        base = source.read([key]) if swap is None else {key: swap}
         merged, one_rel = merge_state_dict(base, {key: deltas[key]} if key in deltas else {}, scaling, dtype)
         writer.add(key, merged[key])
         rel.update(one_rel)
         del base, merged
     writer.finish()
     return rel
+
+
+def loftq_bases(quantize_dir: Path) -> Callable[[str], torch.Tensor | None] | None:
+    """For a LoftQ run, `key -> dequantized NF4 weight` for the projections LoftQ quantized (None for the rest);
+    None for a plain run."""
+    from qlora_pipeline.kernels.formats.bnb_folder import load_nf4_state_dict
+    from qlora_pipeline.kernels.formats.hf_folder import LazyTensors
+    from qlora_pipeline.kernels.formats.peft_adapter import lora_weight_pairs, read_adapter_config, read_adapter_tensors
+    from qlora_pipeline.kernels.nf4 import dequantize_nf4
+    from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER
+
+    start = quantize_dir / LOFTQ_ADAPTER
+    if not start.is_dir():
+        return None
+    keys = set(lora_weight_pairs(read_adapter_tensors(start, read_adapter_config(start))))
+    source = LazyTensors(quantize_dir / "model")
+    names = source.names()
+
+    def base(key: str) -> torch.Tensor | None:  # one projection's NF4 tensors read when merge reaches it
+        if key not in keys:
+            return None
+        nf4, _ = load_nf4_state_dict(source.read([n for n in names if n == key or n.startswith(key + ".")]))
+        return dequantize_nf4(nf4[key.removesuffix(".weight")], torch.float32)
+
+    return base
 
 
 def check_adapter_base(adapter_dir: Path, base_manifest_outputs: dict[str, str]) -> None:
@@ -129,7 +161,8 @@ def body(ctx: StageContext) -> dict[str, Any]:
     deltas, scaling, adapter_cfg = adapter_deltas(adapter_dir)
     out = ctx.out / "model"
     out.mkdir()
-    rel = merge_shards(base_dir, out, deltas, scaling, torch_dtype(m.dtype))
+    replaced = loftq_bases(ctx.parent_dir("quantize"))
+    rel = merge_shards(base_dir, out, deltas, scaling, torch_dtype(m.dtype), replaced)
     config = json.loads((base_dir / "config.json").read_text())
     config.pop("quantization_config", None)
     config["torch_dtype"] = m.dtype
@@ -145,7 +178,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         "dtype": m.dtype,
         "mean_relative_update": sum(rel.values()) / max(1, len(rel)),
         "max_relative_update": max(rel.values(), default=0.0),
-        "base": "original_16bit",
+        "base": "original_16bit" if replaced is None else "loftq_dequantized_nf4",
     }
 
 

@@ -53,6 +53,20 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def four_bit_cost(ctx: StageContext) -> str:
+    """The QLoRA − 16-bit LoRA gap on the test split, or why this run has no baseline (train.lora16_baseline)."""
+    ev = ctx.parents["evaluate"].metrics
+    gap = ev.get("qlora_minus_lora16")
+    if gap is None:
+        why = ctx.parents["train"].metrics.get("lora16", {}).get("why", "no 16-bit LoRA baseline in this run")
+        return f"not measured ({why})"
+    models = ev["models"]
+    return (
+        f"QLoRA − 16-bit LoRA (same adapter, data order, steps and seed) = {gap:+.4f} nats on the test split "
+        f"(loss {models['nf4_adapter']['loss']:.4f} vs {models['lora16']['loss']:.4f})"
+    )
+
+
 def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
     p = ctx.params
     ev = ctx.parents["evaluate"].metrics.get("models", {})
@@ -81,6 +95,14 @@ def model_card(ctx: StageContext, release_id: str, cv: dict[str, Any]) -> str:
     else:
         signature = f"`{SIGNATURE}` (OpenSSF model-signing), public key sha256 {key_fingerprint(key)}"
     rows = "\n".join(f"| {k} | {v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in ev.items())
+    quality = four_bit_cost(ctx)
+    loftq = ctx.parents["quantize"].metrics.get("loftq")
+    start = f", started from LoftQ ({loftq['iters']} iterations)" if loftq else ""
+    merged_base = ctx.parents["merge"].metrics.get("base", "original_16bit")
+    merged_into = {
+        "original_16bit": "the original 16-bit weights",
+        "loftq_dequantized_nf4": "the dequantized LoftQ NF4 weights it was trained against (other weights original)",
+    }.get(merged_base, merged_base)
     targets = json.loads((ctx.parent_dir("train") / "adapter" / "adapter_config.json").read_text())["target_modules"]
     t = p.train
     steps = ctx.parents["train"].metrics.get("steps", t.max_steps)
@@ -93,8 +115,9 @@ QLoRA fine-tune released by the qlora-pipeline.
 - **Data**: {data}
 - **Adapter**: LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout={t.lora_dropout}, targets {", ".join(targets)};
   {steps} steps, batch {t.batch_size}×{t.grad_accum}, {schedule}, {t.optimizer}, NF4 base (blocks of
-  {p.quantize.blocksize}, double-quantized absmax)
-- **Merged into**: the original 16-bit weights (`model/`), dtype {p.merge.dtype}
+  {p.quantize.blocksize}, double-quantized absmax){start}
+- **What 4 bits cost**: {quality}
+- **Merged into**: {merged_into} (`model/`), dtype {p.merge.dtype}
 - **Code**: commit {cv.get("commit")} (dirty: {dirty})
 - **Signature**: {signature}; provenance: `{PROVENANCE}` (in-toto statement, SLSA v1 provenance)
 

@@ -12,23 +12,21 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_pipeline.kernels.architectures import family_of_class
 from qlora_pipeline.kernels.dtypes import dtype_name, torch_dtype
 from qlora_pipeline.kernels.linear4bit import Linear4bit, cache_dequantized_weights, cached_weight_bytes
 from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.device import check_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params, TrainParams
-from qlora_pipeline.stages.contract.stage import StageContext, StageRecord, execute, follow
+from qlora_pipeline.stages.contract.stage import StageContext, execute, follow
 from qlora_pipeline.stages.lm.batching import Batch, BatchPlan, target_count, token_rows
 from qlora_pipeline.stages.lm.checkpoints import (
-    latest_checkpoint,
     save_checkpoint,
 )
 from qlora_pipeline.stages.lm.distributed import (
@@ -43,55 +41,27 @@ from qlora_pipeline.stages.lm.distributed import (
     whole_parameters,
 )
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
+from qlora_pipeline.stages.lm.lora16 import train_lora16_baseline
+from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER, lora_targets
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
 from qlora_pipeline.stages.lm.recompute import enable_checkpointing, set_checkpointing
 from qlora_pipeline.stages.lm.report import plot_losses
 from qlora_pipeline.stages.lm.schedule import lr_at, total_steps
 from qlora_pipeline.stages.lm.train_state import (
+    TrainRecord,
+    TrainResult,
     adapter_tensors,
     checkpoint_root,
+    non_finite,
     record_identity,
     restore_adapter,
     resume,
     run_identity,
     why_not_resumed,
 )
-from qlora_pipeline.stages.lm.validation import ValidationState
 from qlora_pipeline.stages.prepare import PrepareRecord
 
 STAGE = "train"
-
-
-@dataclass
-class TrainRecord(StageRecord):
-    resumed_from_step: int | None = None
-    """The checkpoint step this run continued from; None for a run from step 0."""
-    skipped_checkpoints: list[str] = field(default_factory=list)
-    """Newer checkpoints found damaged (truncated, edited) and passed over, with what was wrong."""
-    started_over: str | None = None
-    """Why checkpoints of an earlier, interrupted run could not be continued (what changed), if there were any."""
-
-
-@dataclass
-class TrainResult:
-    log: list[dict[str, float]]
-    """One entry per step: loss, lr, grad norm, seconds, tokens."""
-    paging: dict[str, Any] | None
-    """The optimizer's paging statistics, for paged optimizers."""
-    validation: ValidationState
-
-
-class NonFiniteLoss(PipelineError):
-    """The loss became NaN or Inf; the last good checkpoint is kept for inspection or resume."""
-
-
-def non_finite(what: str, value: float, step: int, lr: float, ckpt_root: Path) -> NonFiniteLoss:
-    where = latest_checkpoint(ckpt_root)
-    kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
-    return NonFiniteLoss(
-        f"{what} became {value} at step {step + 1} (lr {lr:.3g}); {kept}; lower train.learning_rate or check the "
-        "data, then run train again to resume"
-    )
 
 
 def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
@@ -101,7 +71,8 @@ def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
 
 
 def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype: torch.dtype) -> tuple[Any, list]:
-    """NF4 base (our loader, no bitsandbytes) + LoRA on the target projections; returns (model, trainable)."""
+    """NF4 base (our loader, no bitsandbytes) + LoRA on the target projections, started as PEFT starts it or, after
+    a LoftQ quantize, from its starting adapter; returns (model, trainable)."""
     from qlora_pipeline.kernels.attention import use_cpu_training_attention
     from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
     from qlora_pipeline.kernels.lora import inject_lora
@@ -128,22 +99,20 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
         )
     except ValueError as exc:
         raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
+    start = quantized_dir.parent / LOFTQ_ADAPTER
+    if start.is_dir():  # LoftQ: start where quantize left the adapter (base + adapter ≈ the 16-bit weights)
+        from qlora_pipeline.kernels.formats.peft_adapter import load_peft_adapter
+
+        try:
+            load_peft_adapter(model, start)
+        except ValueError as exc:
+            raise InputError(f"the LoftQ start in {start} does not fit this LoRA: {exc}; re-run quantize") from None
     cache_dequantized_weights(model, weight_cache_budget(t, device.type), dtype)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable
-
-
-def lora_targets(t: TrainParams, config: dict[str, Any]) -> list[str]:
-    """`train.target_modules`, or every projection of the model's family when it is null."""
-    if t.target_modules is not None:
-        return list(t.target_modules)
-    family = family_of_class((config.get("architectures") or [None])[0])
-    if family is None:
-        raise InputError(f"cannot tell the model family of {config.get('architectures')}; set train.target_modules")
-    return list(family.lora_targets)
 
 
 def check_base_model(model_dir: Path, params: Params) -> None:
@@ -239,19 +208,32 @@ def batch_plan(params: Params, rows: list) -> BatchPlan:
 
 
 def train_loop(
-    ctx: StageContext, model: Any, trainable: list, rows: list, val_rows: list, pad_id: int, world: World | None
+    ctx: StageContext,
+    model: Any,
+    trainable: list,
+    rows: list,
+    val_rows: list,
+    pad_id: int,
+    world: World | None,
+    variant: str = "qlora",
 ) -> TrainResult:
+    """The training loop; `variant` "lora16" is the 16-bit baseline run by this same loop (its own checkpoints and
+    MLflow metric names)."""
     from tqdm import tqdm
 
     t = ctx.params.train
     device = next(p.device for p in trainable)
     opt = make_optimizer(trainable, t)
     identity = run_identity(ctx)  # params, parents and code: what a checkpoint must share to be continued
+    if variant != "qlora":
+        identity["variant"] = variant
     ckpt_root = checkpoint_root(ctx, identity, world)
     resumed = resume(model, opt, ckpt_root, world)
     start, losses, log, validation = resumed.step, resumed.losses, resumed.log, resumed.validation
     started_over = None if resumed.step else why_not_resumed(ctx, identity)
-    ctx.record = TrainRecord(resumed.step or None, resumed.skipped, started_over)
+    if variant == "qlora":
+        ctx.record = TrainRecord(resumed.step or None, resumed.skipped, started_over)
+    prefix = "train" if variant == "qlora" else variant
     if world is None or world.main:
         record_identity(ctx, identity)
     plan = batch_plan(ctx.params, rows)
@@ -260,7 +242,7 @@ def train_loop(
     model.train()
     total = total_steps(t, len(rows))
     quiet = world is not None and not world.main
-    bar = tqdm(range(start, total), desc="train", initial=start, total=total, disable=quiet)
+    bar = tqdm(range(start, total), desc=prefix, initial=start, total=total, disable=quiet)
     for step in bar:
         lr = lr_at(step, t, total)
         for group in opt.param_groups:
@@ -296,13 +278,13 @@ def train_loop(
             }
         )
         metrics = {"loss": step_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": work.tokens / dt, "step_s": dt}
-        ctx.tracker.log_metrics({f"train.{k}": v for k, v in metrics.items()}, step=step + 1)
+        ctx.tracker.log_metrics({f"{prefix}.{k}": v for k, v in metrics.items()}, step=step + 1)
         bar.set_postfix(loss=f"{step_value:.3f}", tok_s=f"{work.tokens / dt:.0f}")
         if t.eval_every and (step + 1) % t.eval_every == 0:
             val_loss = heldout_loss(model, val_rows, ctx.params.evaluate.batch_size, pad_id)["loss"]
             model.train()
             validation.record(step + 1, val_loss, adapter_tensors(model))
-            ctx.tracker.log_metrics({"train.val_loss": val_loss}, step=step + 1)
+            ctx.tracker.log_metrics({f"{prefix}.val_loss": val_loss}, step=step + 1)
         stop = validation.should_stop(t.early_stopping_patience)
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < total and not stop:
             extra = {"log": log, "validation": validation.to_json()}
@@ -317,14 +299,14 @@ def train_loop(
     return TrainResult(log=log, paging=paging() if callable(paging) else None, validation=validation)
 
 
-def save_adapter(ctx: StageContext, model: Any) -> None:
+def save_adapter(ctx: StageContext, model: Any, folder: str = "adapter") -> None:
     """The adapter in PEFT format, with the sha256 of the base weights it was trained on (merge checks them)."""
     from qlora_pipeline.kernels.formats.peft_adapter import save_peft_adapter
 
     t = ctx.params.train
     save_peft_adapter(
         model,
-        ctx.out / "adapter",
+        ctx.out / folder,
         base_model_name_or_path=PrepareRecord.of(ctx.parents["prepare"]).base_model_id,
         target_modules=lora_targets(t, model.config.to_dict()),
         r=t.lora_r,
@@ -337,7 +319,7 @@ def save_adapter(ctx: StageContext, model: Any) -> None:
         for k, v in ctx.parents["prepare"].outputs.items()
         if k.startswith("model/") and k.endswith(".safetensors")
     }
-    (ctx.out / "adapter" / "base_model.json").write_text(
+    (ctx.out / folder / "base_model.json").write_text(
         json.dumps({"base_model": "artifacts/prepare/model", "weights_sha256": weights}, indent=1)
     )
 
@@ -404,6 +386,9 @@ def body(ctx: StageContext) -> dict[str, Any]:
         metrics["distributed"] = world.mode
     if result.paging:
         metrics["optimizer_paging"] = result.paging
+    del model, trainable
+    loops = (train_loop, save_adapter)
+    metrics["lora16"] = train_lora16_baseline(ctx, rows, val_rows, pad_id, world, device, dtype, *loops)
     if t.eval_every:
         v = result.validation
         metrics |= {

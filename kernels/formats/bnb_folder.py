@@ -185,12 +185,14 @@ def quantize_state_dict(
     state_dict: dict[str, torch.Tensor],
     skip: Callable[[str], bool] = default_skip,
     blocksize: int = 64,
+    quantizer: Callable[[str, torch.Tensor], NF4Weight] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """NF4-quantize every floating 2-D ``*.weight`` whose key ``skip`` rejects; copy the rest as-is.
 
-    ``skip`` gets the tensor key (``model.embed_tokens.weight``). Returns the new state dict (bnb layout) and
-    per-layer stats keyed by module name: ``rel_error`` (relative Frobenius error of the dequantized
-    weight), ``bytes_before``, ``bytes_after``.
+    ``skip`` gets the tensor key (``model.embed_tokens.weight``). ``quantizer(module name, weight)`` replaces plain
+    ``quantize_nf4`` where given (LoftQ picks a different NF4 weight; the layout is the same). Returns the new state
+    dict (bnb layout) and per-layer stats keyed by module name: ``rel_error`` (relative Frobenius error of the
+    dequantized weight), ``bytes_before``, ``bytes_after``.
     """
     out: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
@@ -199,7 +201,7 @@ def quantize_state_dict(
             out[key] = tensor
             continue
         module = key.removesuffix(".weight")
-        nf4 = quantize_nf4(tensor, blocksize=blocksize)
+        nf4 = quantize_nf4(tensor, blocksize=blocksize) if quantizer is None else quantizer(module, tensor)
         out.update(nf4_to_state_dict(module + ".", nf4))
         stats[module] = nf4_error_stats(tensor, nf4)
     return out, stats

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from qlora_pipeline.kernels.formats.bnb_folder import bnb_quantization_config, load_nf4_state_dict, quantize_state_dict
 from qlora_pipeline.kernels.formats.hf_folder import INDEX_FILE, LazyTensors, ShardWriter, meta_skeleton, weight_files
 from qlora_pipeline.kernels.linear4bit import replace_linears_with_4bit
+from qlora_pipeline.kernels.nf4 import NF4Weight
 
 
 def _modules_to_quantize(model: nn.Module) -> set[str]:
@@ -47,6 +49,7 @@ def save_4bit_checkpoint(
     blocksize: int = 64,
     compute_dtype: str = "bfloat16",
     weight_dtype: torch.dtype | None = None,
+    quantizer: Callable[[str, torch.Tensor], NF4Weight] | None = None,
 ) -> dict:
     """Quantize a 16-bit HF folder into a bnb-layout NF4 folder; returns size and error statistics.
 
@@ -56,7 +59,8 @@ def save_4bit_checkpoint(
     peak memory is one tensor plus one output shard, not the model.
     ``weight_dtype`` casts every floating tensor first (what ``from_pretrained(dtype=...)`` does before bnb
     quantizes): NF4 bytes depend on the dtype quantized from, so pass the dtype users load the model in
-    when the files hold another one. None quantizes the tensors as stored.
+    when the files hold another one. None quantizes the tensors as stored. ``quantizer`` as in
+    :func:`quantize_state_dict` (LoftQ).
     """
     from transformers import AutoConfig
 
@@ -80,7 +84,10 @@ def save_4bit_checkpoint(
         if weight_dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(weight_dtype)
         new, stats = quantize_state_dict(
-            {key: tensor}, skip=lambda k: k.removesuffix(".weight") not in targets, blocksize=blocksize
+            {key: tensor},
+            skip=lambda k: k.removesuffix(".weight") not in targets,
+            blocksize=blocksize,
+            quantizer=quantizer,
         )
         layers.update(stats)
         for k, v in new.items():

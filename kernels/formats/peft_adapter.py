@@ -85,12 +85,30 @@ def save_peft_adapter(
     (stages write into a temporary directory and rename it), so this writes straight into ``out_dir``.
     """
     layers = _check_model_matches(model, r, alpha, use_rslora)
+    pairs = {name: (m.lora_A.detach(), m.lora_B.detach()) for name, m in layers.items()}
+    write_peft_adapter(pairs, out_dir, base_model_name_or_path, target_modules, r, alpha, dropout, use_rslora)
+
+
+def write_peft_adapter(
+    pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    out_dir: Path,
+    base_model_name_or_path: str,
+    target_modules: list[str],
+    r: int,
+    alpha: float,
+    dropout: float,
+    use_rslora: bool,
+) -> None:
+    """The adapter folder from ``{module name: (lora_A (r, in), lora_B (out, r))}``: what
+    :func:`save_peft_adapter` writes for a model, and what quantize writes for a LoftQ initialisation (no model)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    for name, m in layers.items():
-        tensors[peft_key(name, "lora_A")] = m.lora_A.detach().to("cpu").contiguous()
-        tensors[peft_key(name, "lora_B")] = m.lora_B.detach().to("cpu").contiguous()
+    for name, (lora_a, lora_b) in pairs.items():
+        if lora_a.shape[0] != r or lora_b.shape[1] != r:
+            raise ValueError(f"LoRA pair {name} has rank {lora_a.shape[0]}/{lora_b.shape[1]}, the config says r={r}")
+        tensors[peft_key(name, "lora_A")] = lora_a.to("cpu").contiguous()
+        tensors[peft_key(name, "lora_B")] = lora_b.to("cpu").contiguous()
     # peft and transformers expect the "format": "pt" metadata on safetensors files written from torch.
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     config: dict[str, Any] = {

@@ -84,6 +84,11 @@ class QuantizeParams(Section):
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Written to quantization_config; `auto` = bfloat16, what transformers' bnb loader uses on GPU."""
+    loftq_iters: Annotated[int, Field(ge=0, le=50)] = 0
+    """0: plain NF4, training starts from B = 0 (QLoRA). N: LoftQ, N alternations of NF4 quantization and a rank-r
+    SVD that pick the NF4 base and the starting adapter together (r, alpha and targets from `train`), so base +
+    adapter ≈ the 16-bit weights before training; merge then adds the trained adapter to that dequantized NF4
+    base, not to the original weights (docs/quality.md)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,9 @@ class TrainParams(Section):
     frozen_weight_cache_mb: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
     """Keep this many MiB of the frozen weights dequantized between steps instead of dequantizing each one two or
     three times a step; auto: up to a quarter of the host's RAM on a CPU, none on a GPU (bench/bench_train.py)."""
+    lora16_baseline: bool | Literal["auto"] = "auto"
+    """Also train the same adapter (data order, steps, seed) on the 16-bit base with the same loop, so evaluate
+    reports QLoRA − LoRA; auto: for 16-bit bases of at most 1 GiB, in one process (stages/lm/lora16.py)."""
     distributed: Literal["ddp", "fsdp"] = "fsdp"
     """With nproc > 1: ddp keeps the whole model on every rank; fsdp shards each decoder layer (NF4 storage, LoRA
     and its optimizer state) across them, for a model one GPU cannot hold (docs/multi_gpu.md)."""

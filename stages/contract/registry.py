@@ -56,14 +56,18 @@ STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
         StageSpec("prepare", (), ("model", "data")),
-        StageSpec("quantize", ("prepare",), ("quantize",)),
+        StageSpec(
+            "quantize",
+            ("prepare",),
+            ("quantize", "train.lora_r", "train.lora_alpha", "train.use_rslora", "train.target_modules"),
+        ),
         StageSpec(
             "train",
             ("prepare", "quantize"),
             ("runtime.device", "train", "evaluate.batch_size", "data.max_length"),
             uses_device=True,
         ),
-        StageSpec("merge", ("prepare", "train"), ("merge",)),
+        StageSpec("merge", ("prepare", "quantize", "train"), ("merge",)),
         StageSpec(
             "evaluate",
             ("prepare", "quantize", "train", "merge"),

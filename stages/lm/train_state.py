@@ -1,5 +1,6 @@
 """Where training state lives between runs: the checkpoint folder of a run, the adapter as this process holds it,
-and resuming from the newest checkpoint that verifies (stages/lm/checkpoints.py writes and reads them)."""
+and resuming from the newest checkpoint that verifies (stages/lm/checkpoints.py writes and reads them); what a
+training run reports (`TrainRecord`, `TrainResult`) and how it stops on a non-finite loss."""
 
 from __future__ import annotations
 
@@ -13,12 +14,45 @@ import torch
 
 from qlora_pipeline.kernels.optim.adamw import local_shard
 from qlora_pipeline.stages.contract.artifacts import clean_stale_temps, sha256_json
-from qlora_pipeline.stages.contract.stage import StageContext
-from qlora_pipeline.stages.lm.checkpoints import load_checkpoint, step_dir, usable_checkpoints
+from qlora_pipeline.stages.contract.errors import PipelineError
+from qlora_pipeline.stages.contract.stage import StageContext, StageRecord
+from qlora_pipeline.stages.lm.checkpoints import latest_checkpoint, load_checkpoint, step_dir, usable_checkpoints
 from qlora_pipeline.stages.lm.distributed import World
 from qlora_pipeline.stages.lm.validation import ValidationState
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainRecord(StageRecord):
+    resumed_from_step: int | None = None
+    """The checkpoint step this run continued from; None for a run from step 0."""
+    skipped_checkpoints: list[str] = field(default_factory=list)
+    """Newer checkpoints found damaged (truncated, edited) and passed over, with what was wrong."""
+    started_over: str | None = None
+    """Why checkpoints of an earlier, interrupted run could not be continued (what changed), if there were any."""
+
+
+@dataclass
+class TrainResult:
+    log: list[dict[str, float]]
+    """One entry per step: loss, lr, grad norm, seconds, tokens."""
+    paging: dict[str, Any] | None
+    """The optimizer's paging statistics, for paged optimizers."""
+    validation: ValidationState
+
+
+class NonFiniteLoss(PipelineError):
+    """The loss became NaN or Inf; the last good checkpoint is kept for inspection or resume."""
+
+
+def non_finite(what: str, value: float, step: int, lr: float, ckpt_root: Path) -> NonFiniteLoss:
+    where = latest_checkpoint(ckpt_root)
+    kept = f"the last good checkpoint is {where}" if where else "no checkpoint was written yet"
+    return NonFiniteLoss(
+        f"{what} became {value} at step {step + 1} (lr {lr:.3g}); {kept}; lower train.learning_rate or check the "
+        "data, then run train again to resume"
+    )
 
 
 RESUMABLE = (
@@ -75,6 +109,8 @@ def why_not_resumed(ctx: StageContext, mine: dict[str, Any]) -> str | None:
         if other.parent == root or not any(other.parent.glob("**/step-*")):
             continue
         theirs = json.loads(other.read_text())
+        if theirs.get("variant") != mine.get("variant"):
+            continue  # the 16-bit baseline's checkpoints never continue the QLoRA run, nor the other way round
         changed = [
             f"train.{k} {theirs['train'].get(k)!r} -> {mine['train'].get(k)!r}"
             for k in sorted(set(mine["train"]) | set(theirs["train"]))

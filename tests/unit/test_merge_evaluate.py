@@ -134,11 +134,12 @@ def test_merge_refuses_an_adapter_trained_on_another_base(trained, tiny_qwen2_di
     adapter = tmp_path / "artifacts" / "train" / "adapter"
     with pytest.raises(InputError, match="was trained on another base model"):
         merge.check_adapter_base(adapter, {"model/model.safetensors": "0" * 64})
-    # swapping the base under the pipeline is caught by lineage before anything is merged
+    # swapping the base under the pipeline is caught by lineage before anything is merged (quantize, a parent of
+    # merge for LoftQ runs, is the first stale one it meets)
     other = _params(tmp_path, tiny_qwen2_dir, p.data.path)
     prepare.run(other)
     with pytest.raises(
-        PipelineError, match=r"was built from a different prepare artifact .*re-run `qlora stage train`"
+        PipelineError, match=r"was built from a different prepare artifact .*re-run `qlora stage (quantize|train)`"
     ):
         merge.run(other)
     assert not (tmp_path / "artifacts" / "merge").exists()
@@ -161,19 +162,23 @@ def test_evaluate_four_models_report_and_exact_rerun(trained) -> None:
     first = evaluate.run(p)
     out = tmp_path / "artifacts" / "evaluate"
     models = first.metrics["models"]
-    assert set(models) == {"base_16bit", "base_nf4", "nf4_adapter", "merged"}
+    # the 16-bit LoRA baseline is on (train.lora16_baseline: auto, a tiny base)
+    assert set(models) == {"base_16bit", "base_nf4", "lora16", "nf4_adapter", "merged"}
+    assert first.metrics["qlora_minus_lora16"] == pytest.approx(
+        models["nf4_adapter"]["loss"] - models["lora16"]["loss"], abs=2e-6
+    )
     assert models["nf4_adapter"]["loss"] < models["base_nf4"]["loss"] - 0.1
     assert models["merged"]["loss"] < models["base_16bit"]["loss"] - 0.1
     # Merged (original 16-bit W + ΔW) and NF4 + adapter differ by the NF4 rounding of W only: measured 2026-12-03
     # 0.0045 nats here, with the NF4 base itself 0.0018 from the 16-bit base. A merge at half the scaling is 0.16 off.
     assert abs(models["merged"]["loss"] - models["nf4_adapter"]["loss"]) < 0.02
     md = (out / "report.md").read_text()
-    assert "| NF4 base + adapter |" in md and "## Greedy generations" in md
+    assert "| NF4 base + adapter (QLoRA) |" in md and "## Greedy generations" in md
     assert "## Data" in md and "| train |" in md and "loss tokens" in md  # prepare's data section, repeated
     page = (out / "report.html").read_text()
     assert "<table>" in page and page.count("data:image/png;base64,") == 2  # loss curve and token lengths
     gens = json.loads((out / "generations.json").read_text())
-    assert len(gens) == 2 and set(gens[0]["outputs"]) == {"base_16bit", "nf4_adapter", "merged"}
+    assert len(gens) == 2 and set(gens[0]["outputs"]) == {"base_16bit", "lora16", "nf4_adapter", "merged"}
     dvc_metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     assert dvc_metrics["metrics"]["models"] == models
     second = evaluate.run(p)

@@ -63,6 +63,9 @@ def test_bundle_contents_lineage_and_tarball(released) -> None:
     assert (tmp / "releases" / bundle.name / "lineage.json").exists(), "published next to earlier releases"
     card = (bundle / "README.md").read_text()
     assert "original 16-bit weights" in card and "| GGUF Q8_0 |" in card
+    # the card states what 4 bits cost: the evaluate stage's QLoRA − 16-bit LoRA gap (the baseline is on: auto)
+    gap = json.loads((tmp / "artifacts" / "evaluate" / "metrics.json").read_text())["qlora_minus_lora16"]
+    assert f"QLoRA − 16-bit LoRA (same adapter, data order, steps and seed) = {gap:+.4f} nats" in card
 
 
 def _sha256(path: Path) -> str:

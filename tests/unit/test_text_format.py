@@ -118,6 +118,7 @@ def test_plain_text_through_prepare_packed_train_and_evaluate(tmp_path: Path, ba
     )
     assert "<|im_start|>" not in gens[0]["prompt"] and set(gens[0]["outputs"]) == {
         "base_16bit",
+        "lora16",
         "nf4_adapter",
         "merged",
     }

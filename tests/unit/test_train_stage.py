@@ -10,6 +10,7 @@ import torch
 from qlora_pipeline.stages import prepare, quantize, train
 from qlora_pipeline.stages.contract.errors import InputError, ParamsError, PipelineError
 from qlora_pipeline.stages.contract.params import parse_params
+from qlora_pipeline.stages.lm.train_state import NonFiniteLoss
 from tests import tiny
 
 FAST = {
@@ -164,7 +165,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_checkpoint(quantized, mon
 
     monkeypatch.setattr(train, "summed_loss", nan_on_fifth)
     with pytest.raises(
-        train.NonFiniteLoss,
+        NonFiniteLoss,
         match=r"training loss became nan at step 5 .*; the last good checkpoint "
         r"is .*step-0000004; lower train.learning_rate",
     ):
@@ -257,7 +258,7 @@ def test_non_finite_gradients_stop_before_the_update(quantized, monkeypatch) -> 
 
     monkeypatch.setattr(train, "summed_loss", nan_gradients_on_third)
     monkeypatch.setattr(train, "build_model", keep_model)
-    with pytest.raises(train.NonFiniteLoss, match=r"gradient norm became nan at step 3 .*step-0000002"):
+    with pytest.raises(NonFiniteLoss, match=r"gradient norm became nan at step 3 .*step-0000002"):
         train.run(_params(tmp_path, model_dir, data))
     assert not (tmp_path / "artifacts" / "train").exists()
     (ckpt,) = (tmp_path / "artifacts" / ".checkpoints").glob("*/step-0000002")
