@@ -109,6 +109,17 @@ def stage_table(ctx: StageContext) -> list[dict[str, Any]]:
     return rows
 
 
+def gap_lines(metrics: dict[str, Any]) -> list[str]:
+    """What 4 bits cost after the same fine-tuning, and where LoftQ's start stands, when the run measured them."""
+    lines = []
+    if (gap := metrics.get("qlora_minus_lora16")) is not None:
+        lines += ["", f"QLoRA − 16-bit LoRA (same adapter, data order, steps and seed): **{gap:+.4f} nats**."]
+    if (start := metrics.get("loftq_start_minus_16bit")) is not None:
+        nf4 = metrics["nf4_loss_delta"]
+        lines += ["", f"Before training: LoftQ's start is {start:+.4f} nats from the 16-bit base, plain NF4 {nf4:+.4f}"]
+    return lines
+
+
 def render_markdown(
     metrics: dict[str, Any], gens: list[dict[str, Any]], stages: list[dict[str, Any]], data: list[str]
 ) -> str:
@@ -128,6 +139,7 @@ def render_markdown(
         ),
         "",
         f"Test tokens scored: {metrics['test_tokens']}.",
+        *gap_lines(metrics),
         "",
         "![training loss](loss_curve.png)",
         "",

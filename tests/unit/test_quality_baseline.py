@@ -55,6 +55,9 @@ def test_lora16_baseline_trains_on_the_same_batches_and_evaluate_reports_the_gap
     assert 0 < abs(lora16_log[0]["loss"] - qlora_log[0]["loss"]) < 0.1
     ev = m["evaluate"].metrics
     assert {"lora16", "nf4_adapter", "base_16bit"} <= set(ev["models"]) and "loftq_start" not in ev["models"]
+    report = (tmp_path / "artifacts" / "evaluate" / "report.md").read_text()
+    gap_line = f"QLoRA − 16-bit LoRA (same adapter, data order, steps and seed): **{ev['qlora_minus_lora16']:+.4f}"
+    assert gap_line in report
     gap = ev["models"]["nf4_adapter"]["loss"] - ev["models"]["lora16"]["loss"]
     assert ev["qlora_minus_lora16"] == pytest.approx(gap, abs=2e-6)
     assert ev["models"]["lora16"]["loss"] < ev["models"]["base_16bit"]["loss"]
