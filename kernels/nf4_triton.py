@@ -40,6 +40,22 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _block_absmax(
+    qabsmax_ptr, absmax2_ptr, code2_ptr, block, mask, offset, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr
+):
+    """fp32 absmax of the quantization blocks `block`: `fp32(code2[q] * absmax2) + offset` (two roundings; the
+    launch turns FMA contraction off), or the stored fp32 absmax without double quantization."""
+    if DOUBLE_QUANT:
+        q = tl.load(qabsmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        absmax = tl.load(code2_ptr + q, mask=mask, other=0.0) * scale2
+        absmax = absmax + offset
+    else:
+        absmax = tl.load(qabsmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
 def _nf4_dq_dequant_kernel(
     packed_ptr,
     qabsmax_ptr,
@@ -61,13 +77,7 @@ def _nf4_dq_dequant_kernel(
     byte = tl.load(packed_ptr + byte_idx, mask=in_range, other=0).to(tl.int32)
     # Both nibbles of a byte share a block: blocksizes are even.
     block = (byte_idx * 2) // BLOCKSIZE
-    if DOUBLE_QUANT:
-        q = tl.load(qabsmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
-        absmax = tl.load(code2_ptr + q, mask=in_range, other=0.0) * scale2
-        absmax = absmax + offset
-    else:
-        absmax = tl.load(qabsmax_ptr + block, mask=in_range, other=0.0)
+    absmax = _block_absmax(qabsmax_ptr, absmax2_ptr, code2_ptr, block, in_range, offset, NESTED_BLOCKSIZE, DOUBLE_QUANT)
     hi = tl.load(table_ptr + (byte >> 4)) * absmax
     lo = tl.load(table_ptr + (byte & 0xF)) * absmax
     vals = tl.interleave(hi, lo)
@@ -98,13 +108,7 @@ def _nf4_dq_dequant_tile_kernel(
     block = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     n_blocks = (n_bytes * 2 + BLOCKSIZE - 1) // BLOCKSIZE
     block_ok = block < n_blocks
-    if DOUBLE_QUANT:
-        q = tl.load(qabsmax_ptr + block, mask=block_ok, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=block_ok, other=0.0)
-        absmax = tl.load(code2_ptr + q, mask=block_ok, other=0.0) * scale2
-        absmax = absmax + offset
-    else:
-        absmax = tl.load(qabsmax_ptr + block, mask=block_ok, other=0.0)
+    absmax = _block_absmax(qabsmax_ptr, absmax2_ptr, code2_ptr, block, block_ok, offset, NESTED_BLOCKSIZE, DOUBLE_QUANT)
     HALF: tl.constexpr = BLOCKSIZE // 2
     byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
     byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)

@@ -42,7 +42,7 @@ from qlora_pipeline.stages.lm.distributed import (
 )
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.lora16 import train_lora16_baseline
-from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER, lora_targets
+from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER, inject_train_lora, lora_targets
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
 from qlora_pipeline.stages.lm.recompute import enable_checkpointing, set_checkpointing
 from qlora_pipeline.stages.lm.report import plot_losses
@@ -75,7 +75,6 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     a LoftQ quantize, from its starting adapter; returns (model, trainable)."""
     from qlora_pipeline.kernels.attention import use_cpu_training_attention
     from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
-    from qlora_pipeline.kernels.lora import inject_lora
     from qlora_pipeline.stages.contract.memory_plan import weight_cache_budget
 
     try:
@@ -85,20 +84,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     model = cast_parameters(model, dtype, device)
     if device.type == "cpu":
         use_cpu_training_attention(model)
-    torch.manual_seed(t.seed)
-    try:
-        inject_lora(
-            model,
-            lora_targets(t, model.config.to_dict()),
-            r=t.lora_r,
-            alpha=t.lora_alpha,
-            dropout=t.lora_dropout,
-            use_rslora=t.use_rslora,
-            adapter_dtype=torch_dtype(t.adapter_dtype),
-            compute_dtype=dtype,
-        )
-    except ValueError as exc:
-        raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
+    inject_train_lora(model, t, dtype)
     start = quantized_dir.parent / LOFTQ_ADAPTER
     if start.is_dir():  # LoftQ: start where quantize left the adapter (base + adapter ≈ the 16-bit weights)
         from qlora_pipeline.kernels.formats.peft_adapter import load_peft_adapter

@@ -18,13 +18,11 @@ from typing import Any
 
 import torch
 
-from qlora_pipeline.kernels.dtypes import torch_dtype
-from qlora_pipeline.stages.contract.errors import InputError
 from qlora_pipeline.stages.contract.params import TrainParams
 from qlora_pipeline.stages.contract.stage import StageContext
 from qlora_pipeline.stages.lm.distributed import World
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss
-from qlora_pipeline.stages.lm.lora_plan import lora_targets
+from qlora_pipeline.stages.lm.lora_plan import inject_train_lora
 from qlora_pipeline.stages.lm.modelio import cast_parameters, safetensors_files
 from qlora_pipeline.stages.lm.recompute import enable_checkpointing
 from qlora_pipeline.stages.lm.train_state import TrainResult
@@ -62,25 +60,11 @@ def build_lora16_model(model_dir: Path, t: TrainParams, device: torch.device, dt
     from transformers import AutoModelForCausalLM
 
     from qlora_pipeline.kernels.attention import use_cpu_training_attention
-    from qlora_pipeline.kernels.lora import inject_lora
 
     model = cast_parameters(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), dtype, device)
     if device.type == "cpu":
         use_cpu_training_attention(model)
-    torch.manual_seed(t.seed)
-    try:
-        inject_lora(
-            model,
-            lora_targets(t, model.config.to_dict()),
-            r=t.lora_r,
-            alpha=t.lora_alpha,
-            dropout=t.lora_dropout,
-            use_rslora=t.use_rslora,
-            adapter_dtype=torch_dtype(t.adapter_dtype),
-            compute_dtype=dtype,
-        )
-    except ValueError as exc:
-        raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
+    inject_train_lora(model, t, dtype)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False

@@ -32,6 +32,28 @@ def lora_targets(t: TrainParams, config: dict[str, Any]) -> list[str]:
     return list(family.lora_targets)
 
 
+def inject_train_lora(model: Any, t: TrainParams, dtype: torch.dtype) -> None:
+    """LoRA as `train` configures it, after seeding with `train.seed`: the QLoRA model and the 16-bit baseline get
+    the same layers and the same initial A."""
+    from qlora_pipeline.kernels.dtypes import torch_dtype
+    from qlora_pipeline.kernels.lora import inject_lora
+
+    torch.manual_seed(t.seed)
+    try:
+        inject_lora(
+            model,
+            lora_targets(t, model.config.to_dict()),
+            r=t.lora_r,
+            alpha=t.lora_alpha,
+            dropout=t.lora_dropout,
+            use_rslora=t.use_rslora,
+            adapter_dtype=torch_dtype(t.adapter_dtype),
+            compute_dtype=dtype,
+        )
+    except ValueError as exc:
+        raise InputError(f"train.target_modules: {exc}; fix it in params.yaml") from None
+
+
 @dataclass
 class LoftQCollector:
     """A `quantizer` for `save_4bit_checkpoint`: LoftQ on the LoRA targets, plain NF4 elsewhere; it keeps each
