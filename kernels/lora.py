@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from qlora_pipeline.kernels.lora_fused import add_lora_branch
+
 LORA_PARAM_NAMES = ("lora_A", "lora_B")
 
 
@@ -98,6 +100,13 @@ class FastDropout(nn.Module):
         if not self.training or self.threshold == 0:
             return x
         return (x * self.scale).masked_fill_(self.drop_mask(x.shape, x.device), 0)
+
+    def mask_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """(the drop mask for `x` or None, the survivors' rescaling) for a caller that applies both itself: the
+        same draw as :meth:`forward` makes, so the two give the same mask from the same generator state."""
+        if not self.training or self.threshold == 0:
+            return None, 1.0
+        return self.drop_mask(x.shape, x.device), self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -180,6 +189,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        cd = self.compute_dtype
+        if cd is not None and cd != self.lora_A.dtype and out.dtype == cd and x.dtype == cd:
+            # mixed precision, the training path: the branch as one autograd node (kernels/lora_fused.py)
+            drop, keep_scale = (None, 1.0) if isinstance(self.dropout, nn.Identity) else self.dropout.mask_and_scale(x)
+            return add_lora_branch(out, x, self.lora_A, self.lora_B, self.scaling * keep_scale, drop)
         # The sum is taken in the wider of (base output, adapter) dtypes, then cast back to the base output dtype,
         # which is x's dtype for nn.Linear and Linear4bit.
         return (out + self.lora_delta(x)).to(out.dtype)

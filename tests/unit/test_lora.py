@@ -331,3 +331,59 @@ def test_cpu_dropout_lanes_each_drop_at_the_rate() -> None:
         assert abs(float(dropped[:, lane].mean()) - 0.25) < 6 * sigma, lane
     both = float((dropped[:, 0] * dropped[:, 1]).mean())
     assert abs(both - 0.25**2) < 6 * (0.0625 * 0.9375 / 250_000) ** 0.5
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_mixed_precision_branch_matches_the_op_by_op_math(dropout: float) -> None:
+    """The training path (bf16 compute, fp32 A/B: one autograd node, kernels/lora_fused.py) against the same math
+    written op by op in fp32 from the same mask: output and the gradients of x, A and B."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40, bias=True).to(torch.bfloat16)
+    lora = LoraLinear(lin, r=4, alpha=8, dropout=dropout, compute_dtype=torch.bfloat16).train()
+    with torch.no_grad():
+        lora.lora_B.copy_(torch.randn(40, 4))
+    x = torch.randn(3, 7, 48).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(3, 7, 40)
+    torch.manual_seed(9)
+    y = lora(x)
+    (y.float() * g).sum().backward()
+    torch.manual_seed(9)
+    drop, keep = lora.dropout.mask_and_scale(x) if dropout else (None, 1.0)
+    assert (drop is None) == (dropout == 0.0) and (drop is None or 0 < float(drop.float().mean()) < 0.6)
+    xr = x.detach().float().requires_grad_()
+    a = lora.lora_A.detach().clone().requires_grad_()
+    b = lora.lora_B.detach().clone().requires_grad_()
+    h = xr if drop is None else xr.masked_fill(drop, 0) * keep
+    want = lin(x.detach()).float() + 2.0 * (h @ a.T) @ b.T
+    (want * g).sum().backward()
+    assert y.dtype == torch.bfloat16 and lora.lora_A.grad.dtype == torch.float32
+    pairs = [
+        (y.float(), want.detach()),
+        (x.grad.float(), xr.grad + g @ lin.weight.float()),
+        (lora.lora_A.grad, a.grad),
+        (lora.lora_B.grad, b.grad),
+    ]
+    for got, ref in pairs:  # bf16 operands: each within a few bf16 roundings of the largest value
+        assert float((got - ref).abs().max()) <= 0.02 * float(ref.abs().max()), (got, ref)
+    assert float(a.grad.abs().sum()) > 0 and lin.weight.grad is None
+
+
+def test_mixed_precision_checkpoint_replay_gives_the_same_grads() -> None:
+    """bf16 model, LoRA in bf16 compute: the recomputed block draws the same masks, so grads match exactly."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama(dtype=torch.bfloat16)
+        torch.manual_seed(5)
+        inject_lora(model, ALL_PROJ, r=4, alpha=8, dropout=0.1, compute_dtype=torch.bfloat16)
+        randomize_lora(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = input_ids()
+        torch.manual_seed(11)
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 28
+    for k in grads[0]:
+        assert torch.equal(grads[1][k], grads[0][k]), k
+        assert grads[0][k].abs().sum() > 0, k
