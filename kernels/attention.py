@@ -12,8 +12,9 @@ causal mask, forward + backward, ms; the 2,048 column with contiguous inputs):
 so up to :data:`SHORT_KEYS` keys the three ops win (3.7x on chat-length rows), and the fused kernel beyond, where the
 score matrix also grows with the square of the length. As transformers' eager attention, the scores are 16-bit and
 their softmax fp32, rounded to 16 bits for the weighted sum; the queries are scaled rather than the scores, and
-grouped query heads meet their KV head by a reshape, not a copy. They save ``batch * heads * queries * keys * 6``
-bytes per layer (the fp32 probabilities for the softmax's backward, their 16-bit copy for the matmul's).
+grouped query heads meet their KV head by a reshape, not a copy. Backward recomputes the probabilities from the
+kept queries and keys instead of keeping them (``_ShortAttention``): autograd over the plain ops would keep
+``batch * heads * queries * keys * 6`` bytes per layer.
 """
 
 from __future__ import annotations
@@ -25,8 +26,60 @@ import torch
 SHORT_KEYS = 1024
 """Longest key length the three-op path takes (from the table above)."""
 
+BACKWARD_BYTES_PER_SCORE = 12
+"""The most bytes per score :class:`_ShortAttention`'s backward holds at once (fp32 probabilities, their fp32
+gradient and the softmax's fp32 gradient): what the memory plan counts for one layer's attention backward."""
+
 ATTENTION_NAME = "qlora_cpu_training"
 """The name this attention is registered under in transformers' attention interface."""
+
+
+def _masked_scores(grouped: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """Scaled, masked 16-bit scores (batch, heads, queries, keys) from queries grouped by KV head."""
+    batch, kv_heads, rows, _ = grouped.shape
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).view(batch, heads, rows * kv_heads // heads, key.shape[2])
+    if mask.dtype == torch.bool:
+        # the dtype's minimum, not -inf: a row that attends nowhere (padding) gets finite, unused values, not NaN
+        return scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask.to(scores.dtype)
+
+
+class _ShortAttention(torch.autograd.Function):
+    """softmax(q kᵀ, masked) v that keeps no probabilities for backward: it recomputes them there from q and k.
+
+    Autograd over the plain ops would keep the fp32 probabilities (for the softmax's backward) and their 16-bit
+    copy (for the matmul's), 6 bytes per score: on rows of 256 tokens that is 14 KB per token and layer, more than
+    all other activations of a SmolLM2 layer together. The recompute is one more q kᵀ and softmax, bit for bit the
+    forward's, so the gradients are the ones autograd would give.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, grouped: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, heads: int
+    ) -> torch.Tensor:
+        scores = _masked_scores(grouped, key, mask, heads)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype).view(*grouped.shape[:3], -1)
+        ctx.save_for_backward(grouped, key, value, mask)
+        ctx.heads = heads
+        return torch.matmul(probs, value)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grouped, key, value, mask = ctx.saved_tensors
+        # at most BACKWARD_BYTES_PER_SCORE live at once: the fp32 probabilities, their gradient and its softmax's
+        probs32 = torch.softmax(_masked_scores(grouped, key, mask, ctx.heads), dim=-1, dtype=torch.float32)
+        shape = (*grouped.shape[:3], -1)
+        grad_out = grad_out.to(value.dtype)
+        grad_value = torch.matmul(probs32.to(value.dtype).view(shape).transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)).view(probs32.shape).float()
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs32, -1, torch.float32)
+        del grad_probs, probs32
+        grad_scores = grad_scores.to(value.dtype)
+        if mask.dtype == torch.bool:  # masked_fill's backward: nothing flows to a filled score
+            grad_scores = grad_scores.masked_fill_(~mask, 0)
+        grad_scores = grad_scores.view(shape)
+        grad_grouped = torch.matmul(grad_scores, key)
+        return grad_grouped, torch.matmul(grad_scores.transpose(-1, -2), grouped), grad_value, None, None
 
 
 def short_attention(
@@ -38,19 +91,10 @@ def short_attention(
     transformers' attention output layout."""
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    grouped = (query * scaling).reshape(batch, kv_heads, groups * q_len, dim)  # a group's queries share one K
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).view(batch, heads, q_len, k_len)
     if mask is None:
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    if mask.dtype == torch.bool:
-        # the dtype's minimum, not -inf: a row that attends nowhere (padding) gets finite, unused values, not NaN
-        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + mask.to(scores.dtype)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    probs = probs.view(batch, kv_heads, groups * q_len, k_len)
-    out = torch.matmul(probs, value).view(batch, heads, q_len, dim)
+    grouped = (query * scaling).reshape(batch, kv_heads, heads // kv_heads * q_len, dim)  # a group shares one K
+    out = _ShortAttention.apply(grouped, key, value, mask, heads).view(batch, heads, q_len, dim)
     return out.transpose(1, 2).contiguous()
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_pipeline.kernels.attention import SHORT_KEYS, short_attention, use_cpu_training_attention
+from qlora_pipeline.kernels.slim_activations import saved_tensor_bytes
 from tests import tiny
 
 
@@ -54,3 +55,31 @@ def test_a_switched_model_scores_what_sdpa_scores(arch: str) -> None:
         torch.testing.assert_close(b[valid], a[valid], atol=1e-5, rtol=1e-4)
     long_ids = torch.randint(3, vocab, (1, SHORT_KEYS + 8))  # past the threshold: torch's SDPA itself
     assert torch.equal(model(input_ids=long_ids).logits, switched(input_ids=long_ids).logits)
+
+
+def _plain_ops_attention(q, k, v, mask, scaling):
+    """The three ops under plain autograd (what _ShortAttention replaces): it keeps the probabilities."""
+    b, h, n, d = q.shape
+    grouped = (q * scaling).reshape(b, k.shape[1], h // k.shape[1] * n, d)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).view(b, h, n, k.shape[2])
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype).view(b, k.shape[1], -1, k.shape[2])
+    return torch.matmul(probs, v).view(b, h, n, d).transpose(1, 2).contiguous()
+
+
+def test_short_attention_recomputes_what_autograd_keeps_and_gives_its_gradients_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, s, 48, 16, generator=g).bfloat16().requires_grad_() for s in (6, 2, 2))
+    keep = torch.ones(48, 48, dtype=torch.bool).tril()[None, None] & (torch.arange(48) < 40)[None, None, None]
+    grads, outs = [], []
+    for fn in (short_attention, _plain_ops_attention):
+        out = fn(q, k, v, keep, 0.25)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    assert torch.equal(outs[0], outs[1])
+    for mine, plain in zip(*grads, strict=True):
+        assert torch.equal(mine, plain) and mine.abs().sum() > 0
+    scores = 2 * 6 * 48 * 48
+    kept = saved_tensor_bytes(lambda: short_attention(q, k, v, keep, 0.25))
+    kept_plain = saved_tensor_bytes(lambda: _plain_ops_attention(q, k, v, keep, 0.25))
+    assert kept_plain - kept >= scores * 6  # the fp32 probabilities and their 16-bit copy are not kept
