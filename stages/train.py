@@ -26,9 +26,7 @@ from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params, TrainParams
 from qlora_pipeline.stages.contract.stage import StageContext, execute, follow
 from qlora_pipeline.stages.lm.batching import Batch, BatchPlan, target_count, token_rows
-from qlora_pipeline.stages.lm.checkpoints import (
-    save_checkpoint,
-)
+from qlora_pipeline.stages.lm.checkpoints import save_checkpoint
 from qlora_pipeline.stages.lm.distributed import (
     World,
     backward_scale,
@@ -42,7 +40,7 @@ from qlora_pipeline.stages.lm.distributed import (
 )
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.lora16 import train_lora16_baseline
-from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER, inject_train_lora, lora_targets
+from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER, adapt_for_training, lora_targets
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
 from qlora_pipeline.stages.lm.recompute import enable_checkpointing, set_checkpointing
 from qlora_pipeline.stages.lm.report import plot_losses
@@ -73,7 +71,6 @@ def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
 def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype: torch.dtype) -> tuple[Any, list]:
     """NF4 base (our loader, no bitsandbytes) + LoRA on the target projections, started as PEFT starts it or, after
     a LoftQ quantize, from its starting adapter; returns (model, trainable)."""
-    from qlora_pipeline.kernels.attention import use_cpu_training_attention
     from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
     from qlora_pipeline.stages.contract.memory_plan import weight_cache_budget
 
@@ -82,9 +79,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     except ValueError as exc:
         raise InputError(f"cannot load the 4-bit base {quantized_dir}: {exc}") from None
     model = cast_parameters(model, dtype, device)
-    if device.type == "cpu":
-        use_cpu_training_attention(model)
-    inject_train_lora(model, t, dtype)
+    adapt_for_training(model, t, dtype, device)
     start = quantized_dir.parent / LOFTQ_ADAPTER
     if start.is_dir():  # LoftQ: start where quantize left the adapter (base + adapter ≈ the 16-bit weights)
         from qlora_pipeline.kernels.formats.peft_adapter import load_peft_adapter

@@ -22,7 +22,7 @@ from qlora_pipeline.stages.contract.params import TrainParams
 from qlora_pipeline.stages.contract.stage import StageContext
 from qlora_pipeline.stages.lm.distributed import World
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss
-from qlora_pipeline.stages.lm.lora_plan import inject_train_lora
+from qlora_pipeline.stages.lm.lora_plan import adapt_for_training
 from qlora_pipeline.stages.lm.modelio import cast_parameters, safetensors_files
 from qlora_pipeline.stages.lm.recompute import enable_checkpointing
 from qlora_pipeline.stages.lm.train_state import TrainResult
@@ -59,12 +59,8 @@ def build_lora16_model(model_dir: Path, t: TrainParams, device: torch.device, dt
     so the same initial A); returns (model, trainable)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipeline.kernels.attention import use_cpu_training_attention
-
     model = cast_parameters(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), dtype, device)
-    if device.type == "cpu":
-        use_cpu_training_attention(model)
-    inject_train_lora(model, t, dtype)
+    adapt_for_training(model, t, dtype, device)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.config.use_cache = False
