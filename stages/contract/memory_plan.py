@@ -12,10 +12,10 @@ A sum of terms, each a count of bytes of one kind of tensor the step holds at it
 - the loss: hidden states and one chunk of fp32 logits and their gradient (only labelled positions reach lm_head);
 - the transient of the largest linear: its weight dequantized in the compute dtype while it multiplies.
 
-The per-layer activation count is derived from the code's autograd graph (RMSNorm keeps its fp32 input, LoRA its
-dropped-out input, mask and rank-r output, the MLP its gate, activation and up outputs, attention q, k, v and its
-output); tests/unit/test_memory_plan.py holds the sum to within 10 % of a step's peak measured by torch's own
-allocation tracker on the CPU.
+The per-layer activation count is derived from the code's autograd graph (a Llama-style RMSNorm keeps its 16-bit
+input, Gemma's its fp32 input; LoRA its dropped-out input, mask and rank-r output; the gated MLP its gate and up
+outputs; attention q, k, v and its output); tests/unit/test_memory_plan.py holds the sum to within 10 % of a step's
+peak measured by torch's own allocation tracker on the CPU.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ from qlora_pipeline.kernels.architectures import Family, family_of_class
 NF4_NESTED_BLOCK = 256
 OPTIM_8BIT_BLOCK = 256
 OPTIM_8BIT_MIN_SIZE = 4096
-LOSS_CHUNK = 256
+LOSS_CHUNK = 64
 """Rows per chunk of the frozen-head loss (kernels/fused_ce.py DEFAULT_CHUNK). The kernels' sizes are restated here,
 kept equal by tests/unit/test_memory_plan.py, so that prepare, which plans, does not depend on the kernels' code."""
 BYTES_PER_LOGIT = 6
 """Peak bytes per logit of a loss chunk (kernels/fused_ce.py BYTES_PER_LOGIT)."""
 SHORT_ATTENTION_KEYS = 1024
 """Longest rows the CPU's three-op attention takes (kernels/attention.py SHORT_KEYS)."""
+SHORT_ATTENTION_BACKWARD_BYTES = 12
+"""Peak bytes per score of its backward, which recomputes the probabilities (kernels/attention.py
+BACKWARD_BYTES_PER_SCORE)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -106,8 +109,8 @@ class TrainShape:
     sharded: bool = False
     """FSDP2 (train.distributed: fsdp): each rank keeps 1/ranks of every decoder layer and of the adapter state."""
     short_attention: bool = False
-    """On a CPU, rows of at most SHORT_ATTENTION_KEYS tokens take the three-op attention, which saves its
-    probabilities."""
+    """On a CPU, rows of at most SHORT_ATTENTION_KEYS tokens take the three-op attention, whose backward recomputes
+    a layer's probabilities."""
     weight_cache_bytes: int = 0
     """train.frozen_weight_cache_mb resolved: at most this many bytes of dequantized frozen weights are kept."""
 
@@ -182,19 +185,30 @@ def targeted(shape: ModelShape, targets: tuple[str, ...]) -> dict[str, tuple[int
 def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
     """Bytes autograd saves for one decoder layer's backward, for t.tokens tokens."""
     n, cb = t.tokens, t.compute_bytes
-    h, q, kv, ffn = shape.hidden, shape.q_width, shape.kv_width, shape.ffn
-    norms = shape.norms * (4 * h + 4)  # an RMSNorm keeps its fp32 input and the reciprocal rms
+    h, q, kv = shape.hidden, shape.q_width, shape.kv_width
+    # kernels/slim_activations.py: a Llama-style RMSNorm keeps its 16-bit input; Gemma's (1 + w) norm keeps its fp32
+    # input and the reciprocal rms
+    per_norm = (4, 4) if shape.family.norm_offset else (cb, 0)
+    norms = (shape.norms - 1) * (per_norm[0] * h + per_norm[1])  # the MLP's norm: mlp_activation_bytes
     if shape.qk_norm:
-        norms += 4 * (q + kv) + 8
-    lora = sum(in_ * (cb + (1 if t.dropout else 0)) + t.lora_r * cb for _, in_ in targeted(shape, t.targets).values())
-    attention = cb * (q + 2 * kv) + cb * q  # rotated q, k, v and the attention output
-    mlp = 3 * cb * ffn  # gate output (for the activation), its activation and the up output (for the product)
+        norms += per_norm[0] * (q + kv) + 2 * per_norm[1]
+    attention_linears = [in_ for name, (_, in_) in targeted(shape, t.targets).items() if not name.startswith("mlp.")]
+    lora = sum(in_ * (cb + (1 if t.dropout else 0)) + t.lora_r * cb for in_ in attention_linears)
+    attention = cb * (q + 2 * kv) + cb * q  # rotated q, k, v and the attention output (no probabilities on a CPU)
     scores = 0
     if shape.family.eager_attention:  # per head: scores, their fp32 softmax and its cast, for every query row
         scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + 2 * cb)
-    elif t.short_attention and t.max_length <= SHORT_ATTENTION_KEYS:  # kernels/attention.py: the fp32 probabilities
-        scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + cb)  # and their 16-bit copy
-    return n * (norms + lora + attention + mlp) + scores
+    return n * (norms + lora + attention) + scores + mlp_activation_bytes(shape, t)
+
+
+def mlp_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
+    """What a layer keeps for its MLP's backward: its norm's input, the LoRA tensors of its projections and the
+    gated product's inputs (gate and up, kernels/slim_activations.py; Phi-3's fused MLP also the activation)."""
+    cb, dropout = t.compute_bytes, 1 if t.dropout else 0
+    norm = 4 * shape.hidden + 4 if shape.family.norm_offset else cb * shape.hidden
+    mlp_linears = {k: v for k, v in targeted(shape, t.targets).items() if k.startswith("mlp.")}
+    lora = sum(in_ * (cb + dropout) + t.lora_r * cb for _, in_ in mlp_linears.values())
+    return t.tokens * (norm + lora + (3 if shape.family.fused else 2) * cb * shape.ffn)
 
 
 def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
@@ -218,12 +232,18 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
         logits = 14 * n * shape.vocab
     forward = saved + loss_saved, logits
     # Backward peak: the adapter gradients, what is still saved, one layer's worth recomputed (with checkpointing),
-    # the gradient flowing between layers and, inside the MLP, into its gate and up outputs, a dequantized weight
-    # and its fp32 values (the reference path).
+    # the gradient flowing between layers and, inside the MLP, into its gate and up outputs, and the larger of a
+    # dequantized weight with its fp32 values (the reference path) and the CPU attention's recomputed probabilities.
     largest = max(out * in_ for out, in_ in shape.linears.values())
     cache = 0 if shards > 1 else weight_cache_bytes(shape, cb, t.weight_cache_bytes)
     flowing = 2 * residual + 2 * n * shape.ffn * cb
-    backward = saved + (layer if t.checkpointing else 0) + flowing, largest * (cb + (4 if t.reference_dequant else 0))
+    transient = largest * (cb + (4 if t.reference_dequant else 0))
+    if t.short_attention and t.max_length <= SHORT_ATTENTION_KEYS and not shape.family.eager_attention:
+        # the attention's backward comes after the MLP's: its recomputed probabilities take the room of what the
+        # MLP kept and of its flowing gradients
+        scores = SHORT_ATTENTION_BACKWARD_BYTES * t.rank_batch * shape.heads * t.max_length**2
+        transient = max(transient, scores - 2 * n * shape.ffn * cb - mlp_activation_bytes(shape, t))
+    backward = saved + (layer if t.checkpointing else 0) + flowing, transient
     phase, (activations, transient), grads = max(
         (("forward", forward, 0), ("backward", backward, lora)), key=lambda p: sum(p[1]) + p[2]
     )
