@@ -14,8 +14,11 @@ bf16 autocast, on the CPU as on a GPU, as HF Trainer with `bf16=True` runs it (`
 By default each stack batches as it does out of the box (bnb+peft: random batches padded to the longest
 row, as HF Trainer) and ours runs twice, with `train.packing` off (length-grouped batches of 8 examples) and on
 (random batches of 8 examples packed into balanced rows of at most 256 tokens);
-`--same-batches` feeds bnb+peft and ours the identical random batches instead; `--all-batchings` runs ours on
-those batches and on its own two batchings beside one bnb+peft run (ratios `ours_random`, `_grouped`, `_packed`).
+`--same-batches` feeds bnb+peft and ours the identical random batches instead, ours twice: padded as bnb+peft pads
+them (`random`) and each batch's examples laid end to end in rows of at most 256 tokens, as `train.packing` lays out
+a batch (`random_packed`: the same examples, tokens and loss, no padding computed); `--all-batchings` runs ours on
+those batches and on its own two batchings beside one bnb+peft run (ratios `ours_random`, `_random_packed`,
+`_grouped`, `_packed`).
 `--tokens N` trains every
 configuration on the same N real (not padding) tokens, so the held-out losses compare at equal data.
 Writes bench/results/train.json (CPU) or bench/results/gpu-train-<model>.json (GPU), or --out.
@@ -59,12 +62,16 @@ PACK_TO = 256
 
 def batches(args: argparse.Namespace, rows: list, pad: int) -> Iterator[tuple[Any, int]]:
     """Endless (batch, examples in it) of the configuration's batching mode, collated on the CPU."""
-    from qlora_pipeline.stages.lm.batching import BatchPlan, collate
+    from qlora_pipeline.stages.lm.batching import BatchPlan, collate, collate_packed, pack_rows
 
     lengths = [len(ids) for ids, _ in rows]
     if args.batching == "random":
         for idx in random_batches(len(rows), 8, 0):
             yield collate([rows[i] for i in idx], pad), len(idx)
+        return
+    if args.batching == "random_packed":  # bnb's batches, each laid out as train.packing lays out a batch
+        for idx in random_batches(len(rows), 8, 0):
+            yield collate_packed([[rows[i] for i in row] for row in pack_rows(lengths, idx, PACK_TO)], pad), len(idx)
         return
     plan = BatchPlan(lengths, 8, seed=0, pack_to=PACK_TO if args.batching == "packed" else None)
     for batch in plan.stream():
@@ -344,10 +351,10 @@ def main() -> None:
         return
     if args.model == "llama3-8b-shape":
         llama3_8b_shape(model_dirs(args)[0].parent, args.layers, args.artifacts / "prepare" / "model")
+    same = [("bnb+peft", "random"), ("ours", "random"), ("ours", "random_packed")]
+    configs = same if args.same_batches else list(CONFIGS)
     if args.all_batchings:
-        configs = [("bnb+peft", "random"), ("ours", "random"), *CONFIGS[1:]]
-    else:
-        configs = [("bnb+peft", "random"), ("ours", "random")] if args.same_batches else list(CONFIGS)
+        configs = [*same, *CONFIGS[1:]]
     results = [
         run_worker(args, stack, bits, batching) for bits in args.optimizers.split(",") for stack, batching in configs
     ]
