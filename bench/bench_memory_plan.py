@@ -82,7 +82,8 @@ def measured_table() -> list[dict]:
 
 
 def verdict(shape, t, gb: int) -> str:
-    from qlora_pipeline.stages.contract.memory_plan import fitting_changes, plan_train, usable_bytes
+    from qlora_pipeline.stages.contract.memory_fit import fitting_changes, usable_bytes
+    from qlora_pipeline.stages.contract.memory_plan import plan_train
 
     if plan_train(shape, t).device_peak <= usable_bytes(gb * 10**9):
         return "fits"
@@ -93,7 +94,7 @@ def paper_columns(name: str, plan) -> dict:
     """Ours next to the paper's, in MB (10^6 bytes): the base (NF4 linears + 16-bit embeddings, head, norms), the
     adapters, the whole optimizer state, and the smallest GPU the planner accepts for the step (peak + CUDA context,
     over 90 %: what a GPU must have), against the paper's measured total."""
-    from qlora_pipeline.stages.contract.memory_plan import CUDA_CONTEXT_BYTES
+    from qlora_pipeline.stages.contract.memory_fit import CUDA_CONTEXT_BYTES
 
     base, adapters, optimizer, total = PAPER_MB[name]
     gpu = (plan.device_peak + CUDA_CONTEXT_BYTES) / 0.9

@@ -189,7 +189,8 @@ def plan_cmd(
     import json
 
     from qlora_pipeline.stages.contract.host_plan import host_plan
-    from qlora_pipeline.stages.contract.memory_plan import ModelShape, gib, plan_train, train_shape, usable_bytes
+    from qlora_pipeline.stages.contract.memory_fit import gib, usable_bytes
+    from qlora_pipeline.stages.contract.memory_plan import ModelShape, plan_train, train_shape
 
     model_dir = None
     try:
@@ -233,7 +234,7 @@ def plan_cmd(
 
 
 def _print_fixes(shape: Any, t: Any, plan: Any, capacity: int) -> None:
-    from qlora_pipeline.stages.contract.memory_plan import fitting_changes, gib, usable_bytes
+    from qlora_pipeline.stages.contract.memory_fit import fitting_changes, gib, usable_bytes
 
     usable = usable_bytes(capacity)
     typer.echo(f"does not fit: {gib(plan.device_peak):.1f} GiB > {gib(usable):.1f} usable of {gib(capacity):.1f} GiB")

@@ -48,7 +48,7 @@ def check_gpu_memory(params: Params, device: str) -> None:
     prepare reports that itself)."""
     import torch
 
-    from qlora_pipeline.stages.contract.memory_plan import check_train_memory
+    from qlora_pipeline.stages.contract.memory_fit import check_train_memory
     from qlora_pipeline.stages.lm.modelio import base_model_dir
 
     path = base_model_dir(params.model) / "config.json"

@@ -12,14 +12,8 @@ from typer.testing import CliRunner
 from qlora_pipeline.pipelines.cli import app
 from qlora_pipeline.stages.contract import preflight
 from qlora_pipeline.stages.contract.errors import InputError
-from qlora_pipeline.stages.contract.memory_plan import (
-    ModelShape,
-    check_train_memory,
-    fitting_changes,
-    plan_train,
-    train_shape,
-    usable_bytes,
-)
+from qlora_pipeline.stages.contract.memory_fit import check_train_memory, fitting_changes, usable_bytes
+from qlora_pipeline.stages.contract.memory_plan import ModelShape, plan_train, train_shape
 from qlora_pipeline.stages.contract.params import parse_params
 from tests import tiny
 from tests.memory_probe import PROBES, measure
