@@ -96,7 +96,6 @@ def slim_saved_activations(model: nn.Module) -> dict[str, int]:
         kind = forms[cls]
         if kind:  # bound to the instance, so a deep copy of the model rebinds it to the copy
             module.forward = MethodType(_slim_norm_forward if kind == "rmsnorm" else _slim_mlp_forward, module)
-        if kind:
             counts[kind] += 1
     return counts
 
