@@ -182,33 +182,41 @@ def targeted(shape: ModelShape, targets: tuple[str, ...]) -> dict[str, tuple[int
     return {name: dims for name, dims in shape.linears.items() if name.rpartition(".")[2] in targets}
 
 
+def norm_bytes(shape: ModelShape, cb: int, width: int) -> int:
+    """What an RMSNorm over `width` features keeps per token: a Llama-style one its 16-bit input
+    (kernels/slim_activations.py), Gemma's (1 + w) one its fp32 input and the reciprocal rms."""
+    return 4 * width + 4 if shape.family.norm_offset else cb * width
+
+
+def lora_bytes(t: TrainShape, widths: list[int]) -> int:
+    """What the LoRA branches reading inputs of `widths` keep per token: the dropped-out input, its mask, the
+    rank-r product."""
+    cb = t.compute_bytes
+    return sum(w * (cb + (1 if t.dropout else 0)) + t.lora_r * cb for w in widths)
+
+
 def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
     """Bytes autograd saves for one decoder layer's backward, for t.tokens tokens."""
     n, cb = t.tokens, t.compute_bytes
     h, q, kv = shape.hidden, shape.q_width, shape.kv_width
-    # kernels/slim_activations.py: a Llama-style RMSNorm keeps its 16-bit input; Gemma's (1 + w) norm keeps its fp32
-    # input and the reciprocal rms
-    per_norm = (4, 4) if shape.family.norm_offset else (cb, 0)
-    norms = (shape.norms - 1) * (per_norm[0] * h + per_norm[1])  # the MLP's norm: mlp_activation_bytes
+    norms = (shape.norms - 1) * norm_bytes(shape, cb, h)  # the MLP's norm: mlp_activation_bytes
     if shape.qk_norm:
-        norms += per_norm[0] * (q + kv) + 2 * per_norm[1]
-    attention_linears = [in_ for name, (_, in_) in targeted(shape, t.targets).items() if not name.startswith("mlp.")]
-    lora = sum(in_ * (cb + (1 if t.dropout else 0)) + t.lora_r * cb for in_ in attention_linears)
+        norms += norm_bytes(shape, cb, q) + norm_bytes(shape, cb, kv)
+    widths = [in_ for name, (_, in_) in targeted(shape, t.targets).items() if not name.startswith("mlp.")]
     attention = cb * (q + 2 * kv) + cb * q  # rotated q, k, v and the attention output (no probabilities on a CPU)
     scores = 0
     if shape.family.eager_attention:  # per head: scores, their fp32 softmax and its cast, for every query row
         scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + 2 * cb)
-    return n * (norms + lora + attention) + scores + mlp_activation_bytes(shape, t)
+    return n * (norms + lora_bytes(t, widths) + attention) + scores + mlp_activation_bytes(shape, t)
 
 
 def mlp_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
     """What a layer keeps for its MLP's backward: its norm's input, the LoRA tensors of its projections and the
     gated product's inputs (gate and up, kernels/slim_activations.py; Phi-3's fused MLP also the activation)."""
-    cb, dropout = t.compute_bytes, 1 if t.dropout else 0
-    norm = 4 * shape.hidden + 4 if shape.family.norm_offset else cb * shape.hidden
-    mlp_linears = {k: v for k, v in targeted(shape, t.targets).items() if k.startswith("mlp.")}
-    lora = sum(in_ * (cb + dropout) + t.lora_r * cb for _, in_ in mlp_linears.values())
-    return t.tokens * (norm + lora + (3 if shape.family.fused else 2) * cb * shape.ffn)
+    cb = t.compute_bytes
+    widths = [in_ for name, (_, in_) in targeted(shape, t.targets).items() if name.startswith("mlp.")]
+    gated = (3 if shape.family.fused else 2) * cb * shape.ffn
+    return t.tokens * (norm_bytes(shape, cb, shape.hidden) + lora_bytes(t, widths) + gated)
 
 
 def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
