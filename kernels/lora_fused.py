@@ -1,13 +1,14 @@
 """The LoRA branch of a training step as one autograd node: ``y = base_out + (s · dropout(x) Aᵀ) Bᵀ``.
 
-Why: written as separate autograd ops, the branch of every adapted projection costs a scale and a masked fill
-for the dropout, casts of A and B, two linears, the r-wide scaling and the sum with the base output, each with
-its own backward node: about a dozen ops per projection and direction, 210 projections in a SmolLM2 step. Here
-the dropout is the mask alone (its keep-rate rescaling joins ``s`` on the r-wide product, r/in of the
-multiplies), B's product is added into the base output by ``addmm`` (the sum happens in the matmul's
-epilogue, no extra pass), and the backward masks the input gradient in place. Autograd keeps the same tensors
-the op-by-op version keeps: the dropped input (for A's gradient), the mask (for the input's) and the r-wide
-product (for B's).
+Why: written as separate autograd ops, the branch of every adapted projection costs a scale and a mask for the
+dropout, casts of A and B, two linears, the r-wide scaling and the sum with the base output, each with its own
+backward node: about a dozen ops per projection and direction, 210 projections in a SmolLM2 step. Here the dropout
+is a multiply by the 0/1 keep mask (its keep-rate rescaling joins ``s`` on the r-wide product, r/in of the
+multiplies), B's product is added into the base output by ``addmm`` (the sum happens in the matmul's epilogue, no
+extra pass), and the backward masks the input gradient in place. Autograd keeps the input itself (a view: the
+projections that read one input, q/k/v or gate/up, keep it once between them), the uint8 mask and the r-wide
+product; backward re-applies the mask to the input for A's gradient, one multiply, instead of keeping a dropped
+copy per projection (2 bytes an input element each).
 
 The math is the op-by-op branch's (``LoraLinear.lora_delta``), with the keep-rate applied after A instead of
 before it: the same value up to rounding. tests/unit/test_lora.py holds it to the closed-form gradients and to
@@ -30,34 +31,35 @@ class _LoraBranchAdd(torch.autograd.Function):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         scale: float,
-        drop: torch.Tensor | None,
+        keep: torch.Tensor | None,
     ) -> torch.Tensor:
         dtype = base_out.dtype
         a, b = lora_A.to(dtype), lora_B.to(dtype)
-        h = x.reshape(-1, x.shape[-1]).to(dtype)
-        if drop is not None:
-            h = h.masked_fill(drop.reshape(h.shape), 0)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        keep2 = None if keep is None else keep.reshape(x2.shape)
+        h = x2 if keep2 is None else x2 * keep2
         u = (h @ a.t()).mul_(scale)
+        del h
         y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b.t())
-        ctx.save_for_backward(h, drop, u, a, b)
+        ctx.save_for_backward(x2, keep2, u, a, b)
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
         ctx.a_dtype, ctx.b_dtype = lora_A.dtype, lora_B.dtype
         return y.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        h, drop, u, a, b = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1]).to(h.dtype)
+        x2, keep, u, a, b = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         grad_x = grad_a = grad_b = None
         du = (g @ b).mul_(ctx.scale)
         if ctx.needs_input_grad[3]:
             grad_b = (g.t() @ u).to(ctx.b_dtype)
         if ctx.needs_input_grad[2]:
-            grad_a = (du.t() @ h).to(ctx.a_dtype)
+            grad_a = (du.t() @ (x2 if keep is None else x2 * keep)).to(ctx.a_dtype)
         if ctx.needs_input_grad[1]:
             grad_x = du @ a
-            if drop is not None:
-                grad_x.masked_fill_(drop.reshape(grad_x.shape), 0)
+            if keep is not None:
+                grad_x.mul_(keep)
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_y, grad_x, grad_a, grad_b, None, None
 
@@ -68,10 +70,11 @@ def add_lora_branch(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    drop: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``base_out + scale · ((x with `drop`'s elements zeroed) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
+    """``base_out + scale · ((x ⊙ keep) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
 
-    `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `drop` (bool, x's shape, True = dropped)
-    or None. Gradients flow to base_out (unchanged), x, A and B (in their own dtypes)."""
-    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, drop)
+    `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `keep` (uint8 0/1, x's shape, 0 =
+    dropped: ``FastDropout.keep_mask``) or None. Gradients flow to base_out (unchanged), x, A and B (in their own
+    dtypes)."""
+    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep)

@@ -188,11 +188,22 @@ def norm_bytes(shape: ModelShape, cb: int, width: int) -> int:
     return 4 * width + 4 if shape.family.norm_offset else cb * width
 
 
-def lora_bytes(t: TrainShape, widths: list[int]) -> int:
-    """What the LoRA branches reading inputs of `widths` keep per token: the dropped-out input, its mask, the
-    rank-r product."""
-    cb = t.compute_bytes
-    return sum(w * (cb + (1 if t.dropout else 0)) + t.lora_r * cb for w in widths)
+def lora_input_groups(shape: ModelShape, targets: tuple[str, ...], mlp: bool) -> list[list[int]]:
+    """The input widths of the targeted projections of the attention (or the MLP), one list per shared input: q, k
+    and v read one tensor, gate and up another (Family.linear_sets)."""
+    groups = []
+    for names in shape.family.linear_sets:
+        widths = [shape.linears[n][1] for n in names if n.rpartition(".")[2] in targets]
+        if widths and names[0].startswith("mlp.") == mlp:
+            groups.append(widths)
+    return groups
+
+
+def lora_bytes(t: TrainShape, groups: list[list[int]]) -> int:
+    """What the LoRA branches keep per token (kernels/lora_fused.py): each shared input once, and per projection
+    its uint8 dropout mask and the rank-r product."""
+    cb, mask = t.compute_bytes, 1 if t.dropout else 0
+    return sum(group[0] * cb + sum(w * mask + t.lora_r * cb for w in group) for group in groups)
 
 
 def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
@@ -202,21 +213,23 @@ def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
     norms = (shape.norms - 1) * norm_bytes(shape, cb, h)  # the MLP's norm: mlp_activation_bytes
     if shape.qk_norm:
         norms += norm_bytes(shape, cb, q) + norm_bytes(shape, cb, kv)
-    widths = [in_ for name, (_, in_) in targeted(shape, t.targets).items() if not name.startswith("mlp.")]
     attention = cb * (q + 2 * kv) + cb * q  # rotated q, k, v and the attention output (no probabilities on a CPU)
     scores = 0
     if shape.family.eager_attention:  # per head: scores, their fp32 softmax and its cast, for every query row
         scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + 2 * cb)
-    return n * (norms + lora_bytes(t, widths) + attention) + scores + mlp_activation_bytes(shape, t)
+    lora = lora_bytes(t, lora_input_groups(shape, t.targets, mlp=False))
+    if "o_proj" in t.targets:  # its input is the attention output, counted above: kept once
+        lora -= cb * q
+    return n * (norms + lora + attention) + scores + mlp_activation_bytes(shape, t)
 
 
 def mlp_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
     """What a layer keeps for its MLP's backward: its norm's input, the LoRA tensors of its projections and the
     gated product's inputs (gate and up, kernels/slim_activations.py; Phi-3's fused MLP also the activation)."""
     cb = t.compute_bytes
-    widths = [in_ for name, (_, in_) in targeted(shape, t.targets).items() if name.startswith("mlp.")]
     gated = (3 if shape.family.fused else 2) * cb * shape.ffn
-    return t.tokens * (norm_bytes(shape, cb, shape.hidden) + lora_bytes(t, widths) + gated)
+    lora = lora_bytes(t, lora_input_groups(shape, t.targets, mlp=True))
+    return t.tokens * (norm_bytes(shape, cb, shape.hidden) + lora + gated)
 
 
 def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:

@@ -325,7 +325,9 @@ def test_cpu_dropout_lanes_each_drop_at_the_rate() -> None:
 
     d = FastDropout(0.25).train()
     torch.manual_seed(3)
-    dropped = d.drop_mask(torch.Size([4 * 250_000]), torch.device("cpu")).view(-1, 4).float()
+    kept = d.keep_mask(torch.Size([4 * 250_000]), torch.device("cpu"))
+    assert kept.dtype == torch.uint8 and set(kept.unique().tolist()) == {0, 1}
+    dropped = (1 - kept).view(-1, 4).float()
     sigma = (0.25 * 0.75 / 250_000) ** 0.5
     for lane in range(4):
         assert abs(float(dropped[:, lane].mean()) - 0.25) < 6 * sigma, lane
@@ -348,12 +350,12 @@ def test_mixed_precision_branch_matches_the_op_by_op_math(dropout: float) -> Non
     y = lora(x)
     (y.float() * g).sum().backward()
     torch.manual_seed(9)
-    drop, keep = lora.dropout.mask_and_scale(x) if dropout else (None, 1.0)
-    assert (drop is None) == (dropout == 0.0) and (drop is None or 0 < float(drop.float().mean()) < 0.6)
+    kept, keep = lora.dropout.mask_and_scale(x) if dropout else (None, 1.0)
+    assert (kept is None) == (dropout == 0.0) and (kept is None or 0.4 < float(kept.float().mean()) < 1)
     xr = x.detach().float().requires_grad_()
     a = lora.lora_A.detach().clone().requires_grad_()
     b = lora.lora_B.detach().clone().requires_grad_()
-    h = xr if drop is None else xr.masked_fill(drop, 0) * keep
+    h = xr if kept is None else xr.masked_fill(kept == 0, 0) * keep
     want = lin(x.detach()).float() + 2.0 * (h @ a.T) @ b.T
     (want * g).sum().backward()
     assert y.dtype == torch.bfloat16 and lora.lora_A.grad.dtype == torch.float32
@@ -387,3 +389,21 @@ def test_mixed_precision_checkpoint_replay_gives_the_same_grads() -> None:
     for k in grads[0]:
         assert torch.equal(grads[1][k], grads[0][k]), k
         assert grads[0][k].abs().sum() > 0, k
+
+
+@pytest.mark.parametrize("p", [0.05, 0.25, 0.5])
+def test_cpu_keep_mask_is_the_lane_threshold_rule(p: float) -> None:
+    """The 0/1 mask keeps exactly the elements whose signed 16-bit splitmix64 lane is at or above the threshold
+    (the clamp-and-shift that builds it against the plain comparison, the two lanes at the threshold included)."""
+    from qlora_pipeline.kernels.lora import FastDropout, splitmix64
+
+    d = FastDropout(p).train()
+    n = 4 * 50_001 + 3  # not a whole number of words
+    torch.manual_seed(11)
+    kept = d.keep_mask(torch.Size([n]), torch.device("cpu"))
+    torch.manual_seed(11)
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    lanes = splitmix64(seed, -(-n // 4), torch.device("cpu")).view(torch.int16)[:n]
+    t = d.threshold - 32768
+    assert torch.equal(kept, (lanes >= t).to(torch.uint8))
+    assert int(((lanes == t) | (lanes == t - 1)).sum()) > 0, "the two lanes either side of the threshold occur"

@@ -4,6 +4,7 @@ own modules, bit for bit, on every family the pipeline trains, and fewer bytes k
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,3 +70,37 @@ def test_slim_saves_a_norm_and_a_gated_mlp_what_the_docstring_says() -> None:
     # two norms on the gradient's path (the first sees the frozen embedding's output): their fp32 input (4 B an
     # element), fp32 rstd (one a token) and weight give way to the 16-bit input; the MLP keeps gate and up, not act
     assert kept[0] - kept[1] == 2 * (tokens * hidden * 2 + tokens * 4 + hidden * 2) + tokens * ffn * 2
+
+
+def test_lora_branches_keep_what_the_memory_plan_counts() -> None:
+    """On an NF4 layer (whose frozen base keeps nothing), LoRA on all seven projections with dropout keeps, beyond
+    LoRA on q alone, exactly what memory_plan counts: each shared input once (q/k/v and gate/up read one tensor
+    each; o_proj's is the attention output, kept anyway), per projection its uint8 mask and the r-wide product;
+    plus the 16-bit casts of A and B."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.kernels.architectures import LINEAR_SETS
+    from qlora_pipeline.kernels.linear4bit import quantize_model_linears
+    from qlora_pipeline.stages.contract.memory_plan import lora_bytes
+
+    cfg = tiny.tiny_config("llama", vocab_size=384, num_hidden_layers=1)
+    ids = torch.randint(3, 384, (2, 32), generator=torch.Generator().manual_seed(1))
+    every = [name.rpartition(".")[2] for group in LINEAR_SETS for name in group]
+    kept = []
+    for targets in (["q_proj"], every):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+        quantize_model_linears(model, lambda name: ".layers." in name, compute_dtype=torch.bfloat16)
+        inject_lora(model, targets, r=4, alpha=8, dropout=0.1, compute_dtype=torch.bfloat16)
+        slim_saved_activations(model)
+        model.train()
+        kept.append(saved_tensor_bytes(lambda m=model: m(ids, use_cache=False)))
+    h, ffn = cfg.hidden_size, cfg.intermediate_size
+    t = SimpleNamespace(compute_bytes=2, dropout=0.1, lora_r=4)
+    every_groups, q_alone = [[h, h, h], [h], [h, h], [ffn]], [[h]]
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    a_b = 4 * (6 * h + ffn) + 4 * (3 * h + 2 * kv + 2 * ffn)  # A (r x in) and B (out x r) of the seven, 16-bit
+    casts = 2 * a_b - 2 * 4 * (h + h)
+    o_input = 2 * h  # the attention output: what o_proj's branch reads, kept with LoRA on q alone too
+    per_token = lora_bytes(t, every_groups) - o_input - lora_bytes(t, q_alone)
+    assert kept[1] - kept[0] == 64 * per_token + casts
