@@ -34,14 +34,23 @@ ATTENTION_NAME = "qlora_cpu_training"
 """The name this attention is registered under in transformers' attention interface."""
 
 
-def _masked_scores(grouped: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
-    """Scaled, masked 16-bit scores (batch, heads, queries, keys) from queries grouped by KV head."""
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as the additive one transformers' eager attention adds: 0 where a score is kept,
+    the dtype's minimum where it is masked (not -inf: a row that attends nowhere gets finite scores, not NaN). A
+    float mask is taken as additive already."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _masked_scores(grouped: torch.Tensor, key: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    """Scaled 16-bit scores (batch, heads, queries, keys) plus the additive mask, from queries grouped by KV head.
+
+    Adding the mask (one pass, broadcast over the heads) costs about a third of filling a boolean one into every
+    head's scores on a CPU; a masked score becomes the minimum either way, so the probabilities are the same."""
     batch, kv_heads, rows, _ = grouped.shape
     scores = torch.matmul(grouped, key.transpose(-1, -2)).view(batch, heads, rows * kv_heads // heads, key.shape[2])
-    if mask.dtype == torch.bool:
-        # the dtype's minimum, not -inf: a row that attends nowhere (padding) gets finite, unused values, not NaN
-        return scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    return scores + mask.to(scores.dtype)
+    return scores.add_(bias)
 
 
 class _ShortAttention(torch.autograd.Function):
@@ -51,13 +60,18 @@ class _ShortAttention(torch.autograd.Function):
     copy (for the matmul's), 6 bytes per score: on rows of 256 tokens that is 14 KB per token and layer, more than
     all other activations of a SmolLM2 layer together. The recompute is one more q kᵀ and softmax, bit for bit the
     forward's, so the gradients are the ones autograd would give.
+
+    The mask enters as transformers' eager attention applies it, added (:func:`additive_mask`): a masked score's
+    probability is exactly 0, so its gradient is 0 too and backward needs no masking pass. Only a query row that
+    attends nowhere (left padding) differs from a boolean ``masked_fill``: its uniform probabilities pass gradient
+    to its keys, as under eager attention; such a row carries no loss, so that gradient is 0 anyway.
     """
 
     @staticmethod
     def forward(
         ctx, grouped: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, heads: int
     ) -> torch.Tensor:
-        scores = _masked_scores(grouped, key, mask, heads)
+        scores = _masked_scores(grouped, key, additive_mask(mask, grouped.dtype), heads)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype).view(*grouped.shape[:3], -1)
         ctx.save_for_backward(grouped, key, value, mask)
         ctx.heads = heads
@@ -67,17 +81,16 @@ class _ShortAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grouped, key, value, mask = ctx.saved_tensors
         # at most BACKWARD_BYTES_PER_SCORE live at once: the fp32 probabilities, their gradient and its softmax's
-        probs32 = torch.softmax(_masked_scores(grouped, key, mask, ctx.heads), dim=-1, dtype=torch.float32)
+        bias = additive_mask(mask, grouped.dtype)  # rebuilt (a ninth of the scores' size), the bool mask is kept
+        probs32 = torch.softmax(_masked_scores(grouped, key, bias, ctx.heads), dim=-1, dtype=torch.float32)
+        del bias
         shape = (*grouped.shape[:3], -1)
         grad_out = grad_out.to(value.dtype)
         grad_value = torch.matmul(probs32.to(value.dtype).view(shape).transpose(-1, -2), grad_out)
         grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)).view(probs32.shape).float()
         grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs32, -1, torch.float32)
         del grad_probs, probs32
-        grad_scores = grad_scores.to(value.dtype)
-        if mask.dtype == torch.bool:  # masked_fill's backward: nothing flows to a filled score
-            grad_scores = grad_scores.masked_fill_(~mask, 0)
-        grad_scores = grad_scores.view(shape)
+        grad_scores = grad_scores.to(value.dtype).view(shape)
         grad_grouped = torch.matmul(grad_scores, key)
         return grad_grouped, torch.matmul(grad_scores.transpose(-1, -2), grouped), grad_value, None, None
 

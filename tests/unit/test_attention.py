@@ -4,6 +4,7 @@ to it scoring exactly what SDPA scores, padded, packed and unmasked."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -57,12 +58,15 @@ def test_a_switched_model_scores_what_sdpa_scores(arch: str) -> None:
     assert torch.equal(model(input_ids=long_ids).logits, switched(input_ids=long_ids).logits)
 
 
-def _plain_ops_attention(q, k, v, mask, scaling):
-    """The three ops under plain autograd (what _ShortAttention replaces): it keeps the probabilities."""
+def _plain_ops_attention(q, k, v, mask, scaling, additive=False):
+    """The three ops under plain autograd (what _ShortAttention replaces): it keeps the probabilities. The mask
+    filled in (SDPA's boolean semantics) or, `additive`, added as transformers' eager attention adds it."""
     b, h, n, d = q.shape
     grouped = (q * scaling).reshape(b, k.shape[1], h // k.shape[1] * n, d)
     scores = torch.matmul(grouped, k.transpose(-1, -2)).view(b, h, n, k.shape[2])
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    low = torch.finfo(scores.dtype).min
+    bias = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill(~mask, low)
+    scores = scores + bias if additive else scores.masked_fill(~mask, low)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype).view(b, k.shape[1], -1, k.shape[2])
     return torch.matmul(probs, v).view(b, h, n, d).transpose(1, 2).contiguous()
 
@@ -83,3 +87,22 @@ def test_short_attention_recomputes_what_autograd_keeps_and_gives_its_gradients_
     kept = saved_tensor_bytes(lambda: short_attention(q, k, v, keep, 0.25))
     kept_plain = saved_tensor_bytes(lambda: _plain_ops_attention(q, k, v, keep, 0.25))
     assert kept_plain - kept >= scores * 6  # the fp32 probabilities and their 16-bit copy are not kept
+
+
+def test_a_row_that_attends_nowhere_follows_eager_attention() -> None:
+    """Left padding (bf16, the training dtype): query 0 of the second row sees no key. Its output (uniform
+    probabilities) is what both mask semantics give; its gradient is eager attention's (the mask added), and every
+    other row's is SDPA's too."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, s, 12, 8, generator=g).bfloat16().requires_grad_() for s in (4, 2, 2))
+    keep = torch.ones(12, 12, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    keep[1, 0, :, :3] = False  # the second row's first three positions are padding
+    outs, grads = [], []
+    for fn in (short_attention, functools.partial(_plain_ops_attention, additive=True), _plain_ops_attention):
+        outs.append(fn(q, k, v, keep, 0.25))
+        grads.append(torch.autograd.grad(outs[-1].float().square().sum(), (q, k, v)))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    for mine, eager, sdpa in zip(*grads, strict=True):
+        assert torch.equal(mine, eager)
+        assert torch.equal(mine[0], sdpa[0])  # the first row attends somewhere everywhere: the same
+    assert not torch.equal(grads[0][1][1], grads[2][1][1])  # the padding query's gradient reaches its keys
