@@ -21,7 +21,7 @@ import torch
 from qlora_pipeline.kernels.dtypes import dtype_name, torch_dtype
 from qlora_pipeline.kernels.linear4bit import Linear4bit, cache_dequantized_weights, cached_weight_bytes
 from qlora_pipeline.stages.contract.artifacts import Manifest
-from qlora_pipeline.stages.contract.device import check_nproc
+from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches, check_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params, TrainParams
 from qlora_pipeline.stages.contract.stage import StageContext, execute, follow
@@ -74,6 +74,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
     from qlora_pipeline.stages.contract.memory_plan import weight_cache_budget
 
+    bound_cpu_kernel_caches()
     try:
         model = load_4bit_model(quantized_dir, compute_dtype=dtype)
     except ValueError as exc:

@@ -7,6 +7,7 @@ day. The resolved device goes into each manifest and MLflow run, with `max_memor
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from qlora_pipeline.stages.contract.errors import InputError
@@ -91,3 +92,21 @@ def describe(device: Any) -> str:
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
     return str(dev)
+
+
+CPU_KERNEL_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "1"}
+"""oneDNN's primitive cache (1,024 by default) and torch's ideep LRU cache of matmul primitives, capped."""
+
+
+def bound_cpu_kernel_caches() -> None:
+    """Cap the caches of compiled CPU matmul kernels for this process, unless the environment already sets them.
+
+    Why: a 16-bit matmul on a CPU runs a oneDNN primitive compiled for its exact shape, and every new batch length
+    is a new shape (about 40 primitives a step), which both caches keep. Training on batches of varying length, the
+    process's RSS grew by ~25 MB a step without end; capped, it levels off within ten steps (SmolLM2, packed batches,
+    20 steps: peak RSS 1,817 → 1,525 MB, step time unchanged, docs/speed.md). 64 holds one step's primitives, so
+    a step's repeated shapes (forward, backward, recomputation) still hit. Both caches read their capacity once,
+    at their first use, so this runs before the process's first 16-bit CPU matmul: at the CLI's and the flow's
+    start and before train builds its model."""
+    for name, value in CPU_KERNEL_CACHE_ENV.items():
+        os.environ.setdefault(name, value)
