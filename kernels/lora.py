@@ -66,6 +66,10 @@ def splitmix64(seed: int, count: int, device: torch.device) -> torch.Tensor:
     return z
 
 
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
+"""The int16 bit pattern of 1.0 in each 16-bit float dtype."""
+
+
 class FastDropout(nn.Module):
     """Inverted dropout with the same semantics as ``nn.Dropout`` and a cheaper mask.
 
@@ -76,9 +80,11 @@ class FastDropout(nn.Module):
     device generator's ``random_`` (three lanes of each non-negative 64-bit draw). Either way activation
     checkpointing's RNG replay reproduces the masks, and a saved generator state resumes them exactly.
 
-    The mask is a uint8 tensor of 0 (dropped) and 1 (kept), applied by a multiply: a lane clamped to the two values
-    either side of the threshold and shifted to 0/1 is three fast integer passes, and a 16-bit tensor times it
-    costs about a quarter of a boolean ``masked_fill`` on a CPU (measured in bench/results/profile_step-*.txt).
+    The mask is a tensor of 0 (dropped) and 1 (kept) in the input's dtype, applied by a multiply: a lane clamped to
+    the two values either side of the threshold and shifted to 0/1 is two fast integer passes, and for a 16-bit
+    dtype one more multiply makes it the bit pattern of 1.0 (no conversion pass; a mixed-dtype multiply would
+    convert the mask at every use). A 16-bit multiply costs about a sixth of a boolean ``masked_fill`` on a CPU
+    (docs/speed.md).
     """
 
     def __init__(self, p: float) -> None:
@@ -89,11 +95,11 @@ class FastDropout(nn.Module):
         self.threshold = round(p * 65536)
         self.scale = 65536.0 / (65536 - self.threshold)
 
-    def keep_mask(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """uint8, `shape`: 1 where an element is kept, 0 where it is dropped."""
+    def keep_mask(self, shape: torch.Size, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`dtype`, `shape`: 1 where an element is kept, 0 where it is dropped."""
         n = math.prod(shape)
         if self.threshold == 0:
-            return torch.ones(shape, dtype=torch.uint8, device=device)
+            return torch.ones(shape, dtype=dtype, device=device)
         if device.type == "cpu":
             seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
             lanes = splitmix64(seed, -(-n // 4), device).view(torch.int16)[:n]
@@ -102,19 +108,21 @@ class FastDropout(nn.Module):
             lanes = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]
         # signed lanes: dropped below t = threshold - 32768. Clamped to {t - 1, t}, minus (t - 1): 0 dropped, 1 kept
         t = self.threshold - 32768
-        return lanes.clamp_(t - 1, t).sub_(t - 1).to(torch.uint8).view(shape)
+        keep = lanes.clamp_(t - 1, t).sub_(t - 1)
+        one = _ONE_BITS.get(dtype)
+        return (keep.mul_(one).view(dtype) if one is not None else keep.to(dtype)).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        return (x * self.scale).mul_(self.keep_mask(x.shape, x.device))
+        return (x * self.scale).mul_(self.keep_mask(x.shape, x.device, x.dtype))
 
     def mask_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         """(the keep mask for `x` or None, the survivors' rescaling) for a caller that applies both itself: the
         same draw as :meth:`forward` makes, so the two give the same mask from the same generator state."""
         if not self.training or self.threshold == 0:
             return None, 1.0
-        return self.keep_mask(x.shape, x.device), self.scale
+        return self.keep_mask(x.shape, x.device, x.dtype), self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

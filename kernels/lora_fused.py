@@ -6,7 +6,7 @@ backward node: about a dozen ops per projection and direction, 210 projections i
 is a multiply by the 0/1 keep mask (its keep-rate rescaling joins ``s`` on the r-wide product, r/in of the
 multiplies), B's product is added into the base output by ``addmm`` (the sum happens in the matmul's epilogue, no
 extra pass), and the backward masks the input gradient in place. Autograd keeps the input itself (a view: the
-projections that read one input, q/k/v or gate/up, keep it once between them), the uint8 mask and the r-wide
+projections that read one input, q/k/v or gate/up, keep it once between them), the 0/1 mask and the r-wide
 product; backward re-applies the mask to the input for A's gradient, one multiply, instead of keeping a dropped
 copy per projection (2 bytes an input element each).
 
@@ -74,7 +74,7 @@ def add_lora_branch(
 ) -> torch.Tensor:
     """``base_out + scale · ((x ⊙ keep) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
 
-    `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `keep` (uint8 0/1, x's shape, 0 =
+    `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `keep` (0/1 in x's dtype and shape, 0 =
     dropped: ``FastDropout.keep_mask``) or None. Gradients flow to base_out (unchanged), x, A and B (in their own
     dtypes)."""
     return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep)

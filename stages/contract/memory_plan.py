@@ -201,8 +201,9 @@ def lora_input_groups(shape: ModelShape, targets: tuple[str, ...], mlp: bool) ->
 
 def lora_bytes(t: TrainShape, groups: list[list[int]]) -> int:
     """What the LoRA branches keep per token (kernels/lora_fused.py): each shared input once, and per projection
-    its uint8 dropout mask and the rank-r product."""
-    cb, mask = t.compute_bytes, 1 if t.dropout else 0
+    its 16-bit 0/1 dropout mask and the rank-r product."""
+    cb = t.compute_bytes
+    mask = cb if t.dropout else 0
     return sum(group[0] * cb + sum(w * mask + t.lora_r * cb for w in group) for group in groups)
 
 

@@ -325,8 +325,8 @@ def test_cpu_dropout_lanes_each_drop_at_the_rate() -> None:
 
     d = FastDropout(0.25).train()
     torch.manual_seed(3)
-    kept = d.keep_mask(torch.Size([4 * 250_000]), torch.device("cpu"))
-    assert kept.dtype == torch.uint8 and set(kept.unique().tolist()) == {0, 1}
+    kept = d.keep_mask(torch.Size([4 * 250_000]), torch.device("cpu"), torch.bfloat16)
+    assert kept.dtype == torch.bfloat16 and set(kept.unique().tolist()) == {0.0, 1.0}
     dropped = (1 - kept).view(-1, 4).float()
     sigma = (0.25 * 0.75 / 250_000) ** 0.5
     for lane in range(4):
@@ -391,19 +391,21 @@ def test_mixed_precision_checkpoint_replay_gives_the_same_grads() -> None:
         assert grads[0][k].abs().sum() > 0, k
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("p", [0.05, 0.25, 0.5])
-def test_cpu_keep_mask_is_the_lane_threshold_rule(p: float) -> None:
+def test_cpu_keep_mask_is_the_lane_threshold_rule(p: float, dtype: torch.dtype) -> None:
     """The 0/1 mask keeps exactly the elements whose signed 16-bit splitmix64 lane is at or above the threshold
-    (the clamp-and-shift that builds it against the plain comparison, the two lanes at the threshold included)."""
+    (the clamp-and-shift that builds it against the plain comparison, the two lanes at the threshold included),
+    as 0.0 and 1.0 of the requested dtype (a bit pattern for the 16-bit ones)."""
     from qlora_pipeline.kernels.lora import FastDropout, splitmix64
 
     d = FastDropout(p).train()
     n = 4 * 50_001 + 3  # not a whole number of words
     torch.manual_seed(11)
-    kept = d.keep_mask(torch.Size([n]), torch.device("cpu"))
+    kept = d.keep_mask(torch.Size([n]), torch.device("cpu"), dtype)
     torch.manual_seed(11)
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
     lanes = splitmix64(seed, -(-n // 4), torch.device("cpu")).view(torch.int16)[:n]
     t = d.threshold - 32768
-    assert torch.equal(kept, (lanes >= t).to(torch.uint8))
+    assert kept.dtype == dtype and torch.equal(kept, (lanes >= t).to(dtype))
     assert int(((lanes == t) | (lanes == t - 1)).sum()) > 0, "the two lanes either side of the threshold occur"
