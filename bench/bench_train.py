@@ -2,7 +2,7 @@
 transformers+bitsandbytes+peft.
 
     .venv/bin/python bench/bench_train.py [--steps 20 | --tokens N] [--same-batches] [--device auto|cpu|cuda]
-                                          [--model smollm2|llama3-8b-shape] [--layers 2] [--out FILE]
+                                          [--model smollm2|llama3-8b-shape] [--layers 2] [--repeats 1] [--out FILE]
 
 Same model, same data (artifacts/prepare), batch 8, seq ≤ 256, LoRA r=16 α=32 dropout 0.05 on all 7
 projections, gradient checkpointing, lr 2e-4 constant, clip 0.3. `smollm2` is SmolLM2-135M-Instruct as prepare
@@ -21,6 +21,9 @@ those batches and on its own two batchings beside one bnb+peft run (ratios `ours
 `_grouped`, `_packed`).
 `--tokens N` trains every
 configuration on the same N real (not padding) tokens, so the held-out losses compare at equal data.
+`--repeats N` runs every configuration N times, in N rounds of all of them, and takes each measured value as the
+median over its runs (each run's values are kept beside it): on the 2-core dev VM two runs of identical work in one
+invocation differed by up to 19 % in median step time, so one run per configuration cannot settle a 10 % question.
 Writes bench/results/train.json (CPU) or bench/results/gpu-train-<model>.json (GPU), or --out.
 """
 
@@ -297,13 +300,38 @@ CONFIGS = (("bnb+peft", "random"), ("ours", "grouped"), ("ours", "packed"))
 """Each stack as it batches out of the box, and ours with packing on."""
 
 
+MEASURED = ("median_step_s", "tokens_per_s", "peak_rss_mb", "peak_rss_train_mb", "peak_gpu_allocated_mb")
+"""What each run measures and a repeated configuration reports as the median over its runs."""
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One configuration's runs as one result: each measured value the median over the runs (the first run's other
+    fields: batches, losses and held-out loss are the same in every run), the runs' own values kept beside it."""
+    out = dict(runs[0])
+    for key in MEASURED:
+        values = [r[key] for r in runs]
+        out[key] = None if None in values else statistics.median(values)
+        if len(runs) > 1:
+            out[f"{key}_runs"] = values
+    return out
+
+
 def compare(results: list[dict], bits: str) -> dict[str, Any]:
-    """Every configuration of ours against bnb+peft (step time, tokens/s, peak memory) and the held-out losses."""
+    """Every configuration of ours against bnb+peft (step time, tokens/s, peak memory) and the held-out losses;
+    a configuration run more than once (--repeats) by the medians over its runs."""
     mine = [r for r in results if r["optimizer"].endswith(bits)]
-    base = next(r for r in mine if r["stack"] == "bnb+peft")
-    out: dict[str, Any] = {"heldout_loss_bnb": base["heldout_loss"]}
-    for ours in (r for r in mine if r["stack"] == "ours"):
-        tag = ours["batching"]
+    configs: dict[tuple[str, str], list[dict]] = {}
+    for r in mine:
+        configs.setdefault((r["stack"], r["batching"]), []).append(r)
+    pooled_runs = {key: pooled(runs) for key, runs in configs.items()}
+    base = next(r for (stack, _), r in pooled_runs.items() if stack == "bnb+peft")
+    out: dict[str, Any] = {
+        "heldout_loss_bnb": base["heldout_loss"],
+        "runs_per_configuration": len(configs[next(iter(configs))]),
+    }
+    for (stack, tag), ours in pooled_runs.items():
+        if stack != "ours":
+            continue
         out[f"ours_{tag}"] = {
             "step_time_ratio_ours_over_bnb": ratio(ours["median_step_s"], base["median_step_s"]),
             "tokens_per_s_ratio_ours_over_bnb": ratio(ours["tokens_per_s"], base["tokens_per_s"]),
@@ -314,6 +342,11 @@ def compare(results: list[dict], bits: str) -> dict[str, Any]:
             ),
             "heldout_loss_ours": ours["heldout_loss"],
         }
+        if "median_step_s_runs" in ours:  # round by round: what the median hides
+            pairs = zip(ours["median_step_s_runs"], base["median_step_s_runs"], strict=True)
+            out[f"ours_{tag}"]["step_time_ratio_per_round"] = [ratio(a, b) for a, b in pairs]
+            pairs = zip(ours["peak_rss_mb_runs"], base["peak_rss_mb_runs"], strict=True)
+            out[f"ours_{tag}"]["peak_rss_ratio_per_round"] = [ratio(a, b) for a, b in pairs]
     return out
 
 
@@ -335,6 +368,9 @@ def main() -> None:
     ap.add_argument("--bnb-autocast", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--checkpoint-min-tokens", type=int, default=None, help="ours: train.checkpoint_min_tokens")
     ap.add_argument("--weight-cache-mb", type=float, default=None, help="ours: train.frozen_weight_cache_mb")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="run every configuration this many times, in rounds; report medians"
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stack", default="ours")
@@ -355,8 +391,11 @@ def main() -> None:
     configs = same if args.same_batches else list(CONFIGS)
     if args.all_batchings:
         configs = [*same, *CONFIGS[1:]]
-    results = [
-        run_worker(args, stack, bits, batching) for bits in args.optimizers.split(",") for stack, batching in configs
+    results = [  # in rounds, so a machine that speeds up or slows down during the run touches every configuration
+        run_worker(args, stack, bits, batching) | {"round": round_}
+        for round_ in range(args.repeats)
+        for bits in args.optimizers.split(",")
+        for stack, batching in configs
     ]
     ratios = {f"paged_adamw_{bits}": compare(results, bits) for bits in args.optimizers.split(",")}
     summary = {
@@ -370,6 +409,7 @@ def main() -> None:
         "checkpoint_min_tokens": args.checkpoint_min_tokens,
         "weight_cache_mb": args.weight_cache_mb,
         "bnb_autocast": args.bnb_autocast,
+        "repeats": args.repeats,
         "results": results,
         "ratios": ratios,
     }
