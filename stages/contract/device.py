@@ -1,4 +1,5 @@
-"""The one device setting (`runtime.device`) every computing stage honours, and its memory peaks.
+"""The one device setting (`runtime.device`) every computing stage honours, its memory peaks, and the cap on the
+CPU's caches of compiled matmul kernels (:func:`bound_cpu_kernel_caches`).
 
 `auto` is cuda:0 when torch sees a GPU, else the CPU; anything named explicitly must exist, or the run stops
 before any work with one line: a GPU node whose torch lost its CUDA build must not quietly train on the CPU for a
