@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qlora_pipeline.kernels.attention import additive_mask
 from qlora_pipeline.kernels.fused_ce import DEFAULT_CHUNK, frozen_head_cross_entropy
 from qlora_pipeline.kernels.lora import module_device
 from qlora_pipeline.stages.lm.batching import Batch, collate, eval_batches
@@ -55,7 +56,7 @@ def device_attention_masks(model: Any, batch: Batch) -> torch.Tensor | dict[str,
     for kind in types:
         m = keep & (distance < config.sliding_window)[None, None] if kind == "sliding_attention" else keep
         if config._attn_implementation != "sdpa":  # eager: additive
-            m = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill_(~m, torch.finfo(dtype).min)
+            m = additive_mask(m, dtype)
         masks[kind] = m
     return masks if per_type else masks[types[0]]
 
