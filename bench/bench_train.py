@@ -196,9 +196,15 @@ def worker(args: argparse.Namespace) -> dict:
 def _ours(args: argparse.Namespace, nf4_dir: Path, device):
     import torch
 
-    from qlora_pipeline.stages.contract.params import TrainParams
+    from qlora_pipeline.stages.contract.params import Params, TrainParams
     from qlora_pipeline.stages.lm.lm_loss import summed_loss
-    from qlora_pipeline.stages.train import build_model, compute_dtype, make_optimizer, set_checkpointing
+    from qlora_pipeline.stages.train import (
+        build_model,
+        compute_dtype,
+        make_optimizer,
+        recompute_budget_of,
+        set_recompute,
+    )
 
     t = TrainParams(
         optimizer=args.optimizer,
@@ -211,10 +217,11 @@ def _ours(args: argparse.Namespace, nf4_dir: Path, device):
     )
     model, trainable = build_model(nf4_dir, t, device, compute_dtype(t, device))
     opt = make_optimizer(trainable, t)
+    budget = recompute_budget_of(model, Params(train=t), device)
     model.train()
 
     def step(batch) -> float:
-        set_checkpointing(model, batch.input_ids.numel() >= t.checkpoint_min_tokens)  # as stages/train.py does
+        set_recompute(model, budget, batch)  # as stages/train.py does
         total, n = summed_loss(model, batch)
         loss = total / max(n, 1)
         loss.backward()

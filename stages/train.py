@@ -24,6 +24,7 @@ from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches, check_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params, TrainParams
+from qlora_pipeline.stages.contract.recompute_budget import RecomputeBudget
 from qlora_pipeline.stages.contract.stage import StageContext, execute, follow
 from qlora_pipeline.stages.lm.batching import Batch, BatchPlan, target_count, token_rows
 from qlora_pipeline.stages.lm.checkpoints import save_checkpoint
@@ -42,7 +43,7 @@ from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.lora16 import train_lora16_baseline
 from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER, adapt_for_training, lora_targets
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
-from qlora_pipeline.stages.lm.recompute import enable_checkpointing, set_checkpointing
+from qlora_pipeline.stages.lm.recompute import enable_checkpointing, set_recomputed_layers
 from qlora_pipeline.stages.lm.report import plot_losses
 from qlora_pipeline.stages.lm.schedule import lr_at, total_steps
 from qlora_pipeline.stages.lm.train_state import (
@@ -152,8 +153,31 @@ def next_step(
     )
 
 
+def recompute_budget_of(model: Any, params: Params, device: torch.device) -> RecomputeBudget | None:
+    """How many layers each batch recomputes (None: train.gradient_checkpointing off, none ever)."""
+    from qlora_pipeline.stages.contract.memory_plan import ModelShape, recompute_budget, train_shape_of
+
+    t = params.train
+    if not t.gradient_checkpointing:
+        return None
+    config = model.config.to_dict()
+    run = train_shape_of(t, params.data.max_length, config, device.type, ranks=1)
+    return recompute_budget(ModelShape.from_config(config), run)
+
+
+def set_recompute(model: Any, budget: RecomputeBudget | None, batch: Batch) -> None:
+    """Before a batch's forward pass: recompute as many layers as its length needs to stay within the budget."""
+    if budget is not None:
+        set_recomputed_layers(model, budget.recomputed_layers(batch.input_ids.numel()))
+
+
 def accumulate_gradients(
-    model: Any, work: StepBatches, t: TrainParams, step: int, device: torch.device, world: World | None
+    model: Any,
+    work: StepBatches,
+    budget: RecomputeBudget | None,
+    step: int,
+    device: torch.device,
+    world: World | None,
 ) -> Any:
     """Backward over the step's micro-batches, each loss divided by the step's target tokens (over every rank);
     returns this process's summed loss, still on the device."""
@@ -162,8 +186,7 @@ def accumulate_gradients(
     for k, b in enumerate(work.batches):
         b = b.to(device)
         gradient_sync(model, world, last=k == len(work.batches) - 1)
-        if t.gradient_checkpointing:
-            set_checkpointing(model, b.input_ids.numel() >= t.checkpoint_min_tokens)
+        set_recompute(model, budget, b)
         try:
             total, _ = summed_loss(model, b)
             loss = total / n_target
@@ -219,6 +242,7 @@ def train_loop(
     if world is None or world.main:
         record_identity(ctx, identity)
     plan = batch_plan(ctx.params, rows)
+    budget = recompute_budget_of(model, ctx.params, device)
     targets = [target_count(labels) for _, labels in rows]
     stream = plan.stream(start=start * t.grad_accum)
     model.train()
@@ -231,7 +255,7 @@ def train_loop(
             group["lr"] = lr
         t0 = time.perf_counter()
         work = next_step(plan, stream, rows, targets, pad_id, world, t.grad_accum)
-        step_loss = accumulate_gradients(model, work, t, step, device, world)
+        step_loss = accumulate_gradients(model, work, budget, step, device, world)
         sum_gradients(trainable, world)
         norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         step_loss = step_loss if world is None else world.sum(step_loss)

@@ -31,11 +31,15 @@ class Probe:
     checkpointing: bool
     optimizer: str = "adamw_32bit"
     r: int = 16
+    recompute_tokens: int = 0
+    """With checkpointing: train.checkpoint_min_tokens (0: every layer recomputes)."""
 
     @property
     def label(self) -> str:
         s = self.sizes
-        ckpt = "ckpt" if self.checkpointing else "no ckpt"
+        ckpt = "no ckpt"
+        if self.checkpointing:
+            ckpt = f"ckpt over {self.recompute_tokens}" if self.recompute_tokens else "ckpt"
         return (
             f"{self.arch} L{s['num_hidden_layers']} H{s['hidden_size']} V{s['vocab_size']}, {self.batch}x{self.seq}, "
             f"{ckpt}, {self.optimizer}, r{self.r}"
@@ -59,10 +63,12 @@ def measure(probe: Probe, steps: int = 2) -> tuple[int, MemoryPlan]:
     from transformers import AutoModelForCausalLM
 
     from qlora_pipeline.kernels.formats.bnb_loader import save_4bit_checkpoint
+    from qlora_pipeline.stages.contract.memory_plan import recompute_budget
     from qlora_pipeline.stages.contract.params import TrainParams
     from qlora_pipeline.stages.lm.batching import collate
     from qlora_pipeline.stages.lm.lm_loss import summed_loss
-    from qlora_pipeline.stages.train import build_model, make_optimizer, set_checkpointing
+    from qlora_pipeline.stages.lm.recompute import set_recomputed_layers
+    from qlora_pipeline.stages.train import build_model, make_optimizer
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -78,22 +84,6 @@ def measure(probe: Probe, steps: int = 2) -> tuple[int, MemoryPlan]:
             compute_dtype="bfloat16",
         )
         model, trainable = build_model(Path(tmp) / "nf4", t, torch.device("cpu"), torch.bfloat16)
-    model.train()
-    set_checkpointing(model, probe.checkpointing)
-    opt = make_optimizer(trainable, t)
-    g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(3, probe.sizes["vocab_size"], (probe.seq,), generator=g).tolist() for _ in range(probe.batch)]
-    batch = collate([(x, x) for x in ids], pad_id=0)  # every token labelled: the most the loss can take
-    tracker = AllocationTracker("cpu")
-    tracker.track(model, opt)
-    with tracker:
-        for _ in range(steps):
-            tracker.peak = tracker.current
-            total, n = summed_loss(model, batch)
-            (total / n).backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 0.3)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
     shape = ModelShape.from_config(config)
     shape_t = TrainShape(
         batch_size=probe.batch,
@@ -109,7 +99,25 @@ def measure(probe: Probe, steps: int = 2) -> tuple[int, MemoryPlan]:
         reference_dequant=True,
         short_attention=True,
         weight_cache_bytes=weight_cache_budget(t, "cpu"),
+        recompute_budget_tokens=probe.recompute_tokens,
     )
+    model.train()
+    recomputed = recompute_budget(shape, shape_t).recomputed_layers(probe.batch * probe.seq)
+    set_recomputed_layers(model, recomputed if probe.checkpointing else 0)
+    opt = make_optimizer(trainable, t)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, probe.sizes["vocab_size"], (probe.seq,), generator=g).tolist() for _ in range(probe.batch)]
+    batch = collate([(x, x) for x in ids], pad_id=0)  # every token labelled: the most the loss can take
+    tracker = AllocationTracker("cpu")
+    tracker.track(model, opt)
+    with tracker:
+        for _ in range(steps):
+            tracker.peak = tracker.current
+            total, n = summed_loss(model, batch)
+            (total / n).backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 0.3)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return tracker.peak, plan_train(shape, shape_t)
 
 
@@ -132,5 +140,7 @@ PROBES = [
     ),
     Probe("gemma2", sizes(num_hidden_layers=2), 2, 128, True),
     Probe("gemma3", sizes(num_hidden_layers=2), 2, 128, False),
+    Probe("llama", sizes(vocab_size=384, num_hidden_layers=4), 4, 128, True, recompute_tokens=256),
 ]
-"""Six families, with and without checkpointing, 32- and 8-bit state, r 16 and 64, vocabularies 384 to 8192."""
+"""Six families, with and without checkpointing (every layer recomputed, or as many as a 256-token budget needs),
+32- and 8-bit state, r 16 and 64, vocabularies 384 to 8192."""

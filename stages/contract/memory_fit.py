@@ -41,8 +41,9 @@ def fitting_changes(shape: ModelShape, t: TrainShape, capacity: int) -> list[tup
     tries: list[tuple[str, dict[str, Any]]] = []
     if t.weight_cache_bytes and plan_train(shape, t).weight_cache:
         tries.append(("train.frozen_weight_cache_mb: 0", {"weight_cache_bytes": 0}))
-    if not t.checkpointing:
-        tries.append(("train.gradient_checkpointing: true, checkpoint_min_tokens: 0", {"checkpointing": True}))
+    if not t.checkpointing or t.recompute_budget_tokens:
+        every_layer = {"checkpointing": True, "recompute_budget_tokens": 0}
+        tries.append(("train.gradient_checkpointing: true, checkpoint_min_tokens: 0", every_layer))
     if t.state_bits == 32:
         tries.append(("train.optimizer: paged_adamw_8bit", {"state_bits": 8}))
     if t.adapter_bytes == 4:

@@ -8,7 +8,9 @@ A sum of terms, each a count of bytes of one kind of tensor the step holds at it
   absmax per block of 256 for tensors of 4,096 elements or more), of which a paged optimizer keeps at most its
   page budget on the device;
 - activations: what autograd saves per decoder layer for `tokens` = micro-batch x data.max_length (the worst
-  batch), for every layer without gradient checkpointing, or each layer's input plus one layer's worth with it;
+  batch): every layer's without gradient checkpointing; with it, the input of each layer the batch recomputes
+  (:class:`RecomputeBudget`: as many as keep it within what a train.checkpoint_min_tokens batch keeps) and the
+  rest of the others;
 - the loss: hidden states and one chunk of fp32 logits and their gradient (only labelled positions reach lm_head);
 - the transient of the largest linear: its weight dequantized in the compute dtype while it multiplies.
 
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from qlora_pipeline.kernels.architectures import Family, family_of_class
+from qlora_pipeline.stages.contract.recompute_budget import RecomputeBudget
 
 NF4_NESTED_BLOCK = 256
 OPTIM_8BIT_BLOCK = 256
@@ -113,6 +116,9 @@ class TrainShape:
     a layer's probabilities."""
     weight_cache_bytes: int = 0
     """train.frozen_weight_cache_mb resolved: at most this many bytes of dequantized frozen weights are kept."""
+    recompute_budget_tokens: int = 0
+    """train.checkpoint_min_tokens: with checkpointing, a batch keeps at most what one of this many tokens keeps
+    without recomputing (0: every layer recomputes)."""
 
     @property
     def rank_batch(self) -> int:
@@ -126,6 +132,68 @@ class TrainShape:
     @property
     def shards(self) -> int:
         return self.ranks if self.sharded else 1
+
+
+def norm_bytes(shape: ModelShape, cb: int, width: int) -> int:
+    """What an RMSNorm over `width` features keeps per token: a Llama-style one its 16-bit input
+    (kernels/slim_activations.py), Gemma's (1 + w) one its fp32 input and the reciprocal rms."""
+    return 4 * width + 4 if shape.family.norm_offset else cb * width
+
+
+def lora_input_groups(shape: ModelShape, targets: tuple[str, ...], mlp: bool) -> list[list[int]]:
+    """The input widths of the targeted projections of the attention (or the MLP), one list per shared input: q, k
+    and v read one tensor, gate and up another (Family.linear_sets)."""
+    groups = []
+    for names in shape.family.linear_sets:
+        widths = [shape.linears[n][1] for n in names if n.rpartition(".")[2] in targets]
+        if widths and names[0].startswith("mlp.") == mlp:
+            groups.append(widths)
+    return groups
+
+
+def lora_bytes(t: TrainShape, groups: list[list[int]]) -> int:
+    """What the LoRA branches keep per token (kernels/lora_fused.py): each shared input once, and per projection
+    its 16-bit 0/1 dropout mask and the rank-r product."""
+    cb = t.compute_bytes
+    mask = cb if t.dropout else 0
+    return sum(group[0] * cb + sum(w * mask + t.lora_r * cb for w in group) for group in groups)
+
+
+def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
+    """Bytes autograd saves for one decoder layer's backward, for t.tokens tokens."""
+    n, cb = t.tokens, t.compute_bytes
+    h, q, kv = shape.hidden, shape.q_width, shape.kv_width
+    norms = (shape.norms - 1) * norm_bytes(shape, cb, h)  # the MLP's norm: mlp_activation_bytes
+    if shape.qk_norm:
+        norms += norm_bytes(shape, cb, q) + norm_bytes(shape, cb, kv)
+    attention = cb * (q + 2 * kv) + cb * q  # rotated q, k, v and the attention output (no probabilities on a CPU)
+    scores = 0
+    if shape.family.eager_attention:  # per head: scores, their fp32 softmax and its cast, for every query row
+        scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + 2 * cb)
+    lora = lora_bytes(t, lora_input_groups(shape, t.targets, mlp=False))
+    if "o_proj" in t.targets:  # its input is the attention output, counted above: kept once
+        lora -= cb * q
+    return n * (norms + lora + attention) + scores + mlp_activation_bytes(shape, t)
+
+
+def mlp_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
+    """What a layer keeps for its MLP's backward: its norm's input, the LoRA tensors of its projections and the
+    gated product's inputs (gate and up, kernels/slim_activations.py; Phi-3's fused MLP also the activation)."""
+    cb = t.compute_bytes
+    gated = (3 if shape.family.fused else 2) * cb * shape.ffn
+    lora = lora_bytes(t, lora_input_groups(shape, t.targets, mlp=True))
+    return t.tokens * (norm_bytes(shape, cb, shape.hidden) + lora + gated)
+
+
+def recompute_budget(shape: ModelShape, t: TrainShape) -> RecomputeBudget:
+    """The budget of a run (`t` as :func:`train_shape` makes it): per-token bytes from the plan's own layer count."""
+    per_token = -(-layer_activation_bytes(shape, t) // t.tokens)
+    return RecomputeBudget(
+        layers=shape.layers,
+        kept_per_token=per_token,
+        input_per_token=shape.hidden * t.compute_bytes,
+        tokens=t.recompute_budget_tokens,
+    )
 
 
 @dataclass(frozen=True)
@@ -182,57 +250,6 @@ def targeted(shape: ModelShape, targets: tuple[str, ...]) -> dict[str, tuple[int
     return {name: dims for name, dims in shape.linears.items() if name.rpartition(".")[2] in targets}
 
 
-def norm_bytes(shape: ModelShape, cb: int, width: int) -> int:
-    """What an RMSNorm over `width` features keeps per token: a Llama-style one its 16-bit input
-    (kernels/slim_activations.py), Gemma's (1 + w) one its fp32 input and the reciprocal rms."""
-    return 4 * width + 4 if shape.family.norm_offset else cb * width
-
-
-def lora_input_groups(shape: ModelShape, targets: tuple[str, ...], mlp: bool) -> list[list[int]]:
-    """The input widths of the targeted projections of the attention (or the MLP), one list per shared input: q, k
-    and v read one tensor, gate and up another (Family.linear_sets)."""
-    groups = []
-    for names in shape.family.linear_sets:
-        widths = [shape.linears[n][1] for n in names if n.rpartition(".")[2] in targets]
-        if widths and names[0].startswith("mlp.") == mlp:
-            groups.append(widths)
-    return groups
-
-
-def lora_bytes(t: TrainShape, groups: list[list[int]]) -> int:
-    """What the LoRA branches keep per token (kernels/lora_fused.py): each shared input once, and per projection
-    its 16-bit 0/1 dropout mask and the rank-r product."""
-    cb = t.compute_bytes
-    mask = cb if t.dropout else 0
-    return sum(group[0] * cb + sum(w * mask + t.lora_r * cb for w in group) for group in groups)
-
-
-def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
-    """Bytes autograd saves for one decoder layer's backward, for t.tokens tokens."""
-    n, cb = t.tokens, t.compute_bytes
-    h, q, kv = shape.hidden, shape.q_width, shape.kv_width
-    norms = (shape.norms - 1) * norm_bytes(shape, cb, h)  # the MLP's norm: mlp_activation_bytes
-    if shape.qk_norm:
-        norms += norm_bytes(shape, cb, q) + norm_bytes(shape, cb, kv)
-    attention = cb * (q + 2 * kv) + cb * q  # rotated q, k, v and the attention output (no probabilities on a CPU)
-    scores = 0
-    if shape.family.eager_attention:  # per head: scores, their fp32 softmax and its cast, for every query row
-        scores = t.rank_batch * shape.heads * t.max_length**2 * (4 + 2 * cb)
-    lora = lora_bytes(t, lora_input_groups(shape, t.targets, mlp=False))
-    if "o_proj" in t.targets:  # its input is the attention output, counted above: kept once
-        lora -= cb * q
-    return n * (norms + lora + attention) + scores + mlp_activation_bytes(shape, t)
-
-
-def mlp_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
-    """What a layer keeps for its MLP's backward: its norm's input, the LoRA tensors of its projections and the
-    gated product's inputs (gate and up, kernels/slim_activations.py; Phi-3's fused MLP also the activation)."""
-    cb = t.compute_bytes
-    gated = (3 if shape.family.fused else 2) * cb * shape.ffn
-    lora = lora_bytes(t, lora_input_groups(shape, t.targets, mlp=True))
-    return t.tokens * (norm_bytes(shape, cb, shape.hidden) + lora + gated)
-
-
 def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     """The peak bytes of one train step (forward, backward, optimizer update) of `shape` under `t`, on one rank."""
     cb, ab, n, shards = t.compute_bytes, t.adapter_bytes, t.tokens, t.shards
@@ -245,7 +262,9 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     device_state = state if t.page_budget_bytes is None else min(state, t.page_budget_bytes)
     layer = layer_activation_bytes(shape, t)
     residual = n * shape.hidden * cb
-    saved = shape.layers * (residual if t.checkpointing else layer)
+    budget = recompute_budget(shape, t)
+    recomputed = budget.recomputed_layers(n) if t.checkpointing else 0
+    saved = recomputed * residual + (shape.layers - recomputed) * layer
     # Forward peak, at the loss: every saved activation, the final norm's fp32 input and the hidden gradient the
     # loss forms, and one chunk of logits (kernels/fused_ce.py: fp32 logits made probabilities in place, a bf16 copy).
     loss_saved = n * shape.hidden * (4 + cb)
@@ -253,7 +272,7 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     if shape.softcap:  # soft-capped logits take the plain loss: every chunk's logits stay saved for backward
         logits = 14 * n * shape.vocab
     forward = saved + loss_saved, logits
-    # Backward peak: the adapter gradients, what is still saved, one layer's worth recomputed (with checkpointing),
+    # Backward peak: the adapter gradients, what is still saved, one layer's worth recomputed (when every layer is),
     # the gradient flowing between layers and, inside the MLP, into its gate and up outputs, and the larger of a
     # dequantized weight with its fp32 values (the reference path) and the CPU attention's recomputed probabilities.
     largest = max(out * in_ for out, in_ in shape.linears.values())
@@ -265,7 +284,7 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
         # MLP kept and of its flowing gradients
         scores = SHORT_ATTENTION_BACKWARD_BYTES * t.rank_batch * shape.heads * t.max_length**2
         transient = max(transient, scores - 2 * n * shape.ffn * cb - mlp_activation_bytes(shape, t))
-    backward = saved + (layer if t.checkpointing else 0) + flowing, transient
+    backward = saved + (layer if recomputed == shape.layers else 0) + flowing, transient
     phase, (activations, transient), grads = max(
         (("forward", forward, 0), ("backward", backward, lora)), key=lambda p: sum(p[1]) + p[2]
     )
@@ -318,24 +337,36 @@ def weight_cache_budget(t: Any, device_type: str) -> int:
 def train_shape(params: Any, config: dict[str, Any], device_type: str = "cuda", ranks: int | None = None) -> TrainShape:
     """What of `params` (a Params) sets a train step's memory, for the model of `config` on a `device_type`, with
     `ranks` processes (default: train.nproc, 1 for auto)."""
-    t = params.train
+    return train_shape_of(params.train, params.data.max_length, config, device_type, ranks, params.quantize.blocksize)
+
+
+def train_shape_of(
+    t: Any,
+    max_length: int,
+    config: dict[str, Any],
+    device_type: str = "cuda",
+    ranks: int | None = None,
+    blocksize: int = 64,
+) -> TrainShape:
+    """:func:`train_shape` from the train section (a TrainParams) and data.max_length: what the train stage, which
+    does not read the quantize section, can ask (the NF4 block size only sizes the base's scales)."""
     ranks = ranks or (t.nproc if isinstance(t.nproc, int) else 1)
     shape = ModelShape.from_config(config)
     kind = t.optimizer_kind
-    tokens = math.ceil(t.batch_size / ranks) * params.data.max_length
     budget = t.optimizer_page_budget_mb
     return TrainShape(
         batch_size=t.batch_size,
-        max_length=params.data.max_length,
+        max_length=max_length,
         lora_r=t.lora_r,
         targets=tuple(t.target_modules or shape.family.lora_targets),
         dropout=t.lora_dropout > 0,
-        checkpointing=t.gradient_checkpointing and tokens >= t.checkpoint_min_tokens,
+        checkpointing=t.gradient_checkpointing,
+        recompute_budget_tokens=t.checkpoint_min_tokens,
         adapter_bytes=DTYPE_BYTES[t.adapter_dtype],
         compute_bytes=4 if t.compute_dtype == "float32" else 2,
         state_bits=kind.state_bits,
         page_budget_bytes=int(budget * 2**20) if kind.paged and budget is not None else None,
-        blocksize=params.quantize.blocksize,
+        blocksize=blocksize,
         reference_dequant=device_type == "cpu",
         ranks=ranks,
         sharded=ranks > 1 and t.distributed == "fsdp",
@@ -347,9 +378,12 @@ def train_shape(params: Any, config: dict[str, Any], device_type: str = "cuda", 
 __all__ = [
     "MemoryPlan",
     "ModelShape",
+    "RecomputeBudget",
     "TrainShape",
     "nf4_bytes",
     "optimizer_state_bytes",
     "plan_train",
+    "recompute_budget",
     "train_shape",
+    "train_shape_of",
 ]

@@ -141,7 +141,9 @@ class TrainParams(Section):
     """Stop after this many validations without improvement (needs eval_every)."""
     gradient_checkpointing: bool = True
     checkpoint_min_tokens: Annotated[int, Field(ge=0)] = 512
-    """Batches with fewer padded tokens skip recomputation (they fit anyway); 0 = always recompute."""
+    """Batches of at most this many padded tokens recompute nothing; a longer one recomputes its first layers, as
+    few as keep its activations within what such a batch keeps (stages/contract/recompute_budget.py); 0 = every
+    layer of every batch recomputes."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 20
     seed: Annotated[int, Field(ge=0)] = 0
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

@@ -16,11 +16,25 @@ def enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def set_checkpointing(model: Any, enabled: bool) -> None:
-    """Turn recomputation on or off per batch: a short batch's activations fit anyway, and the long batches,
-    which set the memory peak, still checkpoint."""
+def checkpointed_layers(model: Any) -> list[Any]:
+    """The decoder layers that can recompute (those :func:`enable_checkpointing` prepared), in model order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer) and hasattr(module, "_gradient_checkpointing_func"):
-            module.gradient_checkpointing = enabled
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, GradientCheckpointingLayer) and hasattr(m, "_gradient_checkpointing_func")
+    ]
+
+
+def set_recomputed_layers(model: Any, count: int) -> None:
+    """Recompute the first `count` decoder layers in backward and keep the others' activations, for the next batch
+    (``RecomputeBudget.recomputed_layers`` says how many a batch needs)."""
+    for i, module in enumerate(checkpointed_layers(model)):
+        module.gradient_checkpointing = i < count
+
+
+def set_checkpointing(model: Any, enabled: bool) -> None:
+    """Recompute every decoder layer, or none."""
+    for module in checkpointed_layers(model):
+        module.gradient_checkpointing = enabled

@@ -68,11 +68,15 @@ def test_only_adapters_get_gradients_and_optimizer_state(quantized) -> None:
     assert names and all(".lora_A" in n or ".lora_B" in n for n in names)
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from qlora_pipeline.stages.lm.recompute import set_checkpointing, set_recomputed_layers
+
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(layers) == 2 and all(m.gradient_checkpointing for m in layers)
-    train.set_checkpointing(model, False)
+    set_recomputed_layers(model, 1)
+    assert [m.gradient_checkpointing for m in layers] == [True, False]  # the first layers recompute
+    set_checkpointing(model, False)
     assert not any(m.gradient_checkpointing for m in layers)
-    train.set_checkpointing(model, True)
+    set_checkpointing(model, True)
     from qlora_pipeline.stages.lm.batching import collate
     from qlora_pipeline.stages.lm.lm_loss import summed_loss
 
