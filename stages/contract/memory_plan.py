@@ -134,6 +134,60 @@ class TrainShape:
         return self.ranks if self.sharded else 1
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes a train step holds on its device at its peak, by kind (the larger of the forward pass's peak, at the
+    loss, and the backward pass's); `host_optimizer` is what a paged optimizer keeps in host memory."""
+
+    phase: str
+    base_nf4: int
+    base_16bit: int
+    lora: int
+    optimizer: int
+    lora_grads: int
+    activations: int
+    transient: int
+    host_optimizer: int
+    gathered: int = 0
+    """FSDP2: the decoder layers gathered whole at once (the one computing and the one prefetched)."""
+    weight_cache: int = 0
+    """Dequantized copies of the frozen weights kept between steps (train.frozen_weight_cache_mb)."""
+
+    @property
+    def device_peak(self) -> int:
+        return (
+            self.base_nf4
+            + self.base_16bit
+            + self.lora
+            + self.optimizer
+            + self.lora_grads
+            + self.activations
+            + self.transient
+            + self.gathered
+            + self.weight_cache
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "device_peak": self.device_peak}
+
+
+def nf4_bytes(n: int, blocksize: int) -> int:
+    """Packed 4-bit codes, one uint8 absmax per block, one fp32 second-level absmax per 256 blocks (+ its code)."""
+    blocks = math.ceil(n / blocksize)
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 * 256
+
+
+def optimizer_state_bytes(n: int, state_bits: int) -> int:
+    """AdamW's two moments for a tensor of n elements."""
+    if state_bits == 8 and n >= OPTIM_8BIT_MIN_SIZE:
+        return 2 * n + 2 * 4 * math.ceil(n / OPTIM_8BIT_BLOCK)
+    return 8 * n
+
+
+def targeted(shape: ModelShape, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    return {name: dims for name, dims in shape.linears.items() if name.rpartition(".")[2] in targets}
+
+
 def norm_bytes(shape: ModelShape, cb: int, width: int) -> int:
     """What an RMSNorm over `width` features keeps per token: a Llama-style one its 16-bit input
     (kernels/slim_activations.py), Gemma's (1 + w) one its fp32 input and the reciprocal rms."""
@@ -196,60 +250,6 @@ def recompute_budget(shape: ModelShape, t: TrainShape) -> RecomputeBudget:
     )
 
 
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Bytes a train step holds on its device at its peak, by kind (the larger of the forward pass's peak, at the
-    loss, and the backward pass's); `host_optimizer` is what a paged optimizer keeps in host memory."""
-
-    phase: str
-    base_nf4: int
-    base_16bit: int
-    lora: int
-    optimizer: int
-    lora_grads: int
-    activations: int
-    transient: int
-    host_optimizer: int
-    gathered: int = 0
-    """FSDP2: the decoder layers gathered whole at once (the one computing and the one prefetched)."""
-    weight_cache: int = 0
-    """Dequantized copies of the frozen weights kept between steps (train.frozen_weight_cache_mb)."""
-
-    @property
-    def device_peak(self) -> int:
-        return (
-            self.base_nf4
-            + self.base_16bit
-            + self.lora
-            + self.optimizer
-            + self.lora_grads
-            + self.activations
-            + self.transient
-            + self.gathered
-            + self.weight_cache
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "device_peak": self.device_peak}
-
-
-def nf4_bytes(n: int, blocksize: int) -> int:
-    """Packed 4-bit codes, one uint8 absmax per block, one fp32 second-level absmax per 256 blocks (+ its code)."""
-    blocks = math.ceil(n / blocksize)
-    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 * 256
-
-
-def optimizer_state_bytes(n: int, state_bits: int) -> int:
-    """AdamW's two moments for a tensor of n elements."""
-    if state_bits == 8 and n >= OPTIM_8BIT_MIN_SIZE:
-        return 2 * n + 2 * 4 * math.ceil(n / OPTIM_8BIT_BLOCK)
-    return 8 * n
-
-
-def targeted(shape: ModelShape, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    return {name: dims for name, dims in shape.linears.items() if name.rpartition(".")[2] in targets}
-
-
 def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     """The peak bytes of one train step (forward, backward, optimizer update) of `shape` under `t`, on one rank."""
     cb, ab, n, shards = t.compute_bytes, t.adapter_bytes, t.tokens, t.shards
@@ -262,8 +262,7 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     device_state = state if t.page_budget_bytes is None else min(state, t.page_budget_bytes)
     layer = layer_activation_bytes(shape, t)
     residual = n * shape.hidden * cb
-    budget = recompute_budget(shape, t)
-    recomputed = budget.recomputed_layers(n) if t.checkpointing else 0
+    recomputed = recompute_budget(shape, t).recomputed_layers(n) if t.checkpointing else 0
     saved = recomputed * residual + (shape.layers - recomputed) * layer
     # Forward peak, at the loss: every saved activation, the final norm's fp32 input and the hidden gradient the
     # loss forms, and one chunk of logits (kernels/fused_ce.py: fp32 logits made probabilities in place, a bf16 copy).
