@@ -13,6 +13,7 @@ dropout on the LoRA branch input only. Parameter names ``lora_A``/``lora_B`` mak
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -49,6 +50,12 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 _SPLITMIX_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's constants as int64 bit patterns (torch wraps)
 _SPLITMIX_M1 = 0xBF58476D1CE4E5B9 - 2**64
 _SPLITMIX_M2 = 0x94D049BB133111EB - 2**64
+
+
+def draw_seed() -> int:
+    """One draw of torch's global CPU generator: the seed of a CPU dropout mask (checkpointing's RNG replay and a
+    resumed generator state give the same draw)."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
 
 
 def splitmix64(seed: int, count: int, device: torch.device) -> torch.Tensor:
@@ -97,15 +104,24 @@ class FastDropout(nn.Module):
 
     def keep_mask(self, shape: torch.Size, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`dtype`, `shape`: 1 where an element is kept, 0 where it is dropped."""
-        n = math.prod(shape)
         if self.threshold == 0:
             return torch.ones(shape, dtype=dtype, device=device)
         if device.type == "cpu":
-            seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
-            lanes = splitmix64(seed, -(-n // 4), device).view(torch.int16)[:n]
-        else:
-            words = torch.empty(-(-n // 3), dtype=torch.int64, device=device).random_()
-            lanes = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]
+            return self.mask_from_seed(draw_seed(), shape, dtype)
+        n = math.prod(shape)
+        words = torch.empty(-(-n // 3), dtype=torch.int64, device=device).random_()
+        return self._keep_from_lanes(words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n], shape, dtype)
+
+    def mask_from_seed(self, seed: int, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The CPU's mask of one :func:`draw_seed` draw: a pure function of the seed, so the same call rebuilds it
+        bit for bit (kernels/lora_fused.py rebuilds it in backward instead of keeping it)."""
+        n = math.prod(shape)
+        if self.threshold == 0:
+            return torch.ones(shape, dtype=dtype)
+        lanes = splitmix64(seed, -(-n // 4), torch.device("cpu")).view(torch.int16)[:n]
+        return self._keep_from_lanes(lanes, shape, dtype)
+
+    def _keep_from_lanes(self, lanes: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         # signed lanes: dropped below t = threshold - 32768. Clamped to {t - 1, t}, minus (t - 1): 0 dropped, 1 kept
         t = self.threshold - 32768
         keep = lanes.clamp_(t - 1, t).sub_(t - 1)
@@ -208,8 +224,16 @@ class LoraLinear(nn.Module):
         cd = self.compute_dtype
         if cd is not None and cd != self.lora_A.dtype and out.dtype == cd and x.dtype == cd:
             # mixed precision, the training path: the branch as one autograd node (kernels/lora_fused.py)
-            keep, keep_scale = (None, 1.0) if isinstance(self.dropout, nn.Identity) else self.dropout.mask_and_scale(x)
-            return add_lora_branch(out, x, self.lora_A, self.lora_B, self.scaling * keep_scale, keep)
+            dropout = self.dropout
+            if not isinstance(dropout, FastDropout) or not dropout.training or dropout.threshold == 0:
+                return add_lora_branch(out, x, self.lora_A, self.lora_B, self.scaling)
+            if x.device.type != "cpu":
+                keep = dropout.keep_mask(x.shape, x.device, x.dtype)
+                return add_lora_branch(out, x, self.lora_A, self.lora_B, self.scaling * dropout.scale, keep)
+            # on the CPU the mask is a function of one seed: rebuilt in backward rather than kept (2 bytes an element)
+            rebuild = functools.partial(dropout.mask_from_seed, draw_seed(), x.shape, x.dtype)
+            scale = self.scaling * dropout.scale
+            return add_lora_branch(out, x, self.lora_A, self.lora_B, scale, rebuild(), rebuild)
         # The sum is taken in the wider of (base output, adapter) dtypes, then cast back to the base output dtype,
         # which is x's dtype for nn.Linear and Linear4bit.
         return (out + self.lora_delta(x)).to(out.dtype)

@@ -8,7 +8,10 @@ multiplies), B's product is added into the base output by ``addmm`` (the sum hap
 extra pass), and the backward masks the input gradient in place. Autograd keeps the input itself (a view: the
 projections that read one input, q/k/v or gate/up, keep it once between them), the 0/1 mask and the r-wide
 product; backward re-applies the mask to the input for A's gradient, one multiply, instead of keeping a dropped
-copy per projection (2 bytes an input element each).
+copy per projection (2 bytes an input element each). On a CPU the mask is a function of one seed
+(``FastDropout.mask_from_seed``): the branch keeps the function, not the mask, and rebuilds it in backward. The
+masks were 37 % of what a SmolLM2 layer keeps for backward (10 of 27 KB a token); rebuilding one costs what making
+it did (~40 ms a step over the 210 projections).
 
 The math is the op-by-op branch's (``LoraLinear.lora_delta``), with the keep-rate applied after A instead of
 before it: the same value up to rounding. tests/unit/test_lora.py holds it to the closed-form gradients and to
@@ -16,6 +19,8 @@ the op-by-op branch with and without dropout.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +37,7 @@ class _LoraBranchAdd(torch.autograd.Function):
         lora_B: torch.Tensor,
         scale: float,
         keep: torch.Tensor | None,
+        rebuild_keep: Callable[[], torch.Tensor] | None,
     ) -> torch.Tensor:
         dtype = base_out.dtype
         a, b = lora_A.to(dtype), lora_B.to(dtype)
@@ -41,7 +47,8 @@ class _LoraBranchAdd(torch.autograd.Function):
         u = (h @ a.t()).mul_(scale)
         del h
         y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b.t())
-        ctx.save_for_backward(x2, keep2, u, a, b)
+        ctx.save_for_backward(x2, None if rebuild_keep is not None else keep2, u, a, b)
+        ctx.rebuild_keep = rebuild_keep
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
         ctx.a_dtype, ctx.b_dtype = lora_A.dtype, lora_B.dtype
         return y.view(base_out.shape)
@@ -49,6 +56,8 @@ class _LoraBranchAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x2, keep, u, a, b = ctx.saved_tensors
+        if ctx.rebuild_keep is not None:
+            keep = ctx.rebuild_keep().reshape(x2.shape)
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         grad_x = grad_a = grad_b = None
         du = (g @ b).mul_(ctx.scale)
@@ -61,7 +70,7 @@ class _LoraBranchAdd(torch.autograd.Function):
             if keep is not None:
                 grad_x.mul_(keep)
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_y, grad_x, grad_a, grad_b, None, None
+        return grad_y, grad_x, grad_a, grad_b, None, None, None
 
 
 def add_lora_branch(
@@ -71,10 +80,12 @@ def add_lora_branch(
     lora_B: torch.Tensor,
     scale: float,
     keep: torch.Tensor | None = None,
+    rebuild_keep: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``base_out + scale · ((x ⊙ keep) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
 
     `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `keep` (0/1 in x's dtype and shape, 0 =
-    dropped: ``FastDropout.keep_mask``) or None. Gradients flow to base_out (unchanged), x, A and B (in their own
+    dropped: ``FastDropout.keep_mask``) or None; `rebuild_keep`, when given, returns that same mask again, and
+    backward calls it instead of keeping the mask. Gradients flow to base_out (unchanged), x, A and B (in their own
     dtypes)."""
-    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep)
+    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep, rebuild_keep)

@@ -98,6 +98,7 @@ def measure(probe: Probe, steps: int = 2) -> tuple[int, MemoryPlan]:
         page_budget_bytes=None,
         reference_dequant=True,
         short_attention=True,
+        rebuilt_masks=True,
         weight_cache_bytes=weight_cache_budget(t, "cpu"),
         recompute_budget_tokens=probe.recompute_tokens,
     )
@@ -140,7 +141,7 @@ PROBES = [
     ),
     Probe("gemma2", sizes(num_hidden_layers=2), 2, 128, True),
     Probe("gemma3", sizes(num_hidden_layers=2), 2, 128, False),
-    Probe("llama", sizes(vocab_size=384, num_hidden_layers=4), 4, 128, True, recompute_tokens=256),
+    Probe("llama", sizes(vocab_size=384, num_hidden_layers=4), 4, 128, True, recompute_tokens=320),
 ]
-"""Six families, with and without checkpointing (every layer recomputed, or as many as a 256-token budget needs),
+"""Six families, with and without checkpointing (every layer recomputed, or as many as a 320-token budget needs),
 32- and 8-bit state, r 16 and 64, vocabularies 384 to 8192."""

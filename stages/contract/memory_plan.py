@@ -15,7 +15,7 @@ A sum of terms, each a count of bytes of one kind of tensor the step holds at it
 - the transient of the largest linear: its weight dequantized in the compute dtype while it multiplies.
 
 The per-layer activation count is derived from the code's autograd graph (a Llama-style RMSNorm keeps its 16-bit
-input, Gemma's its fp32 input; LoRA its dropped-out input, mask and rank-r output; the gated MLP its gate and up
+input, Gemma's its fp32 input; LoRA its input, its mask (on a GPU) and its rank-r output; the gated MLP its gate and up
 outputs; attention q, k, v and its output); tests/unit/test_memory_plan.py holds the sum to within 10 % of a step's
 peak measured by torch's own allocation tracker on the CPU.
 """
@@ -116,6 +116,8 @@ class TrainShape:
     a layer's probabilities."""
     weight_cache_bytes: int = 0
     """train.frozen_weight_cache_mb resolved: at most this many bytes of dequantized frozen weights are kept."""
+    rebuilt_masks: bool = False
+    """On a CPU the LoRA dropout masks are rebuilt from their seeds in backward, not kept."""
     recompute_budget_tokens: int = 0
     """train.checkpoint_min_tokens: with checkpointing, a batch keeps at most what one of this many tokens keeps
     without recomputing (0: every layer recomputes)."""
@@ -207,9 +209,10 @@ def lora_input_groups(shape: ModelShape, targets: tuple[str, ...], mlp: bool) ->
 
 def lora_bytes(t: TrainShape, groups: list[list[int]]) -> int:
     """What the LoRA branches keep per token (kernels/lora_fused.py): each shared input once, and per projection
-    its 16-bit 0/1 dropout mask and the rank-r product."""
+    its 16-bit 0/1 dropout mask (not on a CPU, which rebuilds it from its seed in backward) and the rank-r
+    product."""
     cb = t.compute_bytes
-    mask = cb if t.dropout else 0
+    mask = cb if t.dropout and not t.rebuilt_masks else 0
     return sum(group[0] * cb + sum(w * mask + t.lora_r * cb for w in group) for group in groups)
 
 
@@ -370,6 +373,7 @@ def train_shape_of(
         ranks=ranks,
         sharded=ranks > 1 and t.distributed == "fsdp",
         short_attention=device_type == "cpu",
+        rebuilt_masks=device_type == "cpu",
         weight_cache_bytes=weight_cache_budget(t, device_type),
     )
 

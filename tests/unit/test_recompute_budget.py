@@ -87,10 +87,19 @@ def test_partial_recomputation_gives_the_same_gradients_bit_for_bit() -> None:
 
 @pytest.mark.parametrize("index", [len(PROBES) - 1], ids=lambda i: PROBES[i].label)
 def test_a_partly_recomputed_step_keeps_less_than_none_and_more_than_all(index: int) -> None:
-    """Measured (torch's allocation tracker): a 512-token step on a 256-token budget recomputes 3 of 4 layers and
+    """Measured (torch's allocation tracker): a 512-token step on a 320-token budget recomputes 2 of 4 layers and
     peaks between the same step recomputing none and recomputing every layer, where its plan puts it."""
     partial = PROBES[index]
-    assert partial.recompute_tokens == 256 and partial.sizes == sizes(vocab_size=384, num_hidden_layers=4)
+    assert partial.recompute_tokens == 320 and partial.sizes == sizes(vocab_size=384, num_hidden_layers=4)
+    from transformers import LlamaConfig
+
+    from tests import tiny
+
+    config = {**tiny.tiny_config("llama", **partial.sizes).to_dict(), "architectures": ["LlamaForCausalLM"]}
+    assert isinstance(tiny.tiny_config("llama"), LlamaConfig)
+    params = parse_params({"train": {"checkpoint_min_tokens": 320}, "data": {"max_length": partial.seq}})
+    budget = recompute_budget(ModelShape.from_config(config), train_shape(params, config, "cpu"))
+    assert budget.recomputed_layers(partial.batch * partial.seq) == 2
     peak, plan = measure(partial)
     none, _ = measure(Probe("llama", partial.sizes, partial.batch, partial.seq, False))
     every, _ = measure(Probe("llama", partial.sizes, partial.batch, partial.seq, True))
