@@ -117,7 +117,8 @@ class TrainShape:
     weight_cache_bytes: int = 0
     """train.frozen_weight_cache_mb resolved: at most this many bytes of dequantized frozen weights are kept."""
     rebuilt_masks: bool = False
-    """On a CPU the LoRA dropout masks are rebuilt from their seeds in backward, not kept."""
+    """On a CPU the fused LoRA branch (kernels/lora_fused.py: a compute dtype other than the adapter's) rebuilds
+    its dropout masks from their seeds in backward instead of keeping them."""
     recompute_budget_tokens: int = 0
     """train.checkpoint_min_tokens: with checkpointing, a batch keeps at most what one of this many tokens keeps
     without recomputing (0: every layer recomputes)."""
@@ -356,6 +357,7 @@ def train_shape_of(
     shape = ModelShape.from_config(config)
     kind = t.optimizer_kind
     budget = t.optimizer_page_budget_mb
+    compute_bytes = 4 if t.compute_dtype == "float32" else 2
     return TrainShape(
         batch_size=t.batch_size,
         max_length=max_length,
@@ -365,7 +367,7 @@ def train_shape_of(
         checkpointing=t.gradient_checkpointing,
         recompute_budget_tokens=t.checkpoint_min_tokens,
         adapter_bytes=DTYPE_BYTES[t.adapter_dtype],
-        compute_bytes=4 if t.compute_dtype == "float32" else 2,
+        compute_bytes=compute_bytes,
         state_bits=kind.state_bits,
         page_budget_bytes=int(budget * 2**20) if kind.paged and budget is not None else None,
         blocksize=blocksize,
@@ -373,7 +375,8 @@ def train_shape_of(
         ranks=ranks,
         sharded=ranks > 1 and t.distributed == "fsdp",
         short_attention=device_type == "cpu",
-        rebuilt_masks=device_type == "cpu",
+        # the fused branch (compute dtype other than the adapter's, the training default) rebuilds them on a CPU
+        rebuilt_masks=device_type == "cpu" and compute_bytes != DTYPE_BYTES[t.adapter_dtype],
         weight_cache_bytes=weight_cache_budget(t, device_type),
     )
 

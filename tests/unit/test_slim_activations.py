@@ -75,8 +75,8 @@ def test_slim_saves_a_norm_and_a_gated_mlp_what_the_docstring_says() -> None:
 def test_lora_branches_keep_what_the_memory_plan_counts() -> None:
     """On an NF4 layer (whose frozen base keeps nothing), LoRA on all seven projections with dropout keeps, beyond
     LoRA on q alone, exactly what memory_plan counts: each shared input once (q/k/v and gate/up read one tensor
-    each; o_proj's is the attention output, kept anyway), per projection its uint8 mask and the r-wide product;
-    plus the 16-bit casts of A and B."""
+    each; o_proj's is the attention output, kept anyway) and per projection the r-wide product (on a CPU the
+    dropout mask is rebuilt from its seed in backward, not kept); plus the 16-bit casts of A and B."""
     from transformers import AutoModelForCausalLM
 
     from qlora_pipeline.kernels.architectures import LINEAR_SETS
@@ -96,7 +96,7 @@ def test_lora_branches_keep_what_the_memory_plan_counts() -> None:
         model.train()
         kept.append(saved_tensor_bytes(lambda m=model: m(ids, use_cache=False)))
     h, ffn = cfg.hidden_size, cfg.intermediate_size
-    t = SimpleNamespace(compute_bytes=2, dropout=0.1, lora_r=4)
+    t = SimpleNamespace(compute_bytes=2, dropout=0.1, lora_r=4, rebuilt_masks=True)  # the CPU rebuilds masks
     every_groups, q_alone = [[h, h, h], [h], [h, h], [ffn]], [[h]]
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     a_b = 4 * (6 * h + ffn) + 4 * (3 * h + 2 * kv + 2 * ffn)  # A (r x in) and B (out x r) of the seven, 16-bit
