@@ -54,7 +54,13 @@ PAPER_MB = {  # QLoRA paper, memory-breakdown figure (batch 1, 512 tokens): base
 PAPER_SETUP = "paper (r=64 all linears, batch 1 x 512, paged AdamW 32-bit, bf16 adapters)"
 SETUPS = {
     "paper (r=64 all linears, batch 1 x 512, paged AdamW 32-bit, bf16 adapters)": {
-        "train": {"lora_r": 64, "batch_size": 1, "adapter_dtype": "bfloat16", "optimizer_page_budget_mb": 512},
+        "train": {  # the paper checkpoints every layer: no recompute budget
+            "lora_r": 64,
+            "batch_size": 1,
+            "adapter_dtype": "bfloat16",
+            "optimizer_page_budget_mb": 512,
+            "checkpoint_min_tokens": 0,
+        },
         "data": {"max_length": 512},
     },
     "defaults (r=16, batch 8 x 256, paged AdamW 32-bit, fp32 adapters)": {},
