@@ -10,7 +10,9 @@ and quantize left it; `llama3-8b-shape` is a random model with Llama-3-8B's laye
 32 heads / 8 KV heads, vocab 128256, untied head) cut to `--layers` decoder blocks, quantized by our NF4 code.
 Each configuration runs in its own subprocess so its peak memory is its own (peak RSS on the CPU,
 `torch.cuda.max_memory_allocated` on a GPU); all run in this one invocation. The bnb+peft baseline runs under
-bf16 autocast, on the CPU as on a GPU, as HF Trainer with `bf16=True` runs it (`--no-bnb-autocast` turns that off).
+bf16 autocast, on the CPU as on a GPU, as HF Trainer with `bf16=True` runs it (`--no-bnb-autocast` turns that off);
+`--bnb-dtype float32` loads it in fp32 with fp32 compute and no autocast, the fastest it runs on a CPU without bf16
+dot products (AVX2), where ours computes in fp32 too (`--compute-dtype` sets ours, default `auto`: kernels/dtypes.py).
 By default each stack batches as it does out of the box (bnb+peft: random batches padded to the longest
 row, as HF Trainer) and ours runs twice, with `train.packing` off (length-grouped batches of 8 examples) and on
 (random batches of 8 examples packed into balanced rows of at most 256 tokens);
@@ -173,6 +175,7 @@ def worker(args: argparse.Namespace) -> dict:
         "optimizer": args.optimizer,
         "batching": args.batching,
         "bnb_autocast": args.bnb_autocast if args.stack == "bnb+peft" else None,
+        "compute_dtype": args.bnb_dtype if args.stack == "bnb+peft" else model_compute_dtype(model),
         "peak_gpu_allocated_mb": gpu_train.get("cuda_max_allocated_mb"),
         "peak_gpu_reserved_mb": gpu_train.get("cuda_max_reserved_mb"),
         "gpu_allocated_after_load_mb": gpu_model.get("cuda_max_allocated_mb"),
@@ -212,6 +215,7 @@ def _ours(args: argparse.Namespace, nf4_dir: Path, device):
         lora_alpha=32,
         lora_dropout=0.05,
         target_modules=TARGETS,
+        compute_dtype=args.compute_dtype,
         **({} if args.checkpoint_min_tokens is None else {"checkpoint_min_tokens": args.checkpoint_min_tokens}),
         **({} if args.weight_cache_mb is None else {"frozen_weight_cache_mb": args.weight_cache_mb}),
     )
@@ -241,14 +245,15 @@ def _bnb(args: argparse.Namespace, bf16_dir: Path, device):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    dtype = getattr(torch, args.bnb_dtype)
     qc = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=dtype,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        bf16_dir, quantization_config=qc, dtype=torch.bfloat16, device_map={"": str(device)}
+        bf16_dir, quantization_config=qc, dtype=dtype, device_map={"": str(device)}
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(
@@ -260,7 +265,7 @@ def _bnb(args: argparse.Namespace, bf16_dir: Path, device):
     model.train()
 
     def autocast():
-        if not args.bnb_autocast:
+        if not args.bnb_autocast or args.bnb_dtype == "float32":
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # HF Trainer's bf16=True
 
@@ -276,6 +281,15 @@ def _bnb(args: argparse.Namespace, bf16_dir: Path, device):
     return model, trainable, step
 
 
+def model_compute_dtype(model: Any) -> str:
+    """The compute dtype our NF4 layers run in."""
+    from qlora_pipeline.kernels.dtypes import dtype_name
+    from qlora_pipeline.kernels.linear4bit import Linear4bit
+
+    layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
+    return dtype_name(layer.compute_dtype)
+
+
 def run_worker(args: argparse.Namespace, stack: str, bits: str, batching: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--optimizer", f"paged_adamw_{bits}"]
     cmd += ["--batching", batching, "--steps", str(args.steps), "--artifacts", str(args.artifacts)]
@@ -287,6 +301,7 @@ def run_worker(args: argparse.Namespace, stack: str, bits: str, batching: str) -
         cmd += [] if value is None else ["--" + flag.replace("_", "-"), str(value)]
     cmd += [] if args.eval else ["--no-eval"]
     cmd += ["--bnb-autocast" if args.bnb_autocast else "--no-bnb-autocast"]
+    cmd += ["--bnb-dtype", args.bnb_dtype, "--compute-dtype", args.compute_dtype]
     budget = f"{args.tokens} tokens" if args.tokens else f"{args.steps} steps"
     print(f"running {stack} paged_adamw_{bits} on {args.model} ({batching} batches, {budget})", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -373,6 +388,8 @@ def main() -> None:
     ap.add_argument("--model", choices=("smollm2", "llama3-8b-shape"), default="smollm2")
     ap.add_argument("--layers", type=int, default=2, help="decoder blocks of the llama3-8b-shape model")
     ap.add_argument("--bnb-autocast", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--bnb-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), default="auto", help="ours")
     ap.add_argument("--checkpoint-min-tokens", type=int, default=None, help="ours: train.checkpoint_min_tokens")
     ap.add_argument("--weight-cache-mb", type=float, default=None, help="ours: train.frozen_weight_cache_mb")
     ap.add_argument(
@@ -384,6 +401,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="paged_adamw_32bit")
     ap.add_argument("--batching", default="grouped")
     args = ap.parse_args()
+    from qlora_pipeline.kernels.dtypes import cpu_multiplies_bf16
     from qlora_pipeline.stages.contract.device import describe, resolve_device
 
     device = resolve_device(args.device)
@@ -415,7 +433,10 @@ def main() -> None:
         "all_batchings": args.all_batchings,
         "checkpoint_min_tokens": args.checkpoint_min_tokens,
         "weight_cache_mb": args.weight_cache_mb,
-        "bnb_autocast": args.bnb_autocast,
+        "bnb_autocast": args.bnb_autocast and args.bnb_dtype != "float32",
+        "bnb_dtype": args.bnb_dtype,
+        "compute_dtype": args.compute_dtype,
+        "cpu_multiplies_bf16": cpu_multiplies_bf16(),
         "repeats": args.repeats,
         "results": results,
         "ratios": ratios,

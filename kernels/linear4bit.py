@@ -7,15 +7,8 @@ memory. The module's state never depends on what ran before (no eval-time repack
 AVX512-BF16 CPUs, see docs/formats.md, bitsandbytes CPU quirks), so eval-then-train gives the same gradients as
 train alone.
 
-CPU compute dtype, measured on the 2-core AVX512-BF16 dev machine (torch 2.13.0+cpu, 2 threads, other jobs
-running), one SmolLM2-sized layer 576 -> 1536, input 8x256 tokens in the compute dtype, forward + backward
-(input grad, re-dequantizing each time), median of 15 calls with the dtypes alternating, three runs:
-
-    compute fp32: 45.5 / 180.0 / 45.4 ms    compute bf16: 14.8 / 127.9 / 18.9 ms    (bf16 2.4-3.1x faster)
-
-(the middle run was under heavy background load), so bf16 is the default on CPU as on CUDA: oneDNN uses
-the AVX512-BF16 dot products. A CPU without AVX512-BF16 may rank them the other way: re-measure with
-``.venv/bin/python bench/bench_linear4bit.py``.
+The compute dtype, when not given, is the device's default (``kernels/dtypes.py``: bf16 on a GPU and on a CPU
+that multiplies bf16 natively, else fp32).
 """
 
 from __future__ import annotations
@@ -25,16 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from qlora_pipeline.kernels.dtypes import default_compute_dtype
 from qlora_pipeline.kernels.nf4 import NF4Weight, nf4_error_stats, quantize_nf4
 from qlora_pipeline.kernels.nf4_dispatch import dequantize
-
-DEFAULT_CPU_COMPUTE_DTYPE = torch.bfloat16
-DEFAULT_CUDA_COMPUTE_DTYPE = torch.bfloat16
-
-
-def default_compute_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA; on CPU whichever measured faster (see module docstring)."""
-    return DEFAULT_CUDA_COMPUTE_DTYPE if torch.device(device).type == "cuda" else DEFAULT_CPU_COMPUTE_DTYPE
 
 
 class _NF4Linear(torch.autograd.Function):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qlora_pipeline.kernels.dtypes import default_compute_dtype, dtype_name
 from qlora_pipeline.kernels.lora import module_device
 from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.params import Params
@@ -198,7 +199,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         prompts = [test[i]["prompt"] for i in range(n_gen)]
     else:
         prompts = [prompt_text(tok, test_record(test[i]), system) for i in range(n_gen)]
-    dtype = torch.bfloat16
+    dtype = default_compute_dtype(ctx.device)  # the 16-bit weights upcast exactly where the CPU lacks bf16
     results: dict[str, dict[str, float]] = {}
     outputs: dict[str, list[str]] = {}
     for name in present_models(ctx):
@@ -222,6 +223,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         },
         "test_examples": len(rows),
         "device": ctx.device,
+        "compute_dtype": dtype_name(dtype),
         "test_tokens": int(results["base_16bit"]["tokens"]),
         "nf4_loss_delta": round(results["base_nf4"]["loss"] - results["base_16bit"]["loss"], 6),
         "finetune_gain_vs_16bit": round(results["base_16bit"]["loss"] - results["nf4_adapter"]["loss"], 6),

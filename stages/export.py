@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qlora_pipeline.kernels.dtypes import default_compute_dtype
 from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.errors import InputError
 from qlora_pipeline.stages.contract.params import Params
@@ -78,6 +79,15 @@ def calibration_ids(ctx: StageContext, n: int) -> list[torch.Tensor]:
     return [torch.tensor(train[i]["input_ids"]).unsqueeze(0) for i in range(n)]
 
 
+def load_merged(merged_dir: Path, device: torch.device) -> Any:
+    """The merged 16-bit model for scoring: its bf16 values, computed in the device's compute dtype (fp32 on a CPU
+    without bf16 arithmetic, where bf16 matmuls run ~24x slower: an exact upcast)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval()
+    return model.to(device=device, dtype=default_compute_dtype(device))
+
+
 def gptq_losses(
     gptq_dir: Path,
     merged_dir: Path,
@@ -91,7 +101,6 @@ def gptq_losses(
     """Loss of the GPTQ checkpoint (decoded by our independent spec-based unpacker) and of round-to-nearest
     on the same groups, each loaded into the merged model's architecture."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from qlora_pipeline.kernels.formats.gptq_folder import unpack_gptq_v1
     from qlora_pipeline.kernels.gptq import rtn_quantize
@@ -102,7 +111,7 @@ def gptq_losses(
     modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".qweight")})
     out = {}
     for kind in ("gptq", "rtn"):
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval().to(device)
+        model = load_merged(merged_dir, device)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for m in modules:
@@ -112,7 +121,7 @@ def gptq_losses(
                     deq = unpack_gptq_v1({k: v.to(device) for k, v in sub.items()})
                 else:
                     deq = rtn_quantize(w.float(), bits=bits, group_size=group_size).dequantized
-                w.copy_(deq.to(w.dtype).reshape(w.shape))
+                w.copy_(deq.to(torch.bfloat16).reshape(w.shape))  # the bf16 values a 16-bit load would hold
         out[kind] = heldout_loss(model, rows, batch_size, pad)["loss"]
         del model
     return out
@@ -235,13 +244,13 @@ def write_report(out: Path, table: list[ExportRow], fallbacks: dict[str, Any], n
 
 
 def body(ctx: StageContext) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     x = ctx.params.export
     merged = ctx.parent_dir("merge") / "model"
     pad = pad_token_id(AutoTokenizer.from_pretrained(merged))
     rows = test_rows(ctx)
-    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).eval().to(ctx.device)
+    merged_model = load_merged(merged, torch.device(ctx.device))
     merged_loss = heldout_loss(merged_model, rows, ctx.params.evaluate.batch_size, pad)["loss"]
     del merged_model
     size = sum(f.stat().st_size for f in merged.glob("*.safetensors"))

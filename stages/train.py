@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qlora_pipeline.kernels.dtypes import dtype_name, torch_dtype
+from qlora_pipeline.kernels.dtypes import compute_dtype_of, dtype_name
 from qlora_pipeline.kernels.linear4bit import Linear4bit, cache_dequantized_weights, cached_weight_bytes
 from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches, check_nproc
@@ -64,9 +64,7 @@ STAGE = "train"
 
 
 def compute_dtype(t: TrainParams, device: torch.device) -> torch.dtype:
-    from qlora_pipeline.kernels.linear4bit import default_compute_dtype
-
-    return default_compute_dtype(device) if t.compute_dtype == "auto" else torch_dtype(t.compute_dtype)
+    return compute_dtype_of(t.compute_dtype, device)
 
 
 def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype: torch.dtype) -> tuple[Any, list]:

@@ -130,7 +130,7 @@ def load_4bit_model(model_dir: Path, compute_dtype: torch.dtype | None = None) -
     """Load a bnb-layout NF4 folder into its HF model class with our Linear4bit layers (no bitsandbytes).
 
     Every base parameter is frozen (requires_grad False) and the model is in eval mode; ``compute_dtype``
-    None picks the per-device default of :func:`qlora_pipeline.kernels.linear4bit.default_compute_dtype`.
+    None picks the per-device default of :func:`qlora_pipeline.kernels.dtypes.default_compute_dtype`.
     """
     from transformers import AutoConfig
 

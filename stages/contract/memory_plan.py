@@ -353,11 +353,13 @@ def train_shape_of(
 ) -> TrainShape:
     """:func:`train_shape` from the train section (a TrainParams) and data.max_length: what the train stage, which
     does not read the quantize section, can ask (the NF4 block size only sizes the base's scales)."""
+    from qlora_pipeline.kernels.dtypes import compute_dtype_of  # torch: imported only when a plan is made
+
     ranks = ranks or (t.nproc if isinstance(t.nproc, int) else 1)
     shape = ModelShape.from_config(config)
     kind = t.optimizer_kind
     budget = t.optimizer_page_budget_mb
-    compute_bytes = 4 if t.compute_dtype == "float32" else 2
+    compute_bytes = compute_dtype_of(t.compute_dtype, device_type).itemsize
     return TrainShape(
         batch_size=t.batch_size,
         max_length=max_length,

@@ -147,6 +147,8 @@ class TrainParams(Section):
     checkpoint_every: Annotated[int, Field(ge=1)] = 20
     seed: Annotated[int, Field(ge=0)] = 0
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """What the matmuls run in; auto: bfloat16 on a GPU and on a CPU with bf16 dot products, float32 on any other CPU
+    (bf16 matmuls run ~24x slower there: kernels/dtypes.py)."""
     nproc: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = 1
     """Training processes (torchrun, one per GPU); auto: every GPU of the node (1 without one)."""
     frozen_weight_cache_mb: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from qlora_pipeline.kernels import dtypes
 from qlora_pipeline.kernels.linear4bit import (
-    DEFAULT_CPU_COMPUTE_DTYPE,
     Linear4bit,
-    default_compute_dtype,
     quantize_model_linears,
     replace_linears_with_4bit,
 )
@@ -149,17 +150,34 @@ def test_replace_and_quantize_model_linears() -> None:
         replace_linears_with_4bit(model, {"1": quantize_nf4(torch.randn(32, 64))})
 
 
-def test_default_compute_dtype() -> None:
-    assert default_compute_dtype("cpu") == DEFAULT_CPU_COMPUTE_DTYPE
-    assert default_compute_dtype("cuda") == torch.bfloat16
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_default_compute_dtype_follows_the_cpus_bf16(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    """bf16 on a GPU and on a CPU with bf16 dot products, fp32 on any other CPU (where bf16 matmuls run ~24x
+    slower); a layer without a compute dtype computes in it."""
+    monkeypatch.setattr(dtypes, "cpu_multiplies_bf16", lambda: native_bf16)
+    cpu_dtype = torch.bfloat16 if native_bf16 else torch.float32
+    assert dtypes.default_compute_dtype("cpu") == cpu_dtype
+    assert dtypes.default_compute_dtype("cuda") == torch.bfloat16
+    assert dtypes.compute_dtype_of("auto", "cpu") == cpu_dtype
+    assert dtypes.compute_dtype_of("float16", "cpu") == torch.float16
     layer = _layer(compute_dtype=None)
     x = torch.randn(2, 80)
-    ref = nn.functional.linear(
-        x.to(DEFAULT_CPU_COMPUTE_DTYPE),
-        dequantize_nf4(layer.nf4, DEFAULT_CPU_COMPUTE_DTYPE),
-        layer.bias.to(DEFAULT_CPU_COMPUTE_DTYPE),
-    )
+    ref = nn.functional.linear(x.to(cpu_dtype), dequantize_nf4(layer.nf4, cpu_dtype), layer.bias.to(cpu_dtype))
     assert torch.equal(layer(x), ref.float())
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo to read the CPU's flags")
+def test_cpu_bf16_probe_agrees_with_the_kernels_flags() -> None:
+    """torch's probe against the CPU flags Linux reports (x86: avx512_bf16 or amx_bf16; ARM: bf16)."""
+    import platform
+
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    expected = bool(flags & {"avx512_bf16", "amx_bf16"}) if x86 else "bf16" in flags
+    assert dtypes.cpu_multiplies_bf16() is expected
 
 
 def test_cached_weight_computes_exactly_what_the_dequant_does() -> None:

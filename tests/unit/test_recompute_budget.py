@@ -28,8 +28,9 @@ def _budget(**train: object):
 
 
 def test_a_batch_recomputes_the_fewest_layers_that_keep_it_within_the_budget() -> None:
-    budget = _budget()  # checkpoint_min_tokens 512
+    budget = _budget(compute_dtype="bfloat16")  # checkpoint_min_tokens 512; bf16 whatever this CPU multiplies
     assert budget.layers == 30 and budget.input_per_token == 576 * 2
+    assert _budget(compute_dtype="float32").input_per_token == 576 * 4
     limit = budget.peak(512, 0)
     assert [budget.recomputed_layers(n) for n in (1, 256, 511, 512)] == [0, 0, 0, 0]
     assert budget.recomputed_layers(800) == 12  # 8 rows of 100 tokens: 12 of SmolLM2's 30 layers, not 30
@@ -41,7 +42,8 @@ def test_a_batch_recomputes_the_fewest_layers_that_keep_it_within_the_budget() -
         assert budget.peak(n, k - 1) > limit, n  # and no fewer would do
         previous = k
     assert budget.recomputed_layers(8192) == budget.layers  # past what the budget can hold: all of them
-    assert _budget(checkpoint_min_tokens=0).recomputed_layers(1) == 30  # 0: every layer of every batch
+    every = _budget(checkpoint_min_tokens=0, compute_dtype="bfloat16")
+    assert every.recomputed_layers(1) == 30  # 0: every layer of every batch
 
 
 def test_partial_recomputation_gives_the_same_gradients_bit_for_bit() -> None:
