@@ -177,8 +177,9 @@ class LoraLinear(nn.Module):
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
-        # None: compute in the adapter dtype (peft's behaviour). A dtype (bf16): mixed precision, the matmuls
-        # run in it while A/B stay in adapter_dtype as master weights, as under torch.autocast.
+        # None: compute in the adapter dtype, op by op (peft's behaviour). A dtype (training: bf16, or fp32 on a CPU
+        # without bf16): the matmuls run in it while A/B stay in adapter_dtype as master weights, as under
+        # torch.autocast, and the branch is one autograd node (kernels/lora_fused.py).
         self.compute_dtype = compute_dtype
         # nn.Identity when p == 0 (as peft does): no RNG draw, no extra kernel.
         self.dropout: nn.Module = FastDropout(dropout) if dropout > 0 else nn.Identity()
@@ -222,8 +223,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         cd = self.compute_dtype
-        if cd is not None and cd != self.lora_A.dtype and out.dtype == cd and x.dtype == cd:
-            # mixed precision, the training path: the branch as one autograd node (kernels/lora_fused.py)
+        if cd is not None and out.dtype == cd and x.dtype == cd:
+            # the training path (a compute dtype set, bf16 or a CPU's fp32): one autograd node (kernels/lora_fused.py)
             dropout = self.dropout
             if not isinstance(dropout, FastDropout) or not dropout.training or dropout.threshold == 0:
                 return add_lora_branch(out, x, self.lora_A, self.lora_B, self.scaling)

@@ -117,8 +117,8 @@ class TrainShape:
     weight_cache_bytes: int = 0
     """train.frozen_weight_cache_mb resolved: at most this many bytes of dequantized frozen weights are kept."""
     rebuilt_masks: bool = False
-    """On a CPU the fused LoRA branch (kernels/lora_fused.py: a compute dtype other than the adapter's) rebuilds
-    its dropout masks from their seeds in backward instead of keeping them."""
+    """On a CPU the training LoRA branch (kernels/lora_fused.py) rebuilds its dropout masks from their seeds in
+    backward instead of keeping them."""
     recompute_budget_tokens: int = 0
     """train.checkpoint_min_tokens: with checkpointing, a batch keeps at most what one of this many tokens keeps
     without recomputing (0: every layer recomputes)."""
@@ -377,8 +377,7 @@ def train_shape_of(
         ranks=ranks,
         sharded=ranks > 1 and t.distributed == "fsdp",
         short_attention=device_type == "cpu",
-        # the fused branch (compute dtype other than the adapter's, the training default) rebuilds them on a CPU
-        rebuilt_masks=device_type == "cpu" and compute_bytes != DTYPE_BYTES[t.adapter_dtype],
+        rebuilt_masks=device_type == "cpu",  # the training branch rebuilds them on a CPU (kernels/lora_fused.py)
         weight_cache_bytes=weight_cache_budget(t, device_type),
     )
 

@@ -335,19 +335,22 @@ def test_cpu_dropout_lanes_each_drop_at_the_rate() -> None:
     assert abs(both - 0.25**2) < 6 * (0.0625 * 0.9375 / 250_000) ** 0.5
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_mixed_precision_branch_matches_the_op_by_op_math(dropout: float) -> None:
-    """The training path (bf16 compute, fp32 A/B: one autograd node, kernels/lora_fused.py) against the same math
-    written op by op in fp32 from the same mask: output and the gradients of x, A and B."""
+def test_mixed_precision_branch_matches_the_op_by_op_math(dropout: float, compute_dtype: torch.dtype) -> None:
+    """The training path (bf16 compute, or fp32 on a CPU without bf16; fp32 A/B: one autograd node,
+    kernels/lora_fused.py) against the same math written op by op in fp32 from the same mask: output and the
+    gradients of x, A and B."""
     torch.manual_seed(0)
-    lin = nn.Linear(48, 40, bias=True).to(torch.bfloat16)
-    lora = LoraLinear(lin, r=4, alpha=8, dropout=dropout, compute_dtype=torch.bfloat16).train()
+    lin = nn.Linear(48, 40, bias=True).to(compute_dtype)
+    lora = LoraLinear(lin, r=4, alpha=8, dropout=dropout, compute_dtype=compute_dtype).train()
     with torch.no_grad():
         lora.lora_B.copy_(torch.randn(40, 4))
-    x = torch.randn(3, 7, 48).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(3, 7, 48).to(compute_dtype).requires_grad_()
     g = torch.randn(3, 7, 40)
     torch.manual_seed(9)
     y = lora(x)
+    assert type(y.grad_fn).__name__ == "_LoraBranchAddBackward"
     (y.float() * g).sum().backward()
     torch.manual_seed(9)
     kept, keep = lora.dropout.mask_and_scale(x) if dropout else (None, 1.0)
@@ -358,15 +361,17 @@ def test_mixed_precision_branch_matches_the_op_by_op_math(dropout: float) -> Non
     h = xr if kept is None else xr.masked_fill(kept == 0, 0) * keep
     want = lin(x.detach()).float() + 2.0 * (h @ a.T) @ b.T
     (want * g).sum().backward()
-    assert y.dtype == torch.bfloat16 and lora.lora_A.grad.dtype == torch.float32
+    assert y.dtype == compute_dtype and lora.lora_A.grad.dtype == torch.float32
     pairs = [
         (y.float(), want.detach()),
         (x.grad.float(), xr.grad + g @ lin.weight.float()),
         (lora.lora_A.grad, a.grad),
         (lora.lora_B.grad, b.grad),
     ]
-    for got, ref in pairs:  # bf16 operands: each within a few bf16 roundings of the largest value
-        assert float((got - ref).abs().max()) <= 0.02 * float(ref.abs().max()), (got, ref)
+    # bf16 operands: each within a few bf16 roundings of the largest value; fp32: within fp32 rounding
+    tolerance = 0.02 if compute_dtype == torch.bfloat16 else 1e-5
+    for got, ref in pairs:
+        assert float((got - ref).abs().max()) <= tolerance * float(ref.abs().max()), (got, ref)
     assert float(a.grad.abs().sum()) > 0 and lin.weight.grad is None
 
 
