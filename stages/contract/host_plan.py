@@ -10,8 +10,11 @@ holds at once for this model:
   on the CPU the whole train step (`memory_plan.plan_train`, live tensor bytes) is host memory;
 - merge buffers one output shard and serialises it (a second copy) while it writes;
 - evaluate holds one 16-bit model at a time and one chunk of fp32 logits, log-softmax and probabilities;
-- export holds the merged 16-bit model for scoring and a second 16-bit copy while it writes and scores the GGUF
-  and GPTQ files, and one chunk of logits.
+- export holds the merged 16-bit model for scoring and a second copy while it writes and scores the GGUF and
+  GPTQ files, and one chunk of logits.
+
+Evaluate and export score in the compute dtype: on a CPU without bf16 arithmetic that is fp32, and the scored
+model is twice its 16-bit size (kernels/dtypes.py).
 
 `bench/bench_host_memory.py` compares these with the peak RSS each stage's manifest records.
 """
@@ -72,6 +75,7 @@ def host_peaks(shape: ModelShape, t: TrainShape, files: ModelFiles, device_type:
     train_plan = plan_train(shape, replace(t, ranks=1, sharded=False, reference_dequant=device_type == "cpu"))
     nf4_model = train_plan.base_nf4 + train_plan.base_16bit
     logits_chunk = BYTES_PER_LOGIT * LOSS_CHUNK * shape.vocab
+    scored = files.weights_16bit * t.compute_bytes // 2  # the model evaluate and export score, in the compute dtype
     if device_type == "cpu":
         train = train_plan.device_peak + train_plan.host_optimizer
     else:
@@ -81,8 +85,8 @@ def host_peaks(shape: ModelShape, t: TrainShape, files: ModelFiles, device_type:
         "quantize": min(files.largest_shard, nf4_model) + files.largest_tensor + 3 * files.largest_linear,
         "train": train,
         "merge": 2 * files.largest_shard + 2 * files.largest_linear,
-        "evaluate": files.weights_16bit + logits_chunk,
-        "export": 2 * files.weights_16bit + logits_chunk,
+        "evaluate": scored + logits_chunk,
+        "export": 2 * scored + logits_chunk,
         "release": 0,
     }
     return {stage: STAGE_BASE_MIB[stage] * 2**20 + more for stage, more in extra.items()}
