@@ -174,7 +174,7 @@ def worker(args: argparse.Namespace) -> dict:
         "device": str(device),
         "optimizer": args.optimizer,
         "batching": args.batching,
-        "bnb_autocast": args.bnb_autocast if args.stack == "bnb+peft" else None,
+        "bnb_autocast": args.bnb_autocast and args.bnb_dtype != "float32" if args.stack == "bnb+peft" else None,
         "compute_dtype": args.bnb_dtype if args.stack == "bnb+peft" else model_compute_dtype(model),
         "peak_gpu_allocated_mb": gpu_train.get("cuda_max_allocated_mb"),
         "peak_gpu_reserved_mb": gpu_train.get("cuda_max_reserved_mb"),
