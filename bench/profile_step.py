@@ -34,6 +34,8 @@ def profile_one(args: argparse.Namespace) -> str:
         layers=2,
         checkpoint_min_tokens=None,
         weight_cache_mb=None,
+        compute_dtype="auto",
+        bnb_dtype=args.bnb_dtype,
     )
     torch.manual_seed(0)
     rows = bt.load_rows(args.artifacts, "train")
@@ -67,6 +69,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--bnb-dtype", choices=("bfloat16", "float32"), default="bfloat16", help="bnb+peft; float32: no autocast"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -76,7 +81,7 @@ def main() -> None:
     parts = []
     for stack in stacks:
         cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--artifacts", str(args.artifacts)]
-        cmd += ["--device", args.device]
+        cmd += ["--device", args.device, "--bnb-dtype", args.bnb_dtype]
         proc = subprocess.run([*cmd, "--rows", str(args.rows)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])

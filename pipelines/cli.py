@@ -11,6 +11,7 @@ import typer
 
 from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches
 from qlora_pipeline.stages.contract.errors import PipelineError
+from qlora_pipeline.stages.contract.host_heap import bound_host_heap
 from qlora_pipeline.stages.contract.params import load_params
 from qlora_pipeline.stages.contract.registry import ORDER, load_stage
 
@@ -286,6 +287,7 @@ def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
 
 def main() -> None:
     bound_cpu_kernel_caches()
+    bound_host_heap()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

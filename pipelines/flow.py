@@ -26,6 +26,7 @@ from qlora_pipeline.stages.contract.artifacts import read_manifest
 from qlora_pipeline.stages.contract.currency import artifacts_root, currency
 from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches
 from qlora_pipeline.stages.contract.errors import PipelineError
+from qlora_pipeline.stages.contract.host_heap import bound_host_heap
 from qlora_pipeline.stages.contract.params import Params, load_params
 from qlora_pipeline.stages.contract.registry import ORDER, STAGES, load_stage
 from qlora_pipeline.stages.contract.runtime import REPO_ROOT
@@ -184,6 +185,7 @@ def run_pipeline(
     """The flow with our Prefect defaults (the environment wins where it sets them): results next to the artifacts,
     and a patient start of the ephemeral server (slow on a 2-core machine)."""
     bound_cpu_kernel_caches()
+    bound_host_heap()
     defaults = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}
     settings = {s: v for s, v in defaults.items() if s.name not in os.environ}
     with temporary_settings(updates=settings):

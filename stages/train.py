@@ -23,6 +23,7 @@ from qlora_pipeline.kernels.linear4bit import Linear4bit, cache_dequantized_weig
 from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches, check_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
+from qlora_pipeline.stages.contract.host_heap import bound_host_heap
 from qlora_pipeline.stages.contract.params import Params, TrainParams
 from qlora_pipeline.stages.contract.recompute_budget import RecomputeBudget
 from qlora_pipeline.stages.contract.stage import StageContext, execute, follow
@@ -74,6 +75,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     from qlora_pipeline.stages.contract.memory_plan import weight_cache_budget
 
     bound_cpu_kernel_caches()
+    bound_host_heap()
     try:
         model = load_4bit_model(quantized_dir, compute_dtype=dtype)
     except ValueError as exc:
