@@ -9,7 +9,6 @@ embedded), `generations.json`, `loss_curve.png`.
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from qlora_pipeline.kernels.dtypes import default_compute_dtype, dtype_name
 from qlora_pipeline.kernels.lora import module_device
 from qlora_pipeline.stages.contract.artifacts import Manifest
+from qlora_pipeline.stages.contract.host_heap import return_freed_heap
 from qlora_pipeline.stages.contract.params import Params
 from qlora_pipeline.stages.contract.stage import StageContext, execute
 from qlora_pipeline.stages.lm.batching import token_rows
@@ -208,7 +208,7 @@ def body(ctx: StageContext) -> dict[str, Any]:
         if name not in ("base_nf4", "loftq_start") and n_gen:
             outputs[name] = generate(model, tok, prompts, e.max_new_tokens, raw_text)
         del model
-        gc.collect()
+        return_freed_heap()  # before the next variant loads (collects the dropped one first)
     gens = [
         {
             "prompt": test[i]["prompt"],

@@ -123,7 +123,7 @@ def gptq_losses(
                     deq = rtn_quantize(w.float(), bits=bits, group_size=group_size).dequantized
                 w.copy_(deq.to(torch.bfloat16).reshape(w.shape))  # the bf16 values a 16-bit load would hold
         out[kind] = heldout_loss(model, rows, batch_size, pad)["loss"]
-        del model
+        del model, params  # the whole copy (params held it too), before the next one loads
     return out
 
 

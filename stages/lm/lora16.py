@@ -9,7 +9,6 @@ process; `true` forces it, `false` turns it off.
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qlora_pipeline.stages.contract.host_heap import return_freed_heap
 from qlora_pipeline.stages.contract.params import TrainParams
 from qlora_pipeline.stages.contract.stage import StageContext
 from qlora_pipeline.stages.lm.distributed import World
@@ -84,7 +84,7 @@ def train_lora16_baseline(
     decision = decide(t, ctx.parent_dir("prepare") / "model", 1 if world is None else world.size)
     if not decision.runs:
         return {"trained": False, "why": decision.why}
-    gc.collect()
+    return_freed_heap()  # the QLoRA model's freed memory, before the 16-bit one (collects garbage first)
     torch.manual_seed(t.seed)
     model, trainable = build_lora16_model(ctx.parent_dir("prepare") / "model", t, device, dtype)
     result = train_loop(ctx, model, trainable, rows, val_rows, pad_id, None, variant="lora16")

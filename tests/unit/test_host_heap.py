@@ -1,5 +1,5 @@
 """The bounded C heap (stages/contract/host_heap.py): memory of freed tensors goes back to the system, where glibc's
-default keeps it resident, and malloc settings the user made stay."""
+default keeps it resident, with the bound or when a stage drops a model, and malloc settings the user made stay."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ for _ in range(40):  # 6 MiB tensors (activation-sized), each followed by a smal
     blocks.append(torch.ones(6 * 2**18))
     pins.append(torch.ones(2**16))
 del blocks
+if sys.argv[1] == "returned":  # glibc's default, then the freed heap handed back
+    from qlora_pipeline.stages.contract.host_heap import return_freed_heap
+    assert return_freed_heap()
 print(rss_mb() - before)
 """
 FREED_MB = 40 * 6
@@ -43,6 +46,13 @@ def test_freed_activation_sized_tensors_leave_the_process() -> None:
     default, bounded = _retained_mb("default"), _retained_mb("bounded")
     assert default > 0.8 * FREED_MB, f"glibc's default kept only {default:.0f} of {FREED_MB} MB: the premise fails"
     assert bounded < 0.2 * FREED_MB, (bounded, default)
+
+
+@pytest.mark.skipif(not uses_glibc() or not os.path.exists("/proc/self/statm"), reason="glibc on Linux only")
+def test_a_dropped_models_heap_goes_back_when_asked() -> None:
+    default, returned = _retained_mb("default"), _retained_mb("returned")
+    assert default > 0.8 * FREED_MB, f"glibc's default kept only {default:.0f} of {FREED_MB} MB: the premise fails"
+    assert returned < 0.2 * FREED_MB, (returned, default)
 
 
 def test_malloc_settings_the_user_made_stay(monkeypatch) -> None:
