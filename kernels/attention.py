@@ -19,6 +19,7 @@ kept queries and keys instead of keeping them (``_ShortAttention``): autograd ov
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,9 @@ SHORT_KEYS = 1024
 BACKWARD_BYTES_PER_SCORE = 12
 """The most bytes per score :class:`_ShortAttention`'s backward holds at once (fp32 probabilities, their fp32
 gradient and the softmax's fp32 gradient): what the memory plan counts for one layer's attention backward."""
+
+QUERY_TILE = 64
+"""Queries per tile of :class:`_ShortAttention`: each tile computes scores only against the keys it attends."""
 
 ATTENTION_NAME = "qlora_cpu_training"
 """The name this attention is registered under in transformers' attention interface."""
@@ -53,46 +57,118 @@ def _masked_scores(grouped: torch.Tensor, key: torch.Tensor, bias: torch.Tensor,
     return scores.add_(bias)
 
 
+@dataclass(frozen=True)
+class KeyTile:
+    """Queries [q0, q1) and the keys [k0, k1) that any of them attends: the rest of the score block is masked for
+    every query of the tile, so it is not computed."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+
+
+def attended_key_tiles(mask: torch.Tensor, q_len: int, k_len: int, tile: int | None = None) -> list[KeyTile]:
+    """The query tiles of a boolean `mask` (True = attend, broadcastable to (batch, heads, q_len, k_len)), each with
+    the span of keys from the first to the last one that any of its queries attends in any row.
+
+    Why: a causal row computes twice the scores it uses, and a packed row (examples of ~55 tokens in rows of ~220)
+    four times: its examples see nothing of each other. Leaving out keys that every query of a tile masks changes
+    no probability (a masked score's is exactly 0), only the order in which the softmax and the weighted sum add
+    their terms. A tile whose queries attend nowhere, and any additive (float) mask, keep every key, as the
+    untiled softmax spreads such a row over all of them."""
+    if mask.dtype != torch.bool:
+        return [KeyTile(0, q_len, 0, k_len)]
+    tile = tile or QUERY_TILE
+    rows = mask.reshape(-1, *mask.shape[-2:]) if mask.dim() > 2 else mask[None]
+    tiles = []
+    for q0 in range(0, q_len, tile):
+        q1 = min(q0 + tile, q_len)
+        seen = rows[:, q0:q1].any(dim=1).any(dim=0).nonzero()
+        k0, k1 = (int(seen[0]), int(seen[-1]) + 1) if seen.numel() else (0, k_len)
+        tiles.append(KeyTile(q0, q1, k0, k1))
+    return tiles
+
+
+def _tile_queries(grouped: torch.Tensor, tile: KeyTile, groups: int) -> torch.Tensor:
+    """A tile's rows of queries grouped by KV head (batch, kv_heads, groups * tile queries, dim): every group's
+    queries of the tile, in the grouped layout's order (a view when the tile is every query)."""
+    batch, kv_heads, rows, dim = grouped.shape
+    per_group = grouped.view(batch, kv_heads, groups, rows // groups, dim)[:, :, :, tile.q0 : tile.q1]
+    return per_group.reshape(batch, kv_heads, groups * (tile.q1 - tile.q0), dim)
+
+
+def _tile_probabilities(
+    grouped: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, heads: int, tile: KeyTile
+) -> torch.Tensor:
+    """The tile's fp32 probabilities (batch, heads, tile queries, tile keys)."""
+    bias = additive_mask(mask[..., tile.q0 : tile.q1, tile.k0 : tile.k1], grouped.dtype)
+    groups = heads // key.shape[1]
+    scores = _masked_scores(_tile_queries(grouped, tile, groups), key[:, :, tile.k0 : tile.k1], bias, heads)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
 class _ShortAttention(torch.autograd.Function):
     """softmax(q kᵀ, masked) v that keeps no probabilities for backward: it recomputes them there from q and k.
 
     Autograd over the plain ops would keep the fp32 probabilities (for the softmax's backward) and their 16-bit
     copy (for the matmul's), 6 bytes per score: on rows of 256 tokens that is 14 KB per token and layer, more than
     all other activations of a SmolLM2 layer together. The recompute is one more q kᵀ and softmax, bit for bit the
-    forward's, so the gradients are the ones autograd would give.
+    forward's, so the gradients are the ones autograd would give over the same tiles.
 
+    The queries go in tiles of :data:`QUERY_TILE` (:func:`attended_key_tiles`), each against the keys it attends.
     The mask enters as transformers' eager attention applies it, added (:func:`additive_mask`): a masked score's
     probability is exactly 0, so its gradient is 0 too and backward needs no masking pass. Only a query row that
-    attends nowhere (left padding) differs from a boolean ``masked_fill``: its uniform probabilities pass gradient
-    to its keys, as under eager attention; such a row carries no loss, so that gradient is 0 anyway.
+    attends nowhere (left padding) differs from a boolean ``masked_fill``: its probabilities, spread over its
+    tile's keys, pass gradient to them, as under eager attention; such a row carries no loss, so that gradient is
+    0 anyway.
     """
 
     @staticmethod
     def forward(
         ctx, grouped: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, heads: int
     ) -> torch.Tensor:
-        scores = _masked_scores(grouped, key, additive_mask(mask, grouped.dtype), heads)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype).view(*grouped.shape[:3], -1)
+        batch, kv_heads, rows, _ = grouped.shape
+        groups = heads // kv_heads
+        q_len = rows // groups
+        mask = mask.expand(*mask.shape[:-2], q_len, key.shape[2])  # a mask broadcast over queries, sliced per tile
+        tiles = attended_key_tiles(mask, q_len, key.shape[2])
+        out = value.new_empty(batch, kv_heads, groups, q_len, value.shape[-1])
+        for tile in tiles:
+            probs = _tile_probabilities(grouped, key, mask, heads, tile).to(value.dtype)
+            part = torch.matmul(probs.view(batch, kv_heads, -1, tile.k1 - tile.k0), value[:, :, tile.k0 : tile.k1])
+            out[:, :, :, tile.q0 : tile.q1] = part.view(batch, kv_heads, groups, tile.q1 - tile.q0, -1)
         ctx.save_for_backward(grouped, key, value, mask)
-        ctx.heads = heads
-        return torch.matmul(probs, value)
+        ctx.heads, ctx.tiles = heads, tiles
+        return out.view(batch, kv_heads, rows, -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grouped, key, value, mask = ctx.saved_tensors
-        # at most BACKWARD_BYTES_PER_SCORE live at once: the fp32 probabilities, their gradient and its softmax's
-        bias = additive_mask(mask, grouped.dtype)  # rebuilt (a ninth of the scores' size), the bool mask is kept
-        probs32 = torch.softmax(_masked_scores(grouped, key, bias, ctx.heads), dim=-1, dtype=torch.float32)
-        del bias
-        shape = (*grouped.shape[:3], -1)
+        batch, kv_heads, rows, dim = grouped.shape
+        groups = ctx.heads // kv_heads
         grad_out = grad_out.to(value.dtype)
-        grad_value = torch.matmul(probs32.to(value.dtype).view(shape).transpose(-1, -2), grad_out)
-        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)).view(probs32.shape).float()
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs32, -1, torch.float32)
-        del grad_probs, probs32
-        grad_scores = grad_scores.to(value.dtype).view(shape)
-        grad_grouped = torch.matmul(grad_scores, key)
-        return grad_grouped, torch.matmul(grad_scores.transpose(-1, -2), grouped), grad_value, None, None
+        grad_grouped = torch.empty_like(grouped).view(batch, kv_heads, groups, rows // groups, dim)
+        grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
+        for tile in ctx.tiles:
+            # at most BACKWARD_BYTES_PER_SCORE live at once: the fp32 probabilities, their gradient and its softmax's
+            probs32 = _tile_probabilities(grouped, key, mask, ctx.heads, tile)
+            shape = (batch, kv_heads, -1, tile.k1 - tile.k0)
+            keys, values = key[:, :, tile.k0 : tile.k1], value[:, :, tile.k0 : tile.k1]
+            out_rows = _tile_queries(grad_out, tile, groups)
+            grad_value[:, :, tile.k0 : tile.k1] += torch.matmul(
+                probs32.to(value.dtype).view(shape).transpose(-1, -2), out_rows
+            )
+            grad_probs = torch.matmul(out_rows, values.transpose(-1, -2)).view(probs32.shape).float()
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs32, -1, torch.float32)
+            del grad_probs, probs32
+            grad_scores = grad_scores.to(value.dtype).view(shape)
+            part = torch.matmul(grad_scores, keys)
+            grad_grouped[:, :, :, tile.q0 : tile.q1] = part.view(batch, kv_heads, groups, tile.q1 - tile.q0, dim)
+            grad_key[:, :, tile.k0 : tile.k1] += torch.matmul(
+                grad_scores.transpose(-1, -2), _tile_queries(grouped, tile, groups)
+            )
+        return grad_grouped.view(grouped.shape), grad_key, grad_value, None, None
 
 
 def short_attention(

@@ -42,6 +42,9 @@ SHORT_ATTENTION_KEYS = 1024
 SHORT_ATTENTION_BACKWARD_BYTES = 12
 """Peak bytes per score of its backward, which recomputes the probabilities (kernels/attention.py
 BACKWARD_BYTES_PER_SCORE)."""
+SHORT_ATTENTION_QUERY_TILE = 64
+"""Queries whose scores it computes at once (kernels/attention.py QUERY_TILE): a row's scores live one tile at a
+time, against at most every key."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -285,7 +288,8 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
     if t.short_attention and t.max_length <= SHORT_ATTENTION_KEYS and not shape.family.eager_attention:
         # the attention's backward comes after the MLP's: its recomputed probabilities take the room of what the
         # MLP kept and of its flowing gradients
-        scores = SHORT_ATTENTION_BACKWARD_BYTES * t.rank_batch * shape.heads * t.max_length**2
+        tile = min(t.max_length, SHORT_ATTENTION_QUERY_TILE)
+        scores = SHORT_ATTENTION_BACKWARD_BYTES * t.rank_batch * shape.heads * tile * t.max_length
         transient = max(transient, scores - 2 * n * shape.ffn * cb - mlp_activation_bytes(shape, t))
     backward = saved + (layer if recomputed == shape.layers else 0) + flowing, transient
     phase, (activations, transient), grads = max(

@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora_pipeline.kernels.attention import SHORT_KEYS, short_attention, use_cpu_training_attention
+from qlora_pipeline.kernels.attention import (
+    QUERY_TILE,
+    SHORT_KEYS,
+    KeyTile,
+    attended_key_tiles,
+    short_attention,
+    use_cpu_training_attention,
+)
 from qlora_pipeline.kernels.slim_activations import saved_tensor_bytes
 from tests import tiny
 
@@ -34,6 +42,52 @@ def test_short_attention_matches_sdpa_values_and_gradients(mask_kind: str) -> No
     torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def _packed_keep(rows: list[list[int]]) -> torch.Tensor:
+    """The boolean mask of packed rows (causal, no example seeing another), (rows, 1, length, length)."""
+    width = max(sum(row) for row in rows)
+    segment = torch.full((len(rows), width), -1)
+    for r, row in enumerate(rows):
+        starts = [0, *torch.tensor(row).cumsum(0).tolist()]
+        for k, (a, b) in enumerate(itertools.pairwise(starts)):
+            segment[r, a:b] = k
+    pos = torch.arange(width)
+    return ((pos[:, None] >= pos[None, :])[None] & (segment[:, :, None] == segment[:, None, :]))[:, None]
+
+
+def test_a_tile_computes_only_the_keys_its_queries_attend() -> None:
+    assert QUERY_TILE == 64
+    causal = torch.ones(150, 150, dtype=torch.bool).tril()
+    assert attended_key_tiles(causal, 150, 150) == [
+        KeyTile(0, 64, 0, 64),
+        KeyTile(64, 128, 0, 128),
+        KeyTile(128, 150, 0, 150),
+    ]
+    packed = _packed_keep([[40, 60, 92], [50, 142]])  # a tile's span: the union over the batch's rows
+    assert attended_key_tiles(packed, 192, 192)[1:] == [KeyTile(64, 128, 40, 128), KeyTile(128, 192, 50, 192)]
+    assert attended_key_tiles(_packed_keep([[40, 60, 92]]), 192, 192)[2] == KeyTile(128, 192, 100, 192)
+    nowhere = causal.clone()
+    nowhere[128:] = False  # queries that attend nowhere keep every key, as the untiled softmax spreads them
+    assert attended_key_tiles(nowhere, 150, 150)[-1] == KeyTile(128, 150, 0, 150)
+    additive = torch.zeros(150, 150).masked_fill(~causal, -1e9)  # an additive mask may hold biases: not tiled
+    assert attended_key_tiles(additive, 150, 150) == [KeyTile(0, 150, 0, 150)]
+
+
+def test_tiled_packed_attention_matches_sdpa_values_and_gradients() -> None:
+    """Rows of 192 packed tokens (three query tiles, examples of different lengths in each row), fp32."""
+    g = torch.Generator().manual_seed(2)
+    keep = _packed_keep([[100, 92], [30, 70, 50, 42]])
+    q = torch.randn(2, 6, 192, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 192, 16, generator=g, requires_grad=True) for _ in range(2))
+    ours = short_attention(q, k, v, keep, 0.25)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.25, enable_gqa=True).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        assert a.abs().sum() > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])

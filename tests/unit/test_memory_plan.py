@@ -155,3 +155,4 @@ def test_the_plan_counts_the_sizes_the_kernels_use() -> None:
     assert memory_plan.BYTES_PER_LOGIT == fused_ce.BYTES_PER_LOGIT
     assert memory_plan.SHORT_ATTENTION_KEYS == attention.SHORT_KEYS
     assert memory_plan.SHORT_ATTENTION_BACKWARD_BYTES == attention.BACKWARD_BYTES_PER_SCORE
+    assert memory_plan.SHORT_ATTENTION_QUERY_TILE == attention.QUERY_TILE
