@@ -2,12 +2,13 @@
 on a GPU), ours and bnb+peft, on the same batch.
 
     .venv/bin/python bench/profile_step.py [--stack ours|bnb+peft|both] [--tag before] [--rows 20]
-                                           [--device cpu|cuda] [--out FILE]
+                                           [--device cpu|cuda] [--batching random|packed] [--out FILE]
 
 Builds each stack exactly as bench/bench_train.py does (SmolLM2 from artifacts/prepare and artifacts/quantize,
 LoRA r=16 on all 7 projections, gradient checkpointing, paged AdamW 32-bit; bnb+peft under bf16 autocast as HF
-Trainer with bf16=True), runs two warm-up steps on HF-style random batches, then profiles the third. Each stack in
-its own subprocess. Writes bench/results/profile_step-<tag>.txt (or --out).
+Trainer with bf16=True), runs two warm-up steps on HF-style random batches (or ours packed as train.packing packs
+them: ``--batching packed``), then profiles the third. Each stack in its own subprocess. Writes
+bench/results/profile_step-<tag>.txt (or --out).
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def profile_one(args: argparse.Namespace) -> str:
     _, _, step = bt._ours(opts, nf4_dir, device) if args.stack == "ours" else bt._bnb(opts, bf16_dir, device)
     from qlora_pipeline.stages.lm.batching import collate
 
-    stream = bt.random_batches(len(rows), 8, 0)
-    batches = [collate([rows[i] for i in next(stream)], 2).to(device) for _ in range(3)]
+    if args.batching == "packed":  # ours by default: train.packing's batches, as bench_train.py's packed rows
+        stream = bt.batches(argparse.Namespace(batching="packed"), rows, 2)
+        batches = [next(stream)[0].to(device) for _ in range(3)]
+    else:
+        stream = bt.random_batches(len(rows), 8, 0)
+        batches = [collate([rows[i] for i in next(stream)], 2).to(device) for _ in range(3)]
     for batch in batches[:2]:
         step(batch)
     gpu = device.type == "cuda"
@@ -57,7 +62,9 @@ def profile_one(args: argparse.Namespace) -> str:
     # user-annotated ranges (the optimizer's "Optimizer.step#...") carry their whole span as device time: left out
     total_ms = sum(getattr(e, key) for e in events if not getattr(e, "is_user_annotation", False)) / 1000
     table = events.table(sort_by=key, row_limit=args.rows, max_name_column_width=48)
-    head = f"== {args.stack} on {device}: one step, {batches[2].input_ids.numel()} padded tokens, loss {loss:.4f}, "
+    shape = "x".join(map(str, batches[2].input_ids.shape))
+    head = f"== {args.stack} on {device}: one step, {args.batching} batch {shape} ({batches[2].n_tokens} tokens), "
+    head += f"loss {loss:.4f}, "
     return head + f"self {'device' if gpu else 'CPU'} total {total_ms:.0f} ms ==\n{table}\n"
 
 
@@ -72,6 +79,7 @@ def main() -> None:
     ap.add_argument(
         "--bnb-dtype", choices=("bfloat16", "float32"), default="bfloat16", help="bnb+peft; float32: no autocast"
     )
+    ap.add_argument("--batching", choices=("random", "packed"), default="random", help="packed: ours only")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -81,7 +89,7 @@ def main() -> None:
     parts = []
     for stack in stacks:
         cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--artifacts", str(args.artifacts)]
-        cmd += ["--device", args.device, "--bnb-dtype", args.bnb_dtype]
+        cmd += ["--device", args.device, "--bnb-dtype", args.bnb_dtype, "--batching", args.batching]
         proc = subprocess.run([*cmd, "--rows", str(args.rows)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])

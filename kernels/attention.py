@@ -14,7 +14,9 @@ score matrix also grows with the square of the length. As transformers' eager at
 their softmax fp32, rounded to 16 bits for the weighted sum; the queries are scaled rather than the scores, and
 grouped query heads meet their KV head by a reshape, not a copy. Backward recomputes the probabilities from the
 kept queries and keys instead of keeping them (``_ShortAttention``): autograd over the plain ops would keep
-``batch * heads * queries * keys * 6`` bytes per layer.
+``batch * heads * queries * keys * 6`` bytes per layer. The queries go in tiles of :data:`QUERY_TILE`, each against
+only the keys some query of it attends (:func:`attended_key_tiles`): a causal row computes about half of its score
+matrix, a packed row of short examples less (the table above is untiled).
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ BACKWARD_BYTES_PER_SCORE = 12
 gradient and the softmax's fp32 gradient): what the memory plan counts for one layer's attention backward."""
 
 QUERY_TILE = 64
-"""Queries per tile of :class:`_ShortAttention`: each tile computes scores only against the keys it attends."""
+"""Queries per tile of :class:`_ShortAttention`: each tile computes scores only against the keys it attends.
+Measured on the 2-core AVX2 VM (fp32, 9 query heads over 3 KV heads of 64, forward + backward of one layer, tiled
+time over untiled in the same run) for tiles of 32 / 48 / 64 / 96 / 128 queries: two packed rows of ~222 tokens
+(four examples each) 0.73 / 0.73 / 0.66 / 0.72 / 0.70; three packed rows of 256 0.76 / 0.71 / 0.75 / 0.74 / 0.90;
+one causal row of 256 1.17 / 1.06 / 0.96 / 0.87 / 0.91; eight padded rows of 100 1.02 / 1.00 / 0.99 / 1.19 / 1.08."""
 
 ATTENTION_NAME = "qlora_cpu_training"
 """The name this attention is registered under in transformers' attention interface."""

@@ -57,25 +57,25 @@ def _packed_keep(rows: list[list[int]]) -> torch.Tensor:
 
 
 def test_a_tile_computes_only_the_keys_its_queries_attend() -> None:
-    assert QUERY_TILE == 64
     causal = torch.ones(150, 150, dtype=torch.bool).tril()
-    assert attended_key_tiles(causal, 150, 150) == [
+    assert attended_key_tiles(causal, 150, 150, 64) == [
         KeyTile(0, 64, 0, 64),
         KeyTile(64, 128, 0, 128),
         KeyTile(128, 150, 0, 150),
     ]
     packed = _packed_keep([[40, 60, 92], [50, 142]])  # a tile's span: the union over the batch's rows
-    assert attended_key_tiles(packed, 192, 192)[1:] == [KeyTile(64, 128, 40, 128), KeyTile(128, 192, 50, 192)]
-    assert attended_key_tiles(_packed_keep([[40, 60, 92]]), 192, 192)[2] == KeyTile(128, 192, 100, 192)
+    assert attended_key_tiles(packed, 192, 192, 64)[1:] == [KeyTile(64, 128, 40, 128), KeyTile(128, 192, 50, 192)]
+    assert attended_key_tiles(_packed_keep([[40, 60, 92]]), 192, 192, 64)[2] == KeyTile(128, 192, 100, 192)
     nowhere = causal.clone()
     nowhere[128:] = False  # queries that attend nowhere keep every key, as the untiled softmax spreads them
-    assert attended_key_tiles(nowhere, 150, 150)[-1] == KeyTile(128, 150, 0, 150)
+    assert attended_key_tiles(nowhere, 150, 150, 64)[-1] == KeyTile(128, 150, 0, 150)
     additive = torch.zeros(150, 150).masked_fill(~causal, -1e9)  # an additive mask may hold biases: not tiled
-    assert attended_key_tiles(additive, 150, 150) == [KeyTile(0, 150, 0, 150)]
+    assert attended_key_tiles(additive, 150, 150, 64) == [KeyTile(0, 150, 0, 150)]
 
 
 def test_tiled_packed_attention_matches_sdpa_values_and_gradients() -> None:
     """Rows of 192 packed tokens (three query tiles, examples of different lengths in each row), fp32."""
+    assert 2 * QUERY_TILE < 192  # the last tile leaves out the keys before its examples
     g = torch.Generator().manual_seed(2)
     keep = _packed_keep([[100, 92], [30, 70, 50, 42]])
     q = torch.randn(2, 6, 192, 16, generator=g, requires_grad=True)
