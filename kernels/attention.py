@@ -74,7 +74,7 @@ class KeyTile:
     k1: int
 
 
-def attended_key_tiles(mask: torch.Tensor, q_len: int, k_len: int, tile: int | None = None) -> list[KeyTile]:
+def attended_key_tiles(mask: torch.Tensor, q_len: int, k_len: int, tile: int = QUERY_TILE) -> list[KeyTile]:
     """The query tiles of a boolean `mask` (True = attend, broadcastable to (batch, heads, q_len, k_len)), each with
     the span of keys from the first to the last one that any of its queries attends in any row.
 
@@ -85,7 +85,6 @@ def attended_key_tiles(mask: torch.Tensor, q_len: int, k_len: int, tile: int | N
     untiled softmax spreads such a row over all of them."""
     if mask.dtype != torch.bool:
         return [KeyTile(0, q_len, 0, k_len)]
-    tile = tile or QUERY_TILE
     rows = mask.reshape(-1, *mask.shape[-2:]) if mask.dim() > 2 else mask[None]
     tiles = []
     for q0 in range(0, q_len, tile):
@@ -100,7 +99,7 @@ def _tile_queries(grouped: torch.Tensor, tile: KeyTile, groups: int) -> torch.Te
     """A tile's rows of queries grouped by KV head (batch, kv_heads, groups * tile queries, dim): every group's
     queries of the tile, in the grouped layout's order (a view when the tile is every query)."""
     batch, kv_heads, rows, dim = grouped.shape
-    per_group = grouped.view(batch, kv_heads, groups, rows // groups, dim)[:, :, :, tile.q0 : tile.q1]
+    per_group = grouped.reshape(batch, kv_heads, groups, rows // groups, dim)[:, :, :, tile.q0 : tile.q1]
     return per_group.reshape(batch, kv_heads, groups * (tile.q1 - tile.q0), dim)
 
 
