@@ -6,8 +6,10 @@
   ``qlora_pipeline.kernels.nf4.dequantize_nf4`` run on the CPU, on weight shapes up to 4096x14336 with a ragged tail;
 - the 8-bit AdamW step over several steps against ``adamw8bit_update_reference`` on the CPU (params, state codes
   and absmax compared as bits);
-- our AdamW (32- and 8-bit state) paged under a byte budget smaller than its state against the same optimizer
-  unpaged, on the device: identical parameters, with evictions and reloads counted.
+- our AdamW (32- and 8-bit state) paged under a byte budget smaller than its state (one tensor updated at a time)
+  against the same optimizer unpaged (small tensors updated together), on the device: identical parameters, with
+  evictions and reloads counted;
+- our 32-bit AdamW against ``torch.optim.AdamW(foreach=True)`` on the device: identical parameters.
 
 With ``--device cpu`` the same checks run through the Triton interpreter at small sizes (a dry run of the script;
 set TRITON_INTERPRET=1 before Python starts, which this script does for itself). Exit 1 if any check fails.
@@ -35,7 +37,8 @@ from qlora_pipeline.kernels.nf4 import dequantize_nf4, quantize_nf4  # noqa: E40
 from qlora_pipeline.kernels.nf4_triton import TILE_BLOCKS_GPU, dequantize_nf4_triton  # noqa: E402
 from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton  # noqa: E402
 from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars  # noqa: E402
-from qlora_pipeline.kernels.optim.adamw import AdamW, QuantMaps, adamw8bit_update_reference  # noqa: E402
+from qlora_pipeline.kernels.optim.adamw import AdamW  # noqa: E402
+from qlora_pipeline.kernels.optim.adamw_math import QuantMaps, adamw8bit_update_reference  # noqa: E402
 from qlora_pipeline.kernels.optim.paging import PagingConfig  # noqa: E402
 
 BS = 256
@@ -125,6 +128,28 @@ def check_paging(device: torch.device, sizes: list[int], steps: int) -> list[dic
     return out
 
 
+def check_adamw32_vs_torch(device: torch.device, sizes: list[int], steps: int) -> list[dict]:
+    """Our 32-bit AdamW (several tensors in one foreach call) against torch.optim.AdamW(foreach=True), the
+    multi-tensor path torch takes by default on CUDA, on the device: the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [[torch.randn(n, generator=gen) for n in sizes] for _ in range(steps)]
+    ours = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    theirs = [torch.nn.Parameter(t.clone().to(device)) for t in init]
+    opts = (
+        AdamW(ours, lr=1e-3, weight_decay=0.01),
+        torch.optim.AdamW(theirs, lr=1e-3, weight_decay=0.01, foreach=True),
+    )
+    for step in range(steps):
+        for ps in (ours, theirs):
+            for p, g in zip(ps, grads[step], strict=True):
+                p.grad = g.to(device)
+        for opt in opts:
+            opt.step()
+    ok = all(same_bits(a.detach().cpu(), b.detach().cpu()) for a, b in zip(ours, theirs, strict=True))
+    return [{"check": "adamw32_vs_torch", "sizes": sizes, "steps": steps, "ok": ok}]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -136,7 +161,9 @@ def main() -> int:
     shapes = [(4096, 14336), (1536, 576), (7, 4097)] if big else [(64, 256), (7, 97)]
     checks = check_dequant(device, shapes)
     checks += check_adam8bit(device, 40 * BS + 77 if not big else 4096 * 1024 + 77, steps=5 if big else 3)
-    checks += check_paging(device, [3000, 5000, 7001, 2048] if not big else [2**20, 3 * 2**20, 2**21 + 5], steps=4)
+    small = [3000, 5000, 7001, 2048]  # updated together in one call when unpaged
+    checks += check_paging(device, small if not big else [2**20, 3 * 2**20, 2**21 + 5, *small], steps=4)
+    checks += check_adamw32_vs_torch(device, [*small, 2**20 + 3], steps=5)
     where = torch.cuda.get_device_name(device) if big else f"cpu, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
     report = {
         "device": where,

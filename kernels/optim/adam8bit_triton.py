@@ -1,11 +1,13 @@
-"""Triton kernel for one AdamW step on 8-bit blockwise state (the CUDA path of ``qlora_pipeline.kernels.optim.adamw``).
+"""Triton kernel for one AdamW step on 8-bit blockwise state (the CUDA path of
+``qlora_pipeline.kernels.optim.adamw_math``).
 
 Each program owns ``ROWS`` state blocks of ``BLOCK`` elements (``ROWS=1`` on CUDA: one program per block, as in
 bnb's ``kOptimizerStatic8bit2StateBlockwise``): dequantize m and v, AdamW update in fp32, write the parameter,
 take the new per-block absmax, requantize m and v.
 
 Numerics are pinned down so the kernel is bit-identical to the torch reference
-(``qlora_pipeline.kernels.optim.adamw.adamw8bit_update_reference``) on CPU under ``TRITON_INTERPRET=1`` and on CUDA:
+(``qlora_pipeline.kernels.optim.adamw_math.adamw8bit_update_reference``) on CPU under ``TRITON_INTERPRET=1`` and on
+CUDA:
 
 * every arithmetic op is one IEEE-rounded fp32 op: the launch passes ``enable_fp_fusion=False`` (no FMA
   contraction) and uses ``div_rn`` / ``sqrt_rn`` (the default fp32 division and sqrt are approximate on NVIDIA);

@@ -1,6 +1,6 @@
 """The per-step scalars of the 8-bit AdamW update, shared by the torch reference and the Triton kernel.
 
-Kept apart from both so that the reference (``qlora_pipeline.kernels.optim.adamw``) never has to import Triton.
+Kept apart from both so that the reference (``qlora_pipeline.kernels.optim.adamw_math``) never has to import Triton.
 """
 
 from __future__ import annotations

@@ -1,26 +1,11 @@
-"""AdamW with 32-bit or 8-bit blockwise state, optionally paged (see ``paging.py``).
+"""AdamW with 32-bit or 8-bit blockwise state, optionally paged (see ``paging.py``): the state's layout in pages,
+its checkpoints, and the step's order over them. The update's numerics, and how they differ from bitsandbytes',
+live in ``adamw_math.py``.
 
-32-bit state runs torch's own single-tensor AdamW ops in torch's order, so parameters and state match
-``torch.optim.AdamW(foreach=False)`` bit for bit on the same device (fp32 params).
+The step updates several small tensors in one call (up to ``adamw_math.BATCH_ELEMENTS`` elements) where their pages
+may all be resident at once: without paging, or paged without a budget. Under a budget one page is pinned at a time,
+so each is updated alone. Either way the bits are the same.
 
-8-bit state is bitsandbytes' blockwise format (signed dynamic map for m, unsigned for v, one fp32 absmax per
-``blocksize`` elements; params below ``min_8bit_size`` elements keep 32-bit state). The update follows bnb's
-CPU backend (``backends/cpu/ops.py``, 0.50.x): dequantize, AdamW in fp32 with decoupled decay applied first,
-requantize with bnb's CPU 65536-bin rule. What differs from ``bnb.optim.AdamW8bit`` on CPU, and why:
-
-* rounding: bnb's torch ops use FMA for ``add_(alpha=)``/``addcmul_`` and torch's CPU ``sqrt`` is not correctly
-  rounded (AVX-512 path); ours does every op with one IEEE rounding so the Triton kernel can reproduce it exactly
-  on CPU and GPU. m/v then differ from bnb's by <= 1 ulp for ~0.3% of elements before quantization. From an
-  identical state one step gives params equal to fp32 rounding, absmax within a few ulp and > 99.9% identical
-  codes, the rest on the neighbouring *reachable* code (bnb's CPU rule only emits ~249/246 of the 256 codes).
-  Over a free-running sequence an element whose code flipped follows its own, decaying, trajectory: its
-  dequantized m/v stay within the largest reachable-code gap (0.0141 / 0.0070 x absmax), and the few such
-  params differ by a fraction of one step's update (tests/unit/test_adamw8bit.py);
-* non-finite gradients follow bnb's CPU backend: no skipping; the param element becomes NaN, a NaN state value
-  gets code 0, absmax ignores NaN but not Inf (an Inf poisons its block). bnb's CUDA kernel instead zeroes m and
-  v of non-finite elements and leaves the param unchanged, applies weight decay *after* the update, uses a
-  nearest-code search plus a sign fix for m; we do not copy those (device-independent results matter more here,
-  and the trainer stops on a NaN loss anyway);
 * paging: bnb pages only tensors >= 1e5 elements through CUDA managed memory and loses paging on
   ``load_state_dict``; we page every state tensor explicitly and keep paging across save/load.
 """
@@ -35,121 +20,19 @@ from typing import Any, Literal
 
 import torch
 
-from qlora_pipeline.kernels.dynamic_map import (
-    bin_to_code_table,
-    create_dynamic_map,
-    dequantize_blockwise,
-    requantize_blockwise,
-)
+from qlora_pipeline.kernels.dynamic_map import dequantize_blockwise
 from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
+from qlora_pipeline.kernels.optim.adamw_math import (
+    BATCH_ELEMENTS,
+    QuantMaps,
+    State8bit,
+    adamw8bit_update_many,
+    adamw32_update_many,
+)
 from qlora_pipeline.kernels.optim.paging import PagedStateStore, PagingConfig, StateStore
 
 _KEYS32 = ("exp_avg", "exp_avg_sq")
 _KEYS8 = ("state1", "state2", "absmax1", "absmax2")
-
-
-# ---- 8-bit reference numerics ----------------------------------------------------------------------------------
-def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded fp32 sqrt. torch's CPU fp32 sqrt is not (17% of values differ by 1 ulp on AVX-512)."""
-    return x.double().sqrt().float()
-
-
-def adamw8bit_update_reference(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    q1: torch.Tensor,
-    q2: torch.Tensor,
-    absmax1: torch.Tensor,
-    absmax2: torch.Tensor,
-    code1: torch.Tensor,
-    code2: torch.Tensor,
-    lut1: torch.Tensor,
-    lut2: torch.Tensor,
-    s: AdamScalars,
-    blocksize: int,
-) -> None:
-    """Torch reference of the 8-bit step (in place, flat tensors); the Triton kernel is bit-identical to it.
-    Every op is a separate IEEE fp32 op with scalars rounded to fp32, in bnb's CPU order."""
-    g32 = g.float()
-    m = dequantize_blockwise(q1, absmax1, code1, blocksize)
-    v = dequantize_blockwise(q2, absmax2, code2, blocksize)
-    m = m * s.beta1 + g32 * s.one_minus_beta1
-    v = v * s.beta2 + (g32 * g32) * s.one_minus_beta2
-    denom = _sqrt_rn(v) / s.bias_correction2_sqrt + s.eps
-    p32 = p.float()
-    if s.apply_decay:
-        p32 = p32 * s.decay
-    p32 = p32 + (m * s.neg_step_size) / denom
-    p.copy_(p32)
-    for x, q, a, lut in ((m, q1, absmax1, lut1), (v, q2, absmax2, lut2)):
-        nq, na = requantize_blockwise(x, lut, blocksize)
-        q.copy_(nq)
-        a.copy_(na)
-
-
-@dataclass(frozen=True)
-class QuantMaps:
-    """Signed map + bin table for m, unsigned map + bin table for v (``dynamic_map.bin_to_code_table``), on one
-    device. The tables are passed to the Triton kernel as plain tensors, so both paths share the exact rule."""
-
-    code1: torch.Tensor
-    code2: torch.Tensor
-    lut1: torch.Tensor
-    lut2: torch.Tensor
-
-    @classmethod
-    def create(cls, device: torch.device | str = "cpu") -> QuantMaps:
-        c1, c2 = create_dynamic_map(signed=True), create_dynamic_map(signed=False)
-        # copies: the bin tables are cached and shared inside dynamic_map
-        return cls(*(t.to(device, copy=True) for t in (c1, c2, bin_to_code_table(c1), bin_to_code_table(c2))))
-
-
-def adamw8bit_update(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    q1: torch.Tensor,
-    q2: torch.Tensor,
-    absmax1: torch.Tensor,
-    absmax2: torch.Tensor,
-    maps: QuantMaps,
-    s: AdamScalars,
-    blocksize: int,
-) -> None:
-    """Triton kernel for CUDA tensors, torch reference otherwise (same bits either way)."""
-    if p.is_cuda:
-        # lazy: a CPU-only process never imports Triton
-        from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton as impl
-    else:
-        impl = adamw8bit_update_reference
-    impl(p, g, q1, q2, absmax1, absmax2, maps.code1, maps.code2, maps.lut1, maps.lut2, s, blocksize)
-
-
-def adamw32_update(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    step: int,
-) -> None:
-    """torch's ``_single_tensor_adam`` (decoupled decay) op for op; fp32 state also for bf16/fp16 params."""
-    beta1, beta2 = betas
-    work = p if p.dtype == torch.float32 else p.float()
-    grad = g if g.dtype == torch.float32 else g.float()
-    if weight_decay != 0:
-        work.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    work.addcdiv_(exp_avg, denom, value=-step_size)
-    if work is not p:
-        p.copy_(work)
 
 
 # ---- state layout -----------------------------------------------------------------------------------------------
@@ -200,6 +83,43 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     update is elementwise, so each rank steps its own shard and keeps that shard's state."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One segment's update in a step: its parameter, gradient and state, and its page, acquired."""
+
+    group: dict[str, Any]
+    p: torch.Tensor
+    g: torch.Tensor
+    state: dict[str, Any]
+    seg: _Segment
+    buf: torch.Tensor
+    store: StateStore
+
+
+def _budgeted(store: StateStore) -> bool:
+    return isinstance(store, PagedStateStore) and store.config.budget_bytes is not None
+
+
+def _run_key(group: dict[str, Any], p: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> tuple:
+    """What the segments updated in one call share: group, state width, step and blocksize, device and dtypes."""
+    return (id(group), state["bits"], state["step"], state["blocksize"], p.device, p.dtype, g.dtype)
+
+
+def _grouped_by_run(work: list[tuple]) -> list[tuple]:
+    """`work` reordered so that segments of one run key follow each other (first appearance order kept)."""
+    runs: dict[tuple, list[tuple]] = {}
+    for item in work:
+        group, p, g, state, _ = item
+        runs.setdefault(_run_key(group, p, g, state), []).append(item)
+    return [item for items in runs.values() for item in items]
+
+
+def _same_run(run: list[_Update], u: _Update) -> bool:
+    """Whether `u` can be updated in the same call as `run` (:func:`_run_key`)."""
+    r = run[0]
+    return _run_key(r.group, r.p, r.g, r.state) == _run_key(u.group, u.p, u.g, u.state)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -307,37 +227,48 @@ class AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 g = local_shard(p.grad.detach()).contiguous()
                 work.extend((group, p, g, state, seg) for seg in state["segments"])
+        if not any(_budgeted(self._store(item[1].device)) for item in work):
+            work = _grouped_by_run(work)  # pages all stay resident: update order is free, and runs get long
+        run: list[_Update] = []
         for i, (group, p, g, state, seg) in enumerate(work):
             store = self._store(p.device)
-            buf = store.acquire(seg.page)
+            update = _Update(group, p, g, state, seg, store.acquire(seg.page), store)
             if i + 1 < len(work):
                 nxt = work[i + 1]
                 self._store(nxt[1].device).prefetch(nxt[4].page)
-            self._update_segment(group, p, g, state, seg, buf)
-            store.release(seg.page)
+            if run and not _same_run(run, update):
+                self._update_run(run)
+                run = []
+            run.append(update)
+            if _budgeted(store) or sum(u.seg.stop - u.seg.start for u in run) >= BATCH_ELEMENTS:
+                self._update_run(run)  # under a budget, a page is released before the next one is acquired
+                run = []
+        if run:
+            self._update_run(run)
         return loss
 
-    def _update_segment(
-        self,
-        group: dict[str, Any],
-        p: torch.Tensor,
-        g: torch.Tensor,
-        state: dict[str, Any],
-        seg: _Segment,
-        buf: torch.Tensor,
-    ) -> None:
-        n = seg.stop - seg.start
-        pf = local_shard(p.data).view(-1)[seg.start : seg.stop]
-        gf = g.view(-1)[seg.start : seg.stop]
-        bs = state["blocksize"]
-        views = _segment_views(buf, state["bits"], n, bs)
+    def _update_run(self, run: list[_Update]) -> None:
+        """One call of the update over the segments of `run` (same group, step, width, device and dtypes), then
+        their pages released."""
+        first = run[0]
+        group, state = first.group, first.state
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        if state["bits"] == 32:
-            adamw32_update(pf, gf, views["exp_avg"], views["exp_avg_sq"], lr, betas, eps, wd, state["step"])
+        bits, bs = state["bits"], state["blocksize"]
+        flat = [
+            (local_shard(u.p.data).view(-1)[u.seg.start : u.seg.stop], u.g.view(-1)[u.seg.start : u.seg.stop])
+            for u in run
+        ]
+        views = [_segment_views(u.buf, bits, u.seg.stop - u.seg.start, bs) for u in run]
+        if bits == 32:
+            ps, gs = [f[0] for f in flat], [f[1] for f in flat]
+            ms, vs = [v["exp_avg"] for v in views], [v["exp_avg_sq"] for v in views]
+            adamw32_update_many(ps, gs, ms, vs, lr, betas, eps, wd, state["step"])
         else:
             s = AdamScalars.make(lr, betas, eps, wd, state["step"])
-            q1, q2, a1, a2 = (views[k] for k in _KEYS8)
-            adamw8bit_update(pf, gf, q1, q2, a1, a2, self._quant_maps(p.device), s, bs)
+            states = [State8bit(pf, gf, *(v[k] for k in _KEYS8)) for (pf, gf), v in zip(flat, views, strict=True)]
+            adamw8bit_update_many(states, self._quant_maps(first.p.device), s, bs)
+        for u in run:
+            u.store.release(u.seg.page)
 
     # ---- inspection --------------------------------------------------------------------------------------------
     def get_state(self, p: torch.Tensor) -> dict[str, Any]:

@@ -12,7 +12,8 @@ A sum of terms, each a count of bytes of one kind of tensor the step holds at it
   (:class:`RecomputeBudget`: as many as keep it within what a train.checkpoint_min_tokens batch keeps) and the
   rest of the others;
 - the loss: hidden states and one chunk of fp32 logits and their gradient (only labelled positions reach lm_head);
-- the transient of the largest linear: its weight dequantized in the compute dtype while it multiplies.
+- the transient of the largest linear: its weight dequantized in the compute dtype while it multiplies;
+- after backward, the optimizer update's temporaries (its largest call, :func:`update_transient_bytes`).
 
 The per-layer activation count is derived from the code's autograd graph (a Llama-style RMSNorm keeps its 16-bit
 input, Gemma's its fp32 input; LoRA its input, its mask (on a GPU) and its rank-r output; the gated MLP its gate and up
@@ -45,6 +46,10 @@ BACKWARD_BYTES_PER_SCORE)."""
 SHORT_ATTENTION_QUERY_TILE = 64
 """Queries whose scores it computes at once (kernels/attention.py QUERY_TILE): a row's scores live one tile at a
 time, against at most every key."""
+OPTIMIZER_RUN_ELEMENTS = 2**19
+"""Elements the optimizer updates in one call, small tensors together (kernels/optim/adamw_math.py BATCH_ELEMENTS)."""
+UPDATE_BYTES_PER_ELEMENT = {32: 4, 8: 56}
+"""Peak temporaries of that call per element, by state width (adamw_math.UPDATE_BYTES_PER_ELEMENT)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -142,8 +147,9 @@ class TrainShape:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes a train step holds on its device at its peak, by kind (the larger of the forward pass's peak, at the
-    loss, and the backward pass's); `host_optimizer` is what a paged optimizer keeps in host memory."""
+    """Bytes a train step holds on its device at its peak, by kind (the largest of the forward pass's peak, at the
+    loss, the backward pass's and the optimizer update's); `host_optimizer` is what a paged optimizer keeps in host
+    memory."""
 
     phase: str
     base_nf4: int
@@ -188,6 +194,15 @@ def optimizer_state_bytes(n: int, state_bits: int) -> int:
     if state_bits == 8 and n >= OPTIM_8BIT_MIN_SIZE:
         return 2 * n + 2 * 4 * math.ceil(n / OPTIM_8BIT_BLOCK)
     return 8 * n
+
+
+def update_transient_bytes(sizes: list[int], state_bits: int) -> int:
+    """The optimizer update's temporaries: those of its largest call (one state width, up to a run's elements)."""
+    by_bits: dict[int, list[int]] = {}
+    for n in sizes:
+        by_bits.setdefault(8 if state_bits == 8 and n >= OPTIM_8BIT_MIN_SIZE else 32, []).append(n)
+    runs = ((bits, min(sum(ns), OPTIMIZER_RUN_ELEMENTS + max(ns))) for bits, ns in by_bits.items())
+    return max((UPDATE_BYTES_PER_ELEMENT[bits] * n for bits, n in runs), default=0)
 
 
 def targeted(shape: ModelShape, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -292,8 +307,10 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
         scores = SHORT_ATTENTION_BACKWARD_BYTES * t.rank_batch * shape.heads * tile * t.max_length
         transient = max(transient, scores - 2 * n * shape.ffn * cb - mlp_activation_bytes(shape, t))
     backward = saved + (layer if recomputed == shape.layers else 0) + flowing, transient
+    update = 0, update_transient_bytes([n // shards for n in lora_sizes], t.state_bits)  # after backward: the grads
     phase, (activations, transient), grads = max(
-        (("forward", forward, 0), ("backward", backward, lora)), key=lambda p: sum(p[1]) + p[2]
+        (("forward", forward, 0), ("backward", backward, lora), ("update", update, lora)),
+        key=lambda p: sum(p[1]) + p[2],
     )
     return MemoryPlan(
         phase=phase,

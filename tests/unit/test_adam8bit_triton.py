@@ -15,7 +15,7 @@ import torch
 from qlora_pipeline.kernels.dynamic_map import quantize_blockwise, requantize_blockwise
 from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton
 from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
-from qlora_pipeline.kernels.optim.adamw import QuantMaps, adamw8bit_update_reference
+from qlora_pipeline.kernels.optim.adamw_math import QuantMaps, adamw8bit_update_reference
 
 MAPS = QuantMaps.create()
 BS = 256

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_pipeline.kernels.optim.adamw import AdamW, QuantMaps
+from qlora_pipeline.kernels.optim.adamw import AdamW
+from qlora_pipeline.kernels.optim.adamw_math import QuantMaps
 
 bnb = pytest.importorskip("bitsandbytes")
 

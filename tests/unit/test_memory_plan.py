@@ -149,6 +149,7 @@ def test_plan_command_reports_each_stages_host_memory_and_refuses_a_host_too_sma
 
 def test_the_plan_counts_the_sizes_the_kernels_use() -> None:
     from qlora_pipeline.kernels import attention, fused_ce
+    from qlora_pipeline.kernels.optim import adamw_math
     from qlora_pipeline.stages.contract import memory_plan
 
     assert memory_plan.LOSS_CHUNK == fused_ce.DEFAULT_CHUNK
@@ -156,3 +157,5 @@ def test_the_plan_counts_the_sizes_the_kernels_use() -> None:
     assert memory_plan.SHORT_ATTENTION_KEYS == attention.SHORT_KEYS
     assert memory_plan.SHORT_ATTENTION_BACKWARD_BYTES == attention.BACKWARD_BYTES_PER_SCORE
     assert memory_plan.SHORT_ATTENTION_QUERY_TILE == attention.QUERY_TILE
+    assert memory_plan.OPTIMIZER_RUN_ELEMENTS == adamw_math.BATCH_ELEMENTS
+    assert memory_plan.UPDATE_BYTES_PER_ELEMENT == adamw_math.UPDATE_BYTES_PER_ELEMENT
