@@ -24,18 +24,24 @@ BYTES_PER_LOGIT = 6
 def _chunk_loss_and_grad(
     h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk's summed cross-entropy and, if asked, its ∂/∂h; its logits die when this returns."""
-    logits = (h @ weight.t()).float()
-    target = logits.gather(1, y.unsqueeze(1))
-    peak = logits.amax(dim=-1, keepdim=True)
+    """One chunk's summed cross-entropy and, if asked, its ∂/∂h; its logits die when this returns.
+
+    The logits are computed transposed, vocabulary × rows (``weight @ hᵀ``), and reduced over the vocabulary along
+    dim 0: with 64 rows against 49,152 words, a BLAS library runs the long dimension as the product's rows far better
+    than as its columns (MKL fp32 on the 2-core AVX2 VM: 32 against 51 ms for SmolLM2's head; the whole chunk, loss
+    and gradient, 72 against 88 ms; docs/speed.md). The values are the same sums, in the library's order."""
+    rows = torch.arange(y.shape[0], device=y.device)
+    logits = (weight @ h.t()).float()
+    target = logits[y, rows]
+    peak = logits.amax(dim=0)
     exps = logits.sub_(peak).exp_()  # in place: logsumexp would allocate a chunk-sized temporary
-    sums = exps.sum(dim=-1, keepdim=True)
+    sums = exps.sum(dim=0)
     loss = (peak + sums.log() - target).sum()
     if not need_grad:
         return loss, None
     probs = exps.div_(sums)
-    probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-    return loss, (probs.to(weight.dtype) @ weight).to(h.dtype)
+    probs[y, rows] -= 1.0
+    return loss, (probs.to(weight.dtype).t() @ weight).to(h.dtype)
 
 
 class _FrozenHeadCE(torch.autograd.Function):
