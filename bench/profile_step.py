@@ -3,11 +3,12 @@ on a GPU), ours and bnb+peft, on the same batch.
 
     .venv/bin/python bench/profile_step.py [--stack ours|bnb+peft|both] [--tag before] [--rows 20]
                                            [--device cpu|cuda] [--batching random|packed] [--out FILE]
+                                           [--optimizer paged_adamw_32bit|paged_adamw_8bit]
 
 Builds each stack exactly as bench/bench_train.py does (SmolLM2 from artifacts/prepare and artifacts/quantize,
-LoRA r=16 on all 7 projections, gradient checkpointing, paged AdamW 32-bit; bnb+peft under bf16 autocast as HF
-Trainer with bf16=True), runs two warm-up steps on HF-style random batches (or ours packed as train.packing packs
-them: ``--batching packed``), then profiles the third. Each stack in its own subprocess. Writes
+LoRA r=16 on all 7 projections, gradient checkpointing, paged AdamW 32-bit or ``--optimizer``'s; bnb+peft under bf16
+autocast as HF Trainer with bf16=True), runs two warm-up steps on HF-style random batches (or ours packed as
+train.packing packs them: ``--batching packed``), then profiles the third. Each stack in its own subprocess. Writes
 bench/results/profile_step-<tag>.txt (or --out).
 """
 
@@ -28,7 +29,7 @@ def profile_one(args: argparse.Namespace) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     opts = argparse.Namespace(
-        optimizer="paged_adamw_32bit",
+        optimizer=args.optimizer,
         bnb_autocast=True,
         model="smollm2",
         artifacts=args.artifacts,
@@ -64,6 +65,7 @@ def profile_one(args: argparse.Namespace) -> str:
     table = events.table(sort_by=key, row_limit=args.rows, max_name_column_width=48)
     shape = "x".join(map(str, batches[2].input_ids.shape))
     head = f"== {args.stack} on {device}: one step, {args.batching} batch {shape} ({batches[2].n_tokens} tokens), "
+    head += f"{args.optimizer}, "
     head += f"loss {loss:.4f}, "
     return head + f"self {'device' if gpu else 'CPU'} total {total_ms:.0f} ms ==\n{table}\n"
 
@@ -80,6 +82,7 @@ def main() -> None:
         "--bnb-dtype", choices=("bfloat16", "float32"), default="bfloat16", help="bnb+peft; float32: no autocast"
     )
     ap.add_argument("--batching", choices=("random", "packed"), default="random", help="packed: ours only")
+    ap.add_argument("--optimizer", choices=("paged_adamw_32bit", "paged_adamw_8bit"), default="paged_adamw_32bit")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -90,6 +93,7 @@ def main() -> None:
     for stack in stacks:
         cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--artifacts", str(args.artifacts)]
         cmd += ["--device", args.device, "--bnb-dtype", args.bnb_dtype, "--batching", args.batching]
+        cmd += ["--optimizer", args.optimizer]
         proc = subprocess.run([*cmd, "--rows", str(args.rows)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
