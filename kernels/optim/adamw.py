@@ -230,6 +230,7 @@ class AdamW(torch.optim.Optimizer):
         if not any(_budgeted(self._store(item[1].device)) for item in work):
             work = _grouped_by_run(work)  # pages all stay resident: update order is free, and runs get long
         run: list[_Update] = []
+        run_elements = 0
         for i, (group, p, g, state, seg) in enumerate(work):
             store = self._store(p.device)
             update = _Update(group, p, g, state, seg, store.acquire(seg.page), store)
@@ -238,11 +239,12 @@ class AdamW(torch.optim.Optimizer):
                 self._store(nxt[1].device).prefetch(nxt[4].page)
             if run and not _same_run(run, update):
                 self._update_run(run)
-                run = []
+                run, run_elements = [], 0
             run.append(update)
-            if _budgeted(store) or sum(u.seg.stop - u.seg.start for u in run) >= BATCH_ELEMENTS:
+            run_elements += seg.stop - seg.start
+            if _budgeted(store) or run_elements >= BATCH_ELEMENTS:
                 self._update_run(run)  # under a budget, a page is released before the next one is acquired
-                run = []
+                run, run_elements = [], 0
         if run:
             self._update_run(run)
         return loss
