@@ -94,21 +94,6 @@ def adamw32_update_many(
             p.copy_(w)
 
 
-def adamw32_update(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    step: int,
-) -> None:
-    """:func:`adamw32_update_many` of one tensor."""
-    adamw32_update_many([p], [g], [exp_avg], [exp_avg_sq], lr, betas, eps, weight_decay, step)
-
-
 # ---- 8-bit ---------------------------------------------------------------------------------------------------
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """Correctly rounded fp32 sqrt. torch's CPU fp32 sqrt is not (17% of values differ by 1 ulp on AVX-512)."""

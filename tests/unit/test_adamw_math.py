@@ -15,7 +15,6 @@ from qlora_pipeline.kernels.optim.adamw_math import (
     State8bit,
     adamw8bit_update,
     adamw8bit_update_many,
-    adamw32_update,
     adamw32_update_many,
 )
 from qlora_pipeline.kernels.optim.paging import PagingConfig
@@ -80,7 +79,7 @@ def test_32bit_many_is_bit_identical_to_one_call_per_tensor() -> None:
     for step in range(1, 4):
         adamw32_update_many(ps, gs, ms, vs, 1e-3, (0.9, 0.999), 1e-8, 0.01, step)
         for p, g, m, v in zip(ps1, gs, ms1, vs1, strict=True):
-            adamw32_update(p, g, m, v, 1e-3, (0.9, 0.999), 1e-8, 0.01, step)
+            adamw32_update_many([p], [g], [m], [v], 1e-3, (0.9, 0.999), 1e-8, 0.01, step)
     for a, b in zip(ps + ms + vs, ps1 + ms1 + vs1, strict=True):
         assert torch.equal(a, b)
 
