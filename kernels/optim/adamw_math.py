@@ -77,18 +77,19 @@ def adamw32_update_many(
     beta1, beta2 = betas
     work = [p if p.dtype == torch.float32 else p.float() for p in params]
     grad = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    m, v = list(exp_avgs), list(exp_avg_sqs)
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
-    torch._foreach_lerp_(list(exp_avgs), grad, 1 - beta1)
-    torch._foreach_mul_(list(exp_avg_sqs), beta2)
-    torch._foreach_addcmul_(list(exp_avg_sqs), grad, grad, value=1 - beta2)
+    torch._foreach_lerp_(m, grad, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
-    denom = torch._foreach_sqrt(list(exp_avg_sqs))
+    denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, bias_correction2**0.5)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(work, list(exp_avgs), denom, value=-step_size)
+    torch._foreach_addcdiv_(work, m, denom, value=-step_size)
     for w, p in zip(work, params, strict=True):
         if w is not p:
             p.copy_(w)
@@ -174,9 +175,8 @@ def adamw8bit_update(st: State8bit, maps: QuantMaps, s: AdamScalars, blocksize: 
         from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton as impl
     else:
         impl = adamw8bit_update_reference
-    impl(
-        st.p, st.g, st.q1, st.q2, st.absmax1, st.absmax2, *(maps.code1, maps.code2, maps.lut1, maps.lut2), s, blocksize
-    )
+    tables = (maps.code1, maps.code2, maps.lut1, maps.lut2)
+    impl(st.p, st.g, st.q1, st.q2, st.absmax1, st.absmax2, *tables, s, blocksize)
 
 
 def adamw8bit_update_many(states: Sequence[State8bit], maps: QuantMaps, s: AdamScalars, blocksize: int) -> None:
@@ -206,9 +206,8 @@ def adamw8bit_update_many(states: Sequence[State8bit], maps: QuantMaps, s: AdamS
     absmax1 = torch.cat([st.absmax1 for st in states])
     absmax2 = torch.cat([st.absmax2 for st in states])
     adamw8bit_update(State8bit(p, g, q1, q2, absmax1, absmax2), maps, s, blocksize)
-    spans = [n + pad for n, pad in zip(sizes, pads, strict=True)]
     for laid, field in ((p, "p"), (q1, "q1"), (q2, "q2")):
-        parts = [part[:n] for part, n in zip(laid.split(spans), sizes, strict=True)]
+        parts = [part[:n] for part, n in zip(laid.split([b * blocksize for b in blocks]), sizes, strict=True)]
         torch._foreach_copy_([getattr(st, field) for st in states], parts)
     for laid, field in ((absmax1, "absmax1"), (absmax2, "absmax2")):
         torch._foreach_copy_([getattr(st, field) for st in states], list(laid.split(blocks)))
