@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup reader gptq-oracle pipeline test lint bench clean
 
-setup: $(VENV)/.installed $(VENV)/.reader
+setup: $(VENV)/.installed $(VENV)/.reader $(VENV)/.allocator
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ $(VENV)/.installed: pyproject.toml
 # checked in a child process; setup is not done until it has loaded a model here. QLORA_READER=off skips it.
 $(VENV)/.reader: $(VENV)/.installed pipelines/reader_install.py
 	$(PY) -m qlora_pipeline.pipelines.reader_install
+	touch $@
+
+# mimalloc, which the CLI preloads for its lower peak RSS: setup is not done until a child process has run torch on
+# it here (or found that it cannot, and the pipeline keeps the system allocator). QLORA_HOST_ALLOCATOR=system: never.
+$(VENV)/.allocator: $(VENV)/.installed stages/contract/host_allocator.py
+	$(PY) -m qlora_pipeline.stages.contract.host_allocator
 	touch $@
 
 reader: $(VENV)/.installed

@@ -52,7 +52,7 @@ def model_source(size: str, work: Path) -> dict:
     return {"source": "local", "path": str(path)}
 
 
-def run_stages(size: str, work: Path) -> tuple[dict[str, float], dict[str, int]]:
+def run_stages(size: str, work: Path) -> tuple[dict[str, float], dict[str, int], dict[str, str]]:
     from qlora_pipeline.stages.contract.host_plan import host_plan
     from qlora_pipeline.stages.contract.params import parse_params
     from qlora_pipeline.stages.lm.modelio import base_model_dir
@@ -73,16 +73,17 @@ def run_stages(size: str, work: Path) -> tuple[dict[str, float], dict[str, int]]
     }
     params_file = work / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
-    measured = {}
+    measured, allocators = {}, {}
     for stage in STAGES:
         cmd = [sys.executable, "-m", "qlora_pipeline.pipelines.cli", "stage", stage, "-p", str(params_file)]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         manifest = json.loads((work / "artifacts" / stage / "manifest.json").read_text())
         measured[stage] = manifest["memory"]["peak_rss_mb"] * 2**20
+        allocators[stage] = manifest["libraries"].get("host_allocator", "unrecorded")
     params = parse_params(raw)
     model_dir = base_model_dir(params.model)
     predicted = host_plan(params, json.loads((model_dir / "config.json").read_text()), model_dir, "cpu")
-    return measured, predicted
+    return measured, predicted, allocators
 
 
 def main() -> None:
@@ -91,10 +92,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_memory.json")
     args = ap.parse_args()
     rows = []
-    print("| model | stage | measured MiB | predicted MiB | error % |\n|---|---|---|---|---|")
+    print("| model | stage | measured MiB | predicted MiB | error % | allocator |\n|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="host-mem-") as tmp:
-            measured, predicted = run_stages(size, Path(tmp))
+            measured, predicted, allocators = run_stages(size, Path(tmp))
         for stage in STAGES:
             m, p = measured[stage], predicted[stage]
             rows.append(
@@ -104,10 +105,12 @@ def main() -> None:
                     "measured_mib": round(m / 2**20),
                     "predicted_mib": round(p / 2**20),
                     "error_pct": round(100 * (p - m) / m, 1),
+                    "host_allocator": allocators[stage],
                 }
             )
             r = rows[-1]
-            print(f"| {size} | {stage} | {r['measured_mib']} | {r['predicted_mib']} | {r['error_pct']:+} |", flush=True)
+            cells = (size, stage, r["measured_mib"], r["predicted_mib"], f"{r['error_pct']:+}", r["host_allocator"])
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
     worst = max(abs(r["error_pct"]) for r in rows)
     print(f"\nworst error {worst}% over {len(rows)} stage runs")
     args.out.write_text(json.dumps({"rows": rows, "worst_error_pct": worst}, indent=1) + "\n")

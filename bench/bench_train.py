@@ -23,6 +23,9 @@ those batches and on its own two batchings beside one bnb+peft run (ratios `ours
 `_grouped`, `_packed`).
 `--tokens N` trains every
 configuration on the same N real (not padding) tokens, so the held-out losses compare at equal data.
+Ours runs on the C allocator the CLI runs it on (mimalloc where installed and probed: stages/contract/host_allocator.py;
+`--ours-allocator system` for glibc), bnb+peft on the system's, as its users run it (`--bnb-allocator mimalloc` to
+give it mimalloc too); each run records the allocator it ran on.
 `--repeats N` runs every configuration N times, in N rounds of all of them, and takes each measured value as the
 median over its runs (each run's values are kept beside it): on the 2-core dev VM two runs of identical work in one
 invocation differed by up to 19 % in median step time, so one run per configuration cannot settle a 10 % question.
@@ -137,6 +140,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from qlora_pipeline.stages.contract.device import peak_memory_mb, reset_peak_memory, resolve_device
+    from qlora_pipeline.stages.contract.host_allocator import allocator_in_use
     from qlora_pipeline.stages.lm.lm_loss import heldout_loss
 
     torch.manual_seed(0)
@@ -181,6 +185,7 @@ def worker(args: argparse.Namespace) -> dict:
         "gpu_allocated_after_load_mb": gpu_model.get("cuda_max_allocated_mb"),
         "steps": len(times),
         "median_step_s": statistics.median(times[timed]),
+        "step_s": [round(t, 3) for t in times],
         "tokens_per_s": sum(tokens[timed]) / sum(times[timed]),
         "tokens_trained": sum(tokens),
         "padded_tokens_per_step": statistics.mean(padded),
@@ -190,6 +195,7 @@ def worker(args: argparse.Namespace) -> dict:
         "last5_loss": statistics.mean(losses[-5:]),
         "heldout_loss": held,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "host_allocator": allocator_in_use(),
         "peak_rss_train_mb": rss_train,
         "rss_after_load_mb": rss_model,
         "trainable": sum(p.numel() for p in trainable),
@@ -304,7 +310,7 @@ def run_worker(args: argparse.Namespace, stack: str, bits: str, batching: str) -
     cmd += ["--bnb-dtype", args.bnb_dtype, "--compute-dtype", args.compute_dtype]
     budget = f"{args.tokens} tokens" if args.tokens else f"{args.steps} steps"
     print(f"running {stack} paged_adamw_{bits} on {args.model} ({batching} batches, {budget})", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(args, stack))
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         print(proc.stderr[-3000:])
@@ -312,6 +318,16 @@ def run_worker(args: argparse.Namespace, stack: str, bits: str, batching: str) -
     res = json.loads(line[len("RESULT ") :])
     print(json.dumps(res), flush=True)
     return res
+
+
+def worker_env(args: argparse.Namespace, stack: str) -> dict[str, str]:
+    """The worker's environment: ours on the C allocator the CLI would run it on (mimalloc where installed and
+    probed; --ours-allocator system to compare), bnb + peft on the system's, as its users run it (or mimalloc)."""
+    from qlora_pipeline.stages.contract.host_allocator import CHOICE_VAR, preload_env
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    choice = args.ours_allocator if stack == "ours" else args.bnb_allocator
+    return preload_env({**env, CHOICE_VAR: choice}) or env
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -395,6 +411,8 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=1, help="run every configuration this many times, in rounds; report medians"
     )
+    ap.add_argument("--ours-allocator", choices=("auto", "system", "mimalloc"), default="auto")
+    ap.add_argument("--bnb-allocator", choices=("system", "mimalloc"), default="system")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stack", default="ours")
@@ -436,6 +454,8 @@ def main() -> None:
         "bnb_autocast": args.bnb_autocast and args.bnb_dtype != "float32",
         "bnb_dtype": args.bnb_dtype,
         "compute_dtype": args.compute_dtype,
+        "ours_allocator": args.ours_allocator,
+        "bnb_allocator": args.bnb_allocator,
         "cpu_multiplies_bf16": cpu_multiplies_bf16(),
         "repeats": args.repeats,
         "results": results,

@@ -3,8 +3,8 @@
 # needs for bench/gpu_acceptance.sh, as two folders of under 64 MiB each (the working tree travels with each):
 #
 #   .carry/a/whl/        wheels for Python 3.12: pydantic (+ core, annotated-types, typing-inspection), datasets
-#                        (+ dill, multiprocess), gguf, chatterbot-corpus (the embedded data), and bitsandbytes cut
-#                        to its CPU and CUDA 13.0 libraries
+#                        (+ dill, multiprocess), gguf, chatterbot-corpus (the embedded data), mimalloc (cmeel-mimalloc
+#                        + cmeel: the CLI's allocator) and bitsandbytes cut to its CPU and CUDA 13.0 libraries
 #   .carry/a/artifacts/  prepare's tokenizer files and tokenized data (no weights): enough for the steps that do not
 #                        need SmolLM2's weights (kernels, dequant, the 8B-shaped train bench)
 #   .carry/a/gguf/       the first 40 MiB of the embedded SmolLM2 GGUF (+ its sha256)
@@ -44,7 +44,7 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 PINS=$("$PY" -c "
 import importlib.metadata as m
 names = ['pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection', 'datasets', 'dill', 'multiprocess',
-         'gguf', 'bitsandbytes', 'chatterbot-corpus']
+         'gguf', 'bitsandbytes', 'chatterbot-corpus', 'cmeel-mimalloc', 'cmeel']
 print(' '.join(f'{n}=={m.version(n)}' for n in names))")
 # shellcheck disable=SC2086
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \

@@ -11,6 +11,7 @@ import typer
 
 from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches
 from qlora_pipeline.stages.contract.errors import PipelineError
+from qlora_pipeline.stages.contract.host_allocator import run_on_host_allocator
 from qlora_pipeline.stages.contract.host_heap import bound_host_heap
 from qlora_pipeline.stages.contract.params import load_params
 from qlora_pipeline.stages.contract.registry import ORDER, load_stage
@@ -286,6 +287,11 @@ def check_params(params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 def main() -> None:
+    try:
+        run_on_host_allocator()  # first: it may re-execute this command with mimalloc preloaded
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
     bound_cpu_kernel_caches()
     bound_host_heap()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -28,6 +28,7 @@ LIBRARIES = (
     "gguf",
     "numpy",
     "pydantic",
+    "cmeel-mimalloc",
 )
 
 
@@ -63,7 +64,10 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
-    out = {}
+    """The packages' versions, and the C allocator this process runs on (what its memory figures depend on)."""
+    from qlora_pipeline.stages.contract.host_allocator import allocator_in_use
+
+    out = {"host_allocator": allocator_in_use()}
     for name in LIBRARIES:
         try:
             out[name] = metadata.version(name)

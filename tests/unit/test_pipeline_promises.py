@@ -61,7 +61,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     before = json.loads((tmp / "artifacts" / "quantize" / "manifest.json").read_text())
     forced = _qlora("run", "-p", str(params), "--stage", "quantize", "--force", env=env)
     assert forced.returncode == 0, forced.stderr[-3000:]
-    return SimpleNamespace(tmp=tmp, params=params, log=log, first=first, forced=forced, quantize_before=before)
+    return SimpleNamespace(tmp=tmp, params=params, env=env, log=log, first=first, forced=forced, quantize_before=before)
 
 
 def test_a_whole_run_makes_every_artifact(offline_run) -> None:
@@ -115,6 +115,25 @@ def test_gguf_is_scored_by_llama_cpp_and_gptq_calibrates_on_train_only(offline_r
     train_rows = {tuple(r) for r in data["train"]["input_ids"]}
     held_out = {tuple(r) for split in ("validation", "test") for r in data[split]["input_ids"]}
     assert calib == train_rows and not calib & held_out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mimalloc is preloaded on Linux only")
+def test_the_run_allocated_from_mimalloc_and_trains_the_same_bits_on_the_system_allocator(offline_run) -> None:
+    """The CLI runs every stage on mimalloc (stages/contract/host_allocator.py). Which allocator serves memory must
+    not change a value: a read of memory nothing wrote would differ between them. Last of the run's tests: it
+    retrains."""
+    art = offline_run.tmp / "artifacts"
+    for stage in ORDER:
+        manifest = json.loads((art / stage / "manifest.json").read_text())
+        assert manifest["libraries"]["host_allocator"] == "mimalloc", stage
+    before = json.loads((art / "train" / "manifest.json").read_text())
+    env = {**offline_run.env, "QLORA_HOST_ALLOCATOR": "system"}
+    rerun = _qlora("run", "-p", str(offline_run.params), "--stage", "train", "--force", env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = json.loads((art / "train" / "manifest.json").read_text())
+    assert after["libraries"]["host_allocator"] == "system" and after["created_at"] != before["created_at"]
+    adapters = sorted(k for k in before["outputs"] if k.endswith("adapter_model.safetensors"))
+    assert adapters and {k: after["outputs"][k] for k in adapters} == {k: before["outputs"][k] for k in adapters}
 
 
 def test_cli_stage_and_check_params(tmp_path: Path, tiny_llama_dir: Path, qa_jsonl: Path) -> None:
