@@ -111,7 +111,11 @@ def probe(library: Path) -> Verdict:
     if done.returncode == 0 and "probe ok True" in done.stdout:
         return Verdict(True, "ran torch with the library preloaded")
     if done.returncode < 0:
-        return Verdict(False, f"the probe died of {signal.Signals(-done.returncode).name}")
+        try:
+            how = signal.Signals(-done.returncode).name
+        except ValueError:
+            how = f"signal {-done.returncode}"
+        return Verdict(False, f"the probe died of {how}")
     last = (done.stderr.strip().splitlines() or ["no output"])[-1]
     return Verdict(False, f"the probe exited {done.returncode}: {last}")
 
@@ -126,7 +130,9 @@ def verdict_for(library: Path) -> Verdict:
     verdict = probe(library)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(verdict)))
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(asdict(verdict)))
+        partial.replace(path)  # whole or absent, for another command reading it at the same moment
     except OSError:
         log.warning("could not keep the allocator probe's verdict in %s; it will run again", path.parent)
     return verdict
@@ -140,8 +146,8 @@ def preload_env(environ: Mapping[str, str]) -> dict[str, str] | None:
         raise InputError(f"{CHOICE_VAR}={choice} is not one of {', '.join(CHOICES)}; unset it or pick one")
     if choice == "system" or SAVED_PRELOAD_VAR in environ or "libmimalloc" in environ.get("LD_PRELOAD", ""):
         return None
-    library = mimalloc_library() if sys.platform == "linux" and uses_glibc() else None
-    if library is None or not library.is_file():
+    library = _installed_library()
+    if library is None:
         if choice == "mimalloc":
             raise InputError(
                 f"{CHOICE_VAR}=mimalloc, but no mimalloc library is installed for this platform "
@@ -177,6 +183,12 @@ def run_on_host_allocator() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
+def _installed_library() -> Path | None:
+    """:func:`mimalloc_library` where it is a file and this is Linux with glibc (where LD_PRELOAD replaces malloc)."""
+    library = mimalloc_library() if sys.platform == "linux" and uses_glibc() else None
+    return library if library is not None and library.is_file() else None
+
+
 def _preload(library: Path, environ: Mapping[str, str]) -> dict[str, str]:
     current = environ.get("LD_PRELOAD", "")
     settings = {k: v for k, v in MIMALLOC_SETTINGS.items() if k not in environ}
@@ -207,9 +219,10 @@ def _version(name: str) -> str:
 def main() -> None:
     """``python -m qlora_pipeline.stages.contract.host_allocator [--force]``: probe (again, with --force) and say
     which allocator the pipeline will run on; ``make setup`` runs it."""
-    library = mimalloc_library() if sys.platform == "linux" and uses_glibc() else None
+    library = _installed_library()
     if library is None:
-        print("host allocator: system (no mimalloc library for this platform)")
+        why = f"not Linux with glibc, no {WHEEL}, or {LIBRARY_VAR} names no file"
+        print(f"host allocator: system (no mimalloc library: {why})")
         return
     if "--force" in sys.argv[1:]:
         _verdict_path(library).unlink(missing_ok=True)
