@@ -26,7 +26,6 @@ Linux with glibc only; elsewhere the system allocator stays.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from qlora_pipeline.stages.contract.errors import InputError
 from qlora_pipeline.stages.contract.host_heap import uses_glibc
+from qlora_pipeline.stages.contract.runtime import native_build_key
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +198,8 @@ def _preload(library: Path, environ: Mapping[str, str]) -> dict[str, str]:
 def _verdict_path(library: Path) -> Path:
     from qlora_pipeline.stages.lm.modelio import cache_dir
 
-    key = hashlib.sha256(library.read_bytes())
-    try:
-        cpu = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags", "model name"))]
-    except OSError:
-        cpu = [platform.processor()]
-    torch_version = _version("torch")
-    for part in (*cpu[:2], sys.version, torch_version):
-        key.update(part.encode())
-    return cache_dir() / "host-allocator" / f"{key.hexdigest()[:20]}.json"
+    key = native_build_key([library], sys.version, _version("torch"))
+    return cache_dir() / "host-allocator" / f"{key}.json"
 
 
 def _version(name: str) -> str:

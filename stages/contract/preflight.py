@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from qlora_pipeline.stages.contract.device import check_nproc, resolve_device, resolve_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.params import Params
+from qlora_pipeline.stages.contract.runtime import native_build_key
 
 
 def preflight(params: Params, stage: str, uses_device: bool) -> str:
@@ -118,16 +118,7 @@ def _reader_build_key() -> str | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    h = hashlib.sha256()
-    for f in sorted(lib.glob("*.so")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    h.update(flags.encode())
-    return h.hexdigest()[:24]
+    return native_build_key(sorted(lib.glob("*.so")))
 
 
 def check_reader(smoke: bool = True) -> None:
