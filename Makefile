@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: setup reader gptq-oracle pipeline test lint bench clean
 
-setup: $(VENV)/.installed $(VENV)/.reader $(VENV)/.allocator
+setup: $(VENV)/.installed $(VENV)/.reader $(VENV)/.allocator $(VENV)/.kernels
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,12 @@ $(VENV)/.reader: $(VENV)/.installed pipelines/reader_install.py
 # it here (or found that it cannot, and the pipeline keeps the system allocator). QLORA_HOST_ALLOCATOR=system: never.
 $(VENV)/.allocator: $(VENV)/.installed stages/contract/host_allocator.py
 	$(PY) -m qlora_pipeline.stages.contract.host_allocator
+	touch $@
+
+# The CPU dropout-mask kernel, compiled by numba for this CPU and checked against its torch reference here (the
+# pipeline uses the reference where it cannot: same masks, slower). QLORA_NUMBA=off: never.
+$(VENV)/.kernels: $(VENV)/.installed kernels/dropout_numba.py kernels/dropout_cpu.py
+	$(PY) -m qlora_pipeline.kernels.dropout_cpu
 	touch $@
 
 reader: $(VENV)/.installed

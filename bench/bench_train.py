@@ -139,6 +139,7 @@ def worker(args: argparse.Namespace) -> dict:
     on the test split."""
     import torch
 
+    from qlora_pipeline.kernels import dropout_cpu
     from qlora_pipeline.stages.contract.device import peak_memory_mb, reset_peak_memory, resolve_device
     from qlora_pipeline.stages.contract.host_allocator import allocator_in_use
     from qlora_pipeline.stages.lm.lm_loss import heldout_loss
@@ -196,6 +197,7 @@ def worker(args: argparse.Namespace) -> dict:
         "heldout_loss": held,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "host_allocator": allocator_in_use(),
+        "cpu_dropout_masks": {True: "numba", False: "torch", None: None}[dropout_cpu.compiled_in_use()],
         "peak_rss_train_mb": rss_train,
         "rss_after_load_mb": rss_model,
         "trainable": sum(p.numel() for p in trainable),

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from qlora_pipeline.kernels import dropout_cpu
 from qlora_pipeline.kernels.lora_fused import add_lora_branch
 
 LORA_PARAM_NAMES = ("lora_A", "lora_B")
@@ -77,13 +78,30 @@ _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 """The int16 bit pattern of 1.0 in each 16-bit float dtype."""
 
 
+def reference_keep_mask(seed: int, threshold: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The CPU keep mask in torch ops, the reference of kernels/dropout_cpu.py: lane k is the k % 4-th signed
+    16-bit piece of :func:`splitmix64` word k // 4 of `seed`; kept (1) where it is at or above threshold - 32768."""
+    n = math.prod(shape)
+    lanes = splitmix64(seed, -(-n // 4), torch.device("cpu")).view(torch.int16)[:n]
+    return _keep_from_lanes(lanes, threshold, shape, dtype)
+
+
+def _keep_from_lanes(lanes: torch.Tensor, threshold: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    # signed lanes: dropped below t = threshold - 32768. Clamped to {t - 1, t}, minus (t - 1): 0 dropped, 1 kept
+    t = threshold - 32768
+    keep = lanes.clamp_(t - 1, t).sub_(t - 1)
+    one = _ONE_BITS.get(dtype)
+    return (keep.mul_(one).view(dtype) if one is not None else keep.to(dtype)).view(shape)
+
+
 class FastDropout(nn.Module):
     """Inverted dropout with the same semantics as ``nn.Dropout`` and a cheaper mask.
 
     An element is dropped when a uniform 16-bit lane falls under a threshold, so the drop probability is p rounded
     to a multiple of 1/65536 (0.05 → 0.0500031) and survivors are scaled by the exact inverse keep rate: E[output] =
     input. On a CPU the lanes come from :func:`splitmix64` seeded by one draw of torch's global generator (four
-    lanes a word, about a third of ``bernoulli_``'s time, bench/results/profile_step-*.txt); elsewhere from the
+    lanes a word; in torch ops about a third of ``bernoulli_``'s time, bench/results/profile_step-*.txt, and in
+    one compiled pass, kernels/dropout_cpu.py, the same bits in a fraction of that); elsewhere from the
     device generator's ``random_`` (three lanes of each non-negative 64-bit draw). Either way activation
     checkpointing's RNG replay reproduces the masks, and a saved generator state resumes them exactly.
 
@@ -110,23 +128,17 @@ class FastDropout(nn.Module):
             return self.mask_from_seed(draw_seed(), shape, dtype)
         n = math.prod(shape)
         words = torch.empty(-(-n // 3), dtype=torch.int64, device=device).random_()
-        return self._keep_from_lanes(words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n], shape, dtype)
+        lanes = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]
+        return _keep_from_lanes(lanes, self.threshold, shape, dtype)
 
     def mask_from_seed(self, seed: int, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The CPU's mask of one :func:`draw_seed` draw: a pure function of the seed, so the same call rebuilds it
-        bit for bit (kernels/lora_fused.py rebuilds it in backward instead of keeping it)."""
-        n = math.prod(shape)
+        bit for bit (kernels/lora_fused.py rebuilds it in backward instead of keeping it). Made by the compiled
+        one-pass kernel (kernels/dropout_cpu.py) where it runs, else by :func:`reference_keep_mask`: the same bits."""
         if self.threshold == 0:
             return torch.ones(shape, dtype=dtype)
-        lanes = splitmix64(seed, -(-n // 4), torch.device("cpu")).view(torch.int16)[:n]
-        return self._keep_from_lanes(lanes, shape, dtype)
-
-    def _keep_from_lanes(self, lanes: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        # signed lanes: dropped below t = threshold - 32768. Clamped to {t - 1, t}, minus (t - 1): 0 dropped, 1 kept
-        t = self.threshold - 32768
-        keep = lanes.clamp_(t - 1, t).sub_(t - 1)
-        one = _ONE_BITS.get(dtype)
-        return (keep.mul_(one).view(dtype) if one is not None else keep.to(dtype)).view(shape)
+        fast = dropout_cpu.keep_mask(seed, self.threshold, shape, dtype, reference_keep_mask)
+        return fast if fast is not None else reference_keep_mask(seed, self.threshold, shape, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:

@@ -30,6 +30,7 @@ LIBRARIES = (
     "numpy",
     "pydantic",
     "cmeel-mimalloc",
+    "numba",
 )
 
 
