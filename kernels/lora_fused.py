@@ -9,9 +9,9 @@ extra pass), and the backward masks the input gradient in place. Autograd keeps 
 projections that read one input, q/k/v or gate/up, keep it once between them), the 0/1 mask and the r-wide
 product; backward re-applies the mask to the input for A's gradient, one multiply, instead of keeping a dropped
 copy per projection (2 bytes an input element each). On a CPU the mask is a function of one seed
-(``FastDropout.mask_from_seed``): the branch keeps the function, not the mask, and rebuilds it in backward. The
-masks were 37 % of what a SmolLM2 layer keeps for backward (10 of 27 KB a token); rebuilding one costs what making
-it did (~40 ms a step over the 210 projections).
+(``SeededMask``, kernels/dropout.py): the branch keeps the seed, not the mask (the masks were 37 % of what a
+SmolLM2 layer keeps for backward, 10 of 27 KB a token), and the compiled kernel zeroes the dropped elements of the
+input in forward, and of the input and its gradient in backward, as it hashes their lanes: no mask is written.
 
 The math is the op-by-op branch's (``LoraLinear.lora_delta``), with the keep-rate applied after A instead of
 before it: the same value up to rounding. tests/unit/test_lora.py holds it to the closed-form gradients and to
@@ -20,9 +20,12 @@ the op-by-op branch with and without dropout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from qlora_pipeline.kernels.dropout import SeededMask
 
 
 class _LoraBranchAdd(torch.autograd.Function):
@@ -37,18 +40,18 @@ class _LoraBranchAdd(torch.autograd.Function):
         lora_B: torch.Tensor,
         scale: float,
         keep: torch.Tensor | None,
-        rebuild_keep: Callable[[], torch.Tensor] | None,
+        seeded: SeededMask | None,
     ) -> torch.Tensor:
         dtype = base_out.dtype
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         keep2 = None if keep is None else keep.reshape(x2.shape)
-        h = x2 if keep2 is None else x2 * keep2
+        h = seeded.apply(x2) if seeded is not None else x2 if keep2 is None else x2 * keep2
         u = (h @ a.t()).mul_(scale)
         del h
         y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b.t())
-        ctx.save_for_backward(x2, None if rebuild_keep is not None else keep2, u, a, b)
-        ctx.rebuild_keep = rebuild_keep
+        ctx.save_for_backward(x2, keep2, u, a, b)
+        ctx.seeded = seeded
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
         ctx.a_dtype, ctx.b_dtype = lora_A.dtype, lora_B.dtype
         return y.view(base_out.shape)
@@ -56,19 +59,27 @@ class _LoraBranchAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x2, keep, u, a, b = ctx.saved_tensors
-        if ctx.rebuild_keep is not None:
-            keep = ctx.rebuild_keep().reshape(x2.shape)
+        seeded: SeededMask | None = ctx.seeded
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
-        grad_x = grad_a = grad_b = None
+        grad_x = grad_a = grad_b = xk = None
         du = (g @ b).mul_(ctx.scale)
         if ctx.needs_input_grad[3]:
             grad_b = (g.t() @ u).to(ctx.b_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_a = (du.t() @ (x2 if keep is None else x2 * keep)).to(ctx.a_dtype)
         if ctx.needs_input_grad[1]:
             grad_x = du @ a
-            if keep is not None:
+        if seeded is not None and grad_x is not None and ctx.needs_input_grad[2]:
+            xk = seeded.apply_pair_(x2, grad_x)  # one pass over the lanes for both uses of the mask
+        elif seeded is not None:
+            xk = seeded.apply(x2) if ctx.needs_input_grad[2] else None
+            if grad_x is not None:
+                grad_x = seeded.apply(grad_x)
+        elif keep is not None:
+            xk = x2 * keep
+            if grad_x is not None:
                 grad_x.mul_(keep)
+        if ctx.needs_input_grad[2]:
+            grad_a = (du.t() @ (x2 if xk is None else xk)).to(ctx.a_dtype)
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_y, grad_x, grad_a, grad_b, None, None, None
 
@@ -80,12 +91,12 @@ def add_lora_branch(
     lora_B: torch.Tensor,
     scale: float,
     keep: torch.Tensor | None = None,
-    rebuild_keep: Callable[[], torch.Tensor] | None = None,
+    seeded: SeededMask | None = None,
 ) -> torch.Tensor:
     """``base_out + scale · ((x ⊙ keep) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
 
     `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `keep` (0/1 in x's dtype and shape, 0 =
-    dropped: ``FastDropout.keep_mask``) or None; `rebuild_keep`, when given, returns that same mask again, and
-    backward calls it instead of keeping the mask. Gradients flow to base_out (unchanged), x, A and B (in their own
-    dtypes)."""
-    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep, rebuild_keep)
+    dropped: ``FastDropout.keep_mask``) or None; or `seeded`, a CPU mask held as its seed (``SeededMask``), which
+    forward and backward apply without keeping or writing the mask. Gradients flow to base_out (unchanged), x, A and
+    B (in their own dtypes)."""
+    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep, seeded)

@@ -282,7 +282,7 @@ def test_gradient_checkpointing_gives_same_lora_grads_with_dropout() -> None:
 
 
 def test_fast_dropout_rate_scale_gradient_and_replay() -> None:
-    from qlora_pipeline.kernels.lora import FastDropout
+    from qlora_pipeline.kernels.dropout import FastDropout
 
     d = FastDropout(0.05).train()
     ones = torch.ones(2_000_003)
@@ -312,7 +312,7 @@ def _splitmix64_python(seed: int, i: int) -> int:
 
 @pytest.mark.parametrize("seed", [0, 12345, -(2**63), 2**63 - 1, -7])
 def test_splitmix64_words_are_the_published_generator(seed: int) -> None:
-    from qlora_pipeline.kernels.lora import splitmix64
+    from qlora_pipeline.kernels.dropout import splitmix64
 
     words = splitmix64(seed, 1000, torch.device("cpu")).tolist()
     assert [w % 2**64 for w in words] == [_splitmix64_python(seed % 2**64, i) for i in range(1000)]
@@ -321,7 +321,7 @@ def test_splitmix64_words_are_the_published_generator(seed: int) -> None:
 def test_cpu_dropout_lanes_each_drop_at_the_rate() -> None:
     """Each of a word's four 16-bit lanes (the top one included, which torch's random_ cannot fill) drops at p,
     and neighbouring elements are uncorrelated."""
-    from qlora_pipeline.kernels.lora import FastDropout
+    from qlora_pipeline.kernels.dropout import FastDropout
 
     d = FastDropout(0.25).train()
     torch.manual_seed(3)
@@ -402,7 +402,7 @@ def test_cpu_keep_mask_is_the_lane_threshold_rule(p: float, dtype: torch.dtype) 
     """The 0/1 mask keeps exactly the elements whose signed 16-bit splitmix64 lane is at or above the threshold
     (the clamp-and-shift that builds it against the plain comparison, the two lanes at the threshold included),
     as 0.0 and 1.0 of the requested dtype (a bit pattern for the 16-bit ones)."""
-    from qlora_pipeline.kernels.lora import FastDropout, splitmix64
+    from qlora_pipeline.kernels.dropout import FastDropout, splitmix64
 
     d = FastDropout(p).train()
     n = 4 * 50_001 + 3  # not a whole number of words
