@@ -35,10 +35,11 @@ $(VENV)/.allocator: $(VENV)/.installed stages/contract/host_allocator.py
 	$(PY) -m qlora_pipeline.stages.contract.host_allocator
 	touch $@
 
-# The CPU dropout-mask kernel, compiled by numba for this CPU and checked against its torch reference here (the
-# pipeline uses the reference where it cannot: same masks, slower). QLORA_NUMBA=off: never.
-$(VENV)/.kernels: $(VENV)/.installed kernels/dropout_numba.py kernels/dropout_cpu.py
-	$(PY) -m qlora_pipeline.kernels.dropout_cpu
+# The CPU dropout-mask kernels (kernels/dropout_native.c), built with this machine's C compiler for this CPU and run
+# in a child process against their torch reference; setup is not done until that has passed or failed (then the
+# pipeline uses the reference: same masks, slower). QLORA_CPU_KERNELS=off: never.
+$(VENV)/.kernels: $(VENV)/.installed kernels/dropout_native.c kernels/dropout_cpu.py stages/contract/cpu_kernels.py
+	$(PY) -m qlora_pipeline.stages.contract.cpu_kernels
 	touch $@
 
 reader: $(VENV)/.installed

@@ -197,7 +197,7 @@ def worker(args: argparse.Namespace) -> dict:
         "heldout_loss": held,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "host_allocator": allocator_in_use(),
-        "cpu_dropout_masks": {True: "numba", False: "torch", None: None}[dropout_cpu.compiled_in_use()],
+        "cpu_dropout_masks": "compiled" if dropout_cpu.compiled_in_use() else "torch",
         "peak_rss_train_mb": rss_train,
         "rss_after_load_mb": rss_model,
         "trainable": sum(p.numel() for p in trainable),

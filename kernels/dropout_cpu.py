@@ -3,172 +3,148 @@
 Why: the reference builds a mask in about seventeen whole-buffer tensor passes (the counter, splitmix64's shifts,
 masks, xors and multiplies over int64 words, then the lanes' clamp, shift and widening to the mask's dtype), and
 on the 2-core AVX2 VM those passes and the multiplies that applied the mask were 8 % of a padded training step
-(bench/results/profile_step-avx2-fp32-padded-before.txt). Here the same function runs block by block in loops numba
-compiles for this CPU (kernels/dropout_numba.py): each block's splitmix64 words are made in a 16 KB buffer that
-stays in cache, and each 16-bit lane is compared with the threshold straight into the result's bits: the 0/1 mask
-(:func:`keep_mask`), or a tensor with its dropped elements zeroed (:func:`masked`; :func:`masked_pair_` does a
-second tensor from the same lanes), so the LoRA branch never writes or reads a mask. Blocks run on numba's threads,
-as many as torch uses. The results are the reference's, bit for bit, for every seed, threshold, size and dtype
-(tests/unit/test_dropout_cpu.py); docs/speed.md has the measured step times.
+(bench/results/profile_step-avx2-fp32-padded-before.txt). kernels/dropout_native.c computes the same function block
+by block: each block's splitmix64 words are made in a buffer that stays in cache, and each 16-bit lane is compared
+with the threshold straight into the result's bits: the 0/1 mask (:func:`keep_mask`), or a tensor with its dropped
+elements zeroed (:func:`masked`; :func:`masked_pair_` does a second tensor from the same lanes), so the LoRA branch
+never writes or reads a mask. The results are the reference's, bit for bit, for every seed, threshold, size and
+dtype (tests/unit/test_dropout_cpu.py); docs/speed.md has the measured step times.
 
-Fallback: numba is a declared dependency, but where it cannot be imported, `QLORA_NUMBA=off` is set, a tensor's
-dtype has no kernel (float64) or it is not contiguous, or the compiled kernels' first results differ from the
-reference's on this machine (checked once per process, on several sizes, with one warning), these functions
-return None and the caller uses the torch reference: the same values, only slower. numba caches the compiled code
-per CPU model and flags.
+The library is built for this CPU and run in a child process first by stages/contract/cpu_kernels.py, which hands
+it to :func:`use_library`; this process then checks it once more against the reference before using it. Until
+then, where it could not be built or failed a check, or with ``QLORA_CPU_KERNELS=off``, these functions return None
+and the caller uses the torch reference: the same values, only slower. Loaded through ctypes, the library adds
+about nothing to the process's memory (a JIT compiler such as numba added 130 MB of peak RSS: docs/speed.md).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
-import warnings
-from types import ModuleType
+from pathlib import Path
 
-import numpy as np
 import torch
 
-SWITCH_VAR = "QLORA_NUMBA"
-"""``off`` (or ``0``/``false``/``no``): never use the compiled kernel."""
+SWITCH_VAR = "QLORA_CPU_KERNELS"
+"""``off`` (or ``0``/``false``/``no``): never use the compiled kernels."""
 
-_ONE_BITS = {
-    torch.float32: (torch.int32, 0x3F800000),
-    torch.bfloat16: (torch.int16, 0x3F80),
-    torch.float16: (torch.int16, 0x3C00),
+_WIDTHS = {
+    torch.float32: (torch.int32, ctypes.c_int32, "32", 0x3F800000),
+    torch.bfloat16: (torch.int16, ctypes.c_int16, "16", 0x3F80),
+    torch.float16: (torch.int16, ctypes.c_int16, "16", 0x3C00),
 }
-"""Each supported mask dtype: the integer view the kernel writes and the bit pattern of 1.0 in it."""
+"""Each supported dtype: the integer view the kernels work on, its ctypes type, the functions' suffix, 1.0's bits."""
 
 _lock = threading.Lock()
-_kernels: ModuleType | None = None
-_checked = False
-
-
-def _build() -> ModuleType:
-    """The compiled kernels (numba compiles them, or loads them from its cache); raises if numba cannot be imported."""
-    from qlora_pipeline.kernels import dropout_numba
-
-    return dropout_numba
+_library: ctypes.CDLL | None = None
 
 
 def _switched_off() -> bool:
     return os.environ.get(SWITCH_VAR, "").strip().lower() in {"off", "0", "false", "no"}
 
 
-def _ready(*tensors: torch.Tensor) -> ModuleType | None:
-    """The kernels, if they run here and can take these tensors (contiguous CPU tensors of a supported dtype)."""
-    global _kernels, _checked
-    if _switched_off() or any(
-        t.dtype not in _ONE_BITS or t.device.type != "cpu" or not t.is_contiguous() for t in tensors
-    ):
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    for suffix, scalar in (("32", ctypes.c_int32), ("16", ctypes.c_int16)):
+        args = [ctypes.c_uint64, ctypes.c_int32]
+        getattr(library, f"qlora_keep_bits_{suffix}").argtypes = [*args, scalar, ctypes.c_void_p, ctypes.c_int64]
+        getattr(library, f"qlora_masked_bits_{suffix}").argtypes = [*args, *[ctypes.c_void_p] * 2, ctypes.c_int64]
+        getattr(library, f"qlora_masked_pair_bits_{suffix}").argtypes = [*args, *[ctypes.c_void_p] * 3, ctypes.c_int64]
+    return library
+
+
+def use_library(path: Path) -> str | None:
+    """Load the built kernels and check them against the reference in this process: None when they are in use from
+    now on, else why not (the reference stays in use)."""
+    global _library
+    try:
+        library = _load(path)
+        problem = _self_check(library)
+    except (OSError, AttributeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    with _lock:
+        _library = library if problem is None else None
+    return problem
+
+
+def _ready(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels, if they are in use and can take these tensors (contiguous, on the CPU, a supported dtype)."""
+    if _library is None or _switched_off():
         return None
-    if not _checked:
-        with _lock:
-            if not _checked:
-                _kernels = _checked_kernels()
-                _checked = True
-    if _kernels is not None:
-        import numba
-
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    return _kernels
+    if any(t.dtype not in _WIDTHS or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return None
+    return _library
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
-    return t.view(-1).view(_ONE_BITS[t.dtype][0]).numpy()
-
-
-def _args(seed: int, threshold: int) -> tuple[np.uint64, np.int32]:
+def _args(seed: int, threshold: int) -> tuple[int, int]:
     """The kernels' seed (its 64 bits, unsigned) and ``t - 1`` for the lane threshold t = threshold - 32768."""
-    return np.uint64(seed % 2**64), np.int32(threshold - 32768 - 1)
+    return seed % 2**64, threshold - 32768 - 1
 
 
 def keep_mask(seed: int, threshold: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
     """The 0/1 mask ``reference_keep_mask`` (kernels/dropout.py) returns for these arguments, or None where the
-    compiled kernels do not run (the caller then calls the reference). `threshold` is the drop threshold in
-    1/65536ths: an element is kept when its signed 16-bit lane is at or above ``threshold - 32768``."""
-    out = torch.empty(shape, dtype=dtype)
-    kernels = _ready(out)
-    if kernels is None:
+    kernels are not in use (the caller then calls the reference). `threshold` is the drop threshold in 1/65536ths:
+    an element is kept when its signed 16-bit lane is at or above ``threshold - 32768``."""
+    library = _ready(torch.empty(0, dtype=dtype))
+    if library is None:
         return None
-    bits = _bits(out)
-    kernels.keep_bits(*_args(seed, threshold), bits.dtype.type(_ONE_BITS[dtype][1]), bits)
+    out = torch.empty(shape, dtype=dtype)
+    _run(library, "keep_bits", seed, threshold, out)
     return out
 
 
 def masked(seed: int, threshold: int, x: torch.Tensor) -> torch.Tensor | None:
-    """`x` times that mask (a new tensor; dropped elements +0.0), or None where the kernels do not run."""
-    kernels = _ready(x)
-    if kernels is None:
+    """`x` times that mask (a new tensor; dropped elements +0.0), or None where the kernels are not in use."""
+    library = _ready(x)
+    if library is None:
         return None
     out = torch.empty_like(x)
-    kernels.masked_bits(*_args(seed, threshold), _bits(x), _bits(out))
+    _run(library, "masked_bits", seed, threshold, x, out)
     return out
 
 
 def masked_pair_(seed: int, threshold: int, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
-    """`x` times that mask (a new tensor) and `grad` times it in place, or None (nothing done) where the kernels do
-    not run. `grad` has x's shape and dtype."""
+    """`x` times that mask (a new tensor) and `grad` times it in place, or None (nothing done) where the kernels are
+    not in use. `grad` has x's shape and dtype."""
     if grad.shape != x.shape or grad.dtype != x.dtype:
         raise ValueError(f"grad {tuple(grad.shape)} {grad.dtype} is not x's {tuple(x.shape)} {x.dtype}")
-    kernels = _ready(x, grad)
-    if kernels is None:
+    library = _ready(x, grad)
+    if library is None:
         return None
     out = torch.empty_like(x)
-    kernels.masked_pair_bits(*_args(seed, threshold), _bits(x), _bits(out), _bits(grad))
+    _run(library, "masked_pair_bits", seed, threshold, x, out, grad)
     return out
 
 
-def _self_check(kernels: ModuleType) -> str | None:
-    """None if the kernels' results equal the reference's here (odd sizes, both bit widths), else what differed."""
+def _run(library: ctypes.CDLL, what: str, seed: int, threshold: int, *tensors: torch.Tensor) -> None:
+    dtype = tensors[0].dtype
+    _, scalar, suffix, one = _WIDTHS[dtype]
+    head = [*_args(seed, threshold), *([scalar(one)] if what == "keep_bits" else [])]
+    getattr(library, f"qlora_{what}_{suffix}")(*head, *(t.data_ptr() for t in tensors), tensors[0].numel())
+
+
+def _self_check(library: ctypes.CDLL) -> str | None:
+    """None if the kernels' results equal the reference's here (odd sizes, both bit widths), else what differed.
+    Its random inputs come from a generator of its own: checking must not move the training's random stream."""
     from qlora_pipeline.kernels.dropout import reference_keep_mask
 
+    generator = torch.Generator().manual_seed(0)
     for n, seed, threshold in ((1, 0, 3277), (4099, -(2**63), 3277), (2 * 8192 + 5, 2**63 - 1, 32768)):
         for dtype in (torch.float32, torch.bfloat16):
             shape = torch.Size([n])
             want = reference_keep_mask(seed, threshold, shape, dtype)
-            x, grad = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-            mask, xk, grad_k = torch.empty(shape, dtype=dtype), torch.empty_like(x), grad.clone()
-            seed_u, lo = _args(seed, threshold)
-            kernels.keep_bits(seed_u, lo, _bits(mask).dtype.type(_ONE_BITS[dtype][1]), _bits(mask))
-            kernels.masked_bits(seed_u, lo, _bits(x), _bits(xk))
-            same = torch.equal(mask, want) and torch.equal(xk, x * want)
-            kernels.masked_pair_bits(seed_u, lo, _bits(x), _bits(xk), _bits(grad_k))
-            if not (same and torch.equal(xk, x * want) and torch.equal(grad_k, grad * want)):
-                return f"{n} {dtype} elements, threshold {threshold}: the compiled mask differs from the reference"
+            x, grad = (torch.randn(shape, generator=generator).to(dtype) for _ in range(2))
+            mask, xk, xk2, grad_k = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x), grad.clone()
+            _run(library, "keep_bits", seed, threshold, mask)
+            _run(library, "masked_bits", seed, threshold, x, xk)
+            _run(library, "masked_pair_bits", seed, threshold, x, xk2, grad_k)
+            same = torch.equal(mask, want) and torch.equal(xk, x * want) and torch.equal(xk2, xk)
+            if not (same and torch.equal(grad_k, grad * want)):
+                return f"{n} {dtype} elements, threshold {threshold}: the compiled kernels differ from the reference"
     return None
 
 
-def _checked_kernels() -> ModuleType | None:
-    try:
-        kernels = _build()
-        problem = _self_check(kernels)
-    except Exception as e:  # any failure to import, compile or run them means the reference path
-        problem = f"{type(e).__name__}: {e}"
-    if problem is None:
-        return kernels
-    message = f"dropout masks use the torch reference (slower): the numba kernels are unusable here ({problem})"
-    warnings.warn(message, stacklevel=4)
-    return None
-
-
-def compiled_in_use() -> bool | None:
-    """Whether this process's masks come from the compiled kernels (None: no mask made yet)."""
-    return None if not _checked else _kernels is not None and not _switched_off()
-
-
-def main() -> None:
-    """``make setup``: compile (or load) the kernel, check it against the reference here, and say which runs."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        keep_mask(0, 3277, torch.Size([8]), torch.float32)
-    if compiled_in_use():
-        from importlib import metadata
-
-        print(f"CPU dropout masks: numba {metadata.version('numba')} kernel (matches the torch reference here)")
-    else:
-        reason = str(caught[0].message) if caught else f"{SWITCH_VAR}={os.environ.get(SWITCH_VAR)}"
-        print(f"CPU dropout masks: torch reference ({reason})")
-
-
-if __name__ == "__main__":
-    main()
+def compiled_in_use() -> bool:
+    """Whether this process's CPU masks come from the compiled kernels."""
+    return _library is not None and not _switched_off()

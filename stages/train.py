@@ -21,6 +21,7 @@ import torch
 from qlora_pipeline.kernels.dtypes import compute_dtype_of, dtype_name
 from qlora_pipeline.kernels.linear4bit import Linear4bit, cache_dequantized_weights, cached_weight_bytes
 from qlora_pipeline.stages.contract.artifacts import Manifest
+from qlora_pipeline.stages.contract.cpu_kernels import enable as enable_cpu_kernels
 from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches, check_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
 from qlora_pipeline.stages.contract.host_heap import bound_host_heap
@@ -76,6 +77,8 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
 
     bound_cpu_kernel_caches()
     bound_host_heap()
+    if device.type == "cpu":
+        enable_cpu_kernels()  # the dropout masks' compiled kernels, built and probed here once per machine
     try:
         model = load_4bit_model(quantized_dir, compute_dtype=dtype)
     except ValueError as exc:

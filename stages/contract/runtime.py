@@ -30,7 +30,6 @@ LIBRARIES = (
     "numpy",
     "pydantic",
     "cmeel-mimalloc",
-    "numba",
 )
 
 
@@ -84,10 +83,12 @@ def native_build_key(files: Iterable[Path], *extra: str) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """The packages' versions, and the C allocator this process runs on (what its memory figures depend on)."""
+    """The packages' versions, the C allocator this process runs on (what its memory figures depend on) and where
+    its CPU dropout masks come from (what its step times depend on)."""
+    from qlora_pipeline.kernels.dropout_cpu import compiled_in_use
     from qlora_pipeline.stages.contract.host_allocator import allocator_in_use
 
-    out = {"host_allocator": allocator_in_use()}
+    out = {"host_allocator": allocator_in_use(), "cpu_dropout_masks": "compiled" if compiled_in_use() else "torch"}
     for name in LIBRARIES:
         try:
             out[name] = metadata.version(name)
