@@ -3,8 +3,9 @@
 An element is dropped when a uniform 16-bit lane falls under ``round(p · 65536)``. On a CPU the lanes come from
 splitmix64, a counter-based generator seeded by one draw of torch's global generator, so a mask is a pure function
 of that seed: activation checkpointing's RNG replay and a resumed generator state give the same masks, and backward
-can rebuild a mask instead of keeping it. :func:`reference_keep_mask` builds it in torch ops; kernels/dropout_cpu.py
-is its compiled twin (the same bits, tests/unit/test_dropout_cpu.py), which :class:`SeededMask` uses where it runs.
+can rebuild a mask instead of keeping it. :func:`reference_keep_mask` builds it in torch ops; kernels/dropout_native.c
+is its compiled twin (called through kernels/dropout_cpu.py; the same bits, tests/unit/test_dropout_cpu.py), which
+:class:`SeededMask` uses where it is in use.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class FastDropout(nn.Module):
     to a multiple of 1/65536 (0.05 → 0.0500031) and survivors are scaled by the exact inverse keep rate: E[output] =
     input. On a CPU the lanes come from :func:`splitmix64` seeded by one draw of torch's global generator (four
     lanes a word; in torch ops about a third of ``bernoulli_``'s time, bench/results/profile_step-*.txt, and in
-    one compiled pass, kernels/dropout_cpu.py, the same bits in a fraction of that); elsewhere from the
+    one compiled pass, kernels/dropout_native.c, the same bits in less again); elsewhere from the
     device generator's ``random_`` (three lanes of each non-negative 64-bit draw). Either way activation
     checkpointing's RNG replay reproduces the masks, and a saved generator state resumes them exactly.
 
@@ -102,7 +103,7 @@ class FastDropout(nn.Module):
 
     def mask_from_seed(self, seed: int, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The CPU's mask of one :func:`draw_seed` draw: a pure function of the seed, so the same call rebuilds it
-        bit for bit. Made by the compiled one-pass kernel (kernels/dropout_cpu.py) where it runs, else by
+        bit for bit. Made by the compiled kernels (kernels/dropout_cpu.py) where they are in use, else by
         :func:`reference_keep_mask`: the same bits."""
         return SeededMask(seed, self.threshold).mask(shape, dtype)
 
@@ -125,12 +126,13 @@ class FastDropout(nn.Module):
 @dataclass(frozen=True)
 class SeededMask:
     """One CPU dropout mask held as its :func:`draw_seed` seed and threshold: applied to a tensor without the mask
-    being written (the compiled kernel zeroes the dropped elements as it hashes their lanes), and rebuilt bit for bit
+    being written (the compiled kernels zero the dropped elements as they hash their lanes), and rebuilt bit for bit
     where it is needed again, so backward keeps two integers instead of a mask (kernels/lora_fused.py).
 
-    Where the compiled kernel does not run, each method multiplies by :func:`reference_keep_mask`'s mask. The values
-    are the same; only the sign of a dropped zero may differ (the kernel writes +0.0 where ``x * 0`` gives -0.0 for
-    a negative x), which no sum or product downstream can tell apart from +0.0."""
+    Where the compiled kernels are not in use, each method multiplies by :func:`reference_keep_mask`'s mask. The
+    values are the same; only the sign of a dropped zero may differ (the kernels write +0.0 where ``x * 0`` gives
+    -0.0 for a negative x): the two compare equal, and a training step's output and gradients with and without the
+    kernels are equal (tests/unit/test_dropout_cpu.py)."""
 
     seed: int
     threshold: int

@@ -124,9 +124,11 @@ def prepare(force: bool = False) -> tuple[Verdict, Path | None]:
     library, verdict_path = _paths(cc)
     if not force:
         try:
-            return Verdict(**json.loads(verdict_path.read_text())), library
+            kept = Verdict(**json.loads(verdict_path.read_text()))
         except (OSError, ValueError, TypeError):
-            pass
+            kept = None
+        if kept is not None and (library.is_file() or not kept.ok):  # a passed library that is gone: build again
+            return kept, library
     failed = build(cc, library)
     verdict = Verdict(False, failed) if failed else probe(library)
     try:
