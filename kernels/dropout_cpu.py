@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -36,7 +35,6 @@ _WIDTHS = {
 }
 """Each supported dtype: the integer view the kernels work on, its ctypes type, the functions' suffix, 1.0's bits."""
 
-_lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 
 
@@ -58,13 +56,13 @@ def use_library(path: Path) -> str | None:
     """Load the built kernels and check them against the reference in this process: None when they are in use from
     now on, else why not (the reference stays in use)."""
     global _library
+    library: ctypes.CDLL | None = None
     try:
         library = _load(path)
         problem = _self_check(library)
     except (OSError, AttributeError) as e:
         problem = f"{type(e).__name__}: {e}"
-    with _lock:
-        _library = library if problem is None else None
+    _library = library if problem is None else None
     return problem
 
 

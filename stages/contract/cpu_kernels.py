@@ -2,7 +2,7 @@
 
 Why compile anything: the dropout masks in torch ops were 8 % of a padded CPU training step (docs/speed.md, "The
 dropout masks compiled"). Why a C compiler at setup and not a JIT: numba did the same in the training process, but
-its LLVM added 130 MB to the peak RSS; a 20 KB library loaded through ctypes adds nothing measurable.
+its LLVM added 130 MB to the peak RSS; a 24 KB library loaded through ctypes adds nothing measurable.
 
 Crash safety, as the GGUF reader's build and the allocator's probe: the library is built with this machine's C
 compiler (``CC``, else ``cc``) for this CPU (``-march=native``, with OpenMP where the compiler has it), then a child

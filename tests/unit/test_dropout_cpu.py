@@ -164,3 +164,12 @@ def test_a_failed_build_is_said_and_kept(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert "torch reference" in line and "failed" in line
     assert list(tmp_path.glob("cpu-kernels/*/verdict.json")), "the verdict is kept"
     assert not dropout_cpu.compiled_in_use()
+
+
+@pytest.mark.usefixtures("no_kernels")
+def test_a_file_that_is_not_a_library_is_not_used(tmp_path: Path) -> None:
+    bogus = tmp_path / cpu_kernels.LIBRARY_NAME
+    bogus.write_text("not a shared library")
+    problem = dropout_cpu.use_library(bogus)
+    assert problem is not None and problem.startswith("OSError")
+    assert not dropout_cpu.compiled_in_use() and dropout_cpu.masked(1, 3277, torch.ones(10)) is None
