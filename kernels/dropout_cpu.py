@@ -38,7 +38,8 @@ _WIDTHS = {
 _library: ctypes.CDLL | None = None
 
 
-def _switched_off() -> bool:
+def switched_off() -> bool:
+    """Whether `QLORA_CPU_KERNELS` turns the compiled kernels off for this process."""
     return os.environ.get(SWITCH_VAR, "").strip().lower() in {"off", "0", "false", "no"}
 
 
@@ -68,7 +69,7 @@ def use_library(path: Path) -> str | None:
 
 def _ready(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The kernels, if they are in use and can take these tensors (contiguous, on the CPU, a supported dtype)."""
-    if _library is None or _switched_off():
+    if _library is None or switched_off():
         return None
     if any(t.dtype not in _WIDTHS or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return None
@@ -145,4 +146,4 @@ def _self_check(library: ctypes.CDLL) -> str | None:
 
 def compiled_in_use() -> bool:
     """Whether this process's CPU masks come from the compiled kernels."""
-    return _library is not None and not _switched_off()
+    return _library is not None and not switched_off()

@@ -143,7 +143,7 @@ def prepare(force: bool = False) -> tuple[Verdict, Path | None]:
 def enable() -> str:
     """Put the compiled dropout kernels in use in this process where they built and passed here; one line on what
     the CPU's dropout masks come from (logged as a warning when it is not the compiled kernels)."""
-    if os.environ.get(dropout_cpu.SWITCH_VAR, "").strip().lower() in {"off", "0", "false", "no"}:
+    if dropout_cpu.switched_off():
         return f"CPU dropout masks: torch reference ({dropout_cpu.SWITCH_VAR}=off)"
     if dropout_cpu.compiled_in_use():
         return "CPU dropout masks: compiled kernels"
