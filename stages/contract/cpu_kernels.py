@@ -16,18 +16,22 @@ the first training on a machine does (a few seconds).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 from qlora_pipeline.kernels import dropout_cpu
-from qlora_pipeline.stages.contract.runtime import native_build_key
+from qlora_pipeline.stages.contract.native_probe import (
+    Verdict,
+    keep_verdict,
+    native_build_key,
+    package_version,
+    read_verdict,
+    run_probe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +50,6 @@ print("probe ok" if problem is None else f"probe failed: {problem}")
 """
 """What the probe's child runs: torch first (its OpenMP runtime is the one the library then shares), the library
 loaded, and its masks checked against the reference on several sizes and both bit widths."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Whether the library was built and passed its probe on this machine, and if not, why not."""
-
-    ok: bool
-    reason: str
 
 
 def compiler() -> str | None:
@@ -81,19 +77,13 @@ def build(cc: str, out: Path) -> str | None:
 
 def probe(library: Path) -> Verdict:
     """Run :data:`PROBE_CODE` on the library in a child process."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", PROBE_CODE, str(library)], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return Verdict(False, f"the probe did not finish in {PROBE_TIMEOUT_S} s")
-    out = done.stdout.strip().splitlines()
-    if done.returncode == 0 and out and out[-1] == "probe ok":
-        return Verdict(True, "built for this CPU; its masks equal the torch reference's")
-    if done.returncode < 0:
-        return Verdict(False, f"the probe died of signal {-done.returncode}")
-    last = out[-1] if out else (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return Verdict(False, f"the probe exited {done.returncode}: {last}")
+    return run_probe(
+        PROBE_CODE,
+        [str(library)],
+        passed_line="probe ok",
+        ok_reason="built for this CPU; its masks equal the torch reference's",
+        timeout_s=PROBE_TIMEOUT_S,
+    )
 
 
 def _paths(cc: str) -> tuple[Path, Path]:
@@ -104,16 +94,10 @@ def _paths(cc: str) -> tuple[Path, Path]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         version = ""
-    key = native_build_key([SOURCE], cc, version.splitlines()[0] if version else "", sys.version, _torch())
+    first_line = version.splitlines()[0] if version else ""
+    key = native_build_key([SOURCE], cc, first_line, sys.version, package_version("torch"))
     folder = cache_dir() / "cpu-kernels" / key
     return folder / LIBRARY_NAME, folder / "verdict.json"
-
-
-def _torch() -> str:
-    try:
-        return metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 def prepare(force: bool = False) -> tuple[Verdict, Path | None]:
@@ -123,20 +107,12 @@ def prepare(force: bool = False) -> tuple[Verdict, Path | None]:
         return Verdict(False, "no C compiler (set CC, or install cc)"), None
     library, verdict_path = _paths(cc)
     if not force:
-        try:
-            kept = Verdict(**json.loads(verdict_path.read_text()))
-        except (OSError, ValueError, TypeError):
-            kept = None
+        kept = read_verdict(verdict_path)
         if kept is not None and (library.is_file() or not kept.ok):  # a passed library that is gone: build again
             return kept, library
     failed = build(cc, library)
     verdict = Verdict(False, failed) if failed else probe(library)
-    try:
-        partial = verdict_path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(asdict(verdict)))
-        partial.replace(verdict_path)  # whole or absent, for another process reading it at the same moment
-    except OSError:
-        log.warning("could not keep the CPU kernels' verdict in %s; they will be built again", verdict_path.parent)
+    keep_verdict(verdict_path, verdict)
     return verdict, library
 
 

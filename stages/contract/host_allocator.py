@@ -26,21 +26,24 @@ Linux with glibc only; elsewhere the system allocator stays.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
-import signal
-import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 from qlora_pipeline.stages.contract.errors import InputError
 from qlora_pipeline.stages.contract.host_heap import uses_glibc
-from qlora_pipeline.stages.contract.runtime import native_build_key
+from qlora_pipeline.stages.contract.native_probe import (
+    Verdict,
+    keep_verdict,
+    native_build_key,
+    package_version,
+    read_verdict,
+    run_probe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +73,6 @@ print("probe ok", float(w.grad.abs().sum()) > 0)
 allocated and freed through autograd, and CUDA started where there is a GPU."""
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Whether the library ran in a child process on this machine, and if not, how that child ended."""
-
-    ok: bool
-    reason: str
-
-
 def mimalloc_library() -> Path | None:
     """The mimalloc shared library to preload: ``QLORA_MIMALLOC_LIBRARY``, else the one the wheel installed."""
     override = os.environ.get(LIBRARY_VAR)
@@ -101,40 +96,22 @@ def allocator_in_use() -> str:
 
 def probe(library: Path) -> Verdict:
     """Run :data:`PROBE_CODE` in a child process with the library preloaded."""
-    env = {**os.environ, **_preload(library, os.environ)}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", PROBE_CODE], env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return Verdict(False, f"the probe did not finish in {PROBE_TIMEOUT_S} s")
-    if done.returncode == 0 and "probe ok True" in done.stdout:
-        return Verdict(True, "ran torch with the library preloaded")
-    if done.returncode < 0:
-        try:
-            how = signal.Signals(-done.returncode).name
-        except ValueError:
-            how = f"signal {-done.returncode}"
-        return Verdict(False, f"the probe died of {how}")
-    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return Verdict(False, f"the probe exited {done.returncode}: {last}")
+    return run_probe(
+        PROBE_CODE,
+        passed_line="probe ok True",
+        ok_reason="ran torch with the library preloaded",
+        timeout_s=PROBE_TIMEOUT_S,
+        env={**os.environ, **_preload(library, os.environ)},
+    )
 
 
 def verdict_for(library: Path) -> Verdict:
     """The probe's verdict on this library on this machine, probed once and then read back."""
     path = _verdict_path(library)
-    try:
-        return Verdict(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        pass
-    verdict = probe(library)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(asdict(verdict)))
-        partial.replace(path)  # whole or absent, for another command reading it at the same moment
-    except OSError:
-        log.warning("could not keep the allocator probe's verdict in %s; it will run again", path.parent)
+    verdict = read_verdict(path)
+    if verdict is None:
+        verdict = probe(library)
+        keep_verdict(path, verdict)
     return verdict
 
 
@@ -198,15 +175,8 @@ def _preload(library: Path, environ: Mapping[str, str]) -> dict[str, str]:
 def _verdict_path(library: Path) -> Path:
     from qlora_pipeline.stages.lm.modelio import cache_dir
 
-    key = native_build_key([library], sys.version, _version("torch"))
+    key = native_build_key([library], sys.version, package_version("torch"))
     return cache_dir() / "host-allocator" / f"{key}.json"
-
-
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 def main() -> None:

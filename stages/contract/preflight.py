@@ -20,10 +20,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+from qlora_pipeline.kernels.formats.atomic import atomic_file
 from qlora_pipeline.stages.contract.device import check_nproc, resolve_device, resolve_nproc
 from qlora_pipeline.stages.contract.errors import InputError, PipelineError
+from qlora_pipeline.stages.contract.native_probe import native_build_key
 from qlora_pipeline.stages.contract.params import Params
-from qlora_pipeline.stages.contract.runtime import native_build_key
 
 
 def preflight(params: Params, stage: str, uses_device: bool) -> str:
@@ -140,7 +141,5 @@ def check_reader(smoke: bool = True) -> None:
     except PipelineError:
         return  # nothing to load without the embedded model; export still isolates every read
     info = smoke_check(gguf)
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(stamp)
+    with atomic_file(stamp) as partial:  # whole or absent, for another run checking at the same moment
+        partial.write_text(json.dumps(info))

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -62,24 +61,6 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
         not ln.startswith("??") or ln[3:].strip('"').startswith(tuple(f"{d}/" for d in CODE_DIRS)) for ln in changed
     )
     return {"commit": commit, "dirty": dirty}
-
-
-def native_build_key(files: Iterable[Path], *extra: str) -> str:
-    """A hash of native libraries (each file's name and bytes, in the order given), this CPU's flags and `extra`:
-    what a verdict on whether those libraries run on this machine depends on (the GGUF reader's smoke check in
-    preflight.py, the allocator's probe in host_allocator.py), so another build or another CPU is checked anew."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    h.update(flags.encode())
-    for part in extra:
-        h.update(part.encode())
-    return h.hexdigest()[:24]
 
 
 def library_versions() -> dict[str, str]:
