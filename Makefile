@@ -16,7 +16,12 @@ export HF_HUB_OFFLINE := 1
 
 setup: $(VENV)/.installed $(VENV)/.reader $(VENV)/.allocator $(VENV)/.kernels
 
+# Free disk, checked before anything is written (measured 2026-12-05: .venv 3.4 GiB, .venv-gptq 2.5 GiB, a test run's
+# temporary files about 1.2 GiB); a shortfall is one line and exit 2, never a half-installed venv.
+FREE_DISK := python3 pipelines/free_disk.py
+
 $(VENV)/.installed: pyproject.toml
+	@$(FREE_DISK) 5 $(VENV) "make setup (.venv: torch, transformers, the test oracles)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
@@ -52,6 +57,7 @@ GPTQ_VENV ?= .venv-gptq
 gptq-oracle: $(GPTQ_VENV)/.installed
 
 $(GPTQ_VENV)/.installed:
+	@$(FREE_DISK) 4 $(GPTQ_VENV) "make gptq-oracle (.venv-gptq: torch, transformers, gptqmodel)"
 	python3 -m venv $(GPTQ_VENV)
 	$(GPTQ_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(GPTQ_VENV)/bin/python -m pip install -q --disable-pip-version-check transformers==5.23.0 gptqmodel==7.6.0 \
@@ -62,6 +68,7 @@ pipeline: setup
 	$(VENV)/bin/qlora run
 
 test: setup
+	@$(FREE_DISK) 2 "$${TMPDIR:-/tmp}" "make test (pytest's temporary files)"
 	$(PY) -m pytest -q
 
 lint: setup
