@@ -105,3 +105,55 @@ def test_requantizer_matches_dynamic_map_and_bnb_bytes() -> None:
         bnb_f = pytest.importorskip("bitsandbytes.functional")
         q_b, st = bnb_f.quantize_blockwise(xs, code=code, blocksize=BS)
         assert torch.equal(q, q_b) and torch.equal(a, st.absmax)
+
+
+_PTX_PROBE = """
+import re, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qlora_pipeline.kernels.optim.adam8bit_triton import _adamw8bit_blockwise_kernel as kernel
+ptrs = ["p_ptr", "g_ptr", "q1_ptr", "q2_ptr", "absmax1_ptr", "absmax2_ptr", "code1_ptr", "code2_ptr", "lut1_ptr",
+        "lut2_ptr"]
+kinds = {0: "*fp32", 1: "*i16"}  # bf16 params travel as int16 bits
+scalars = ["beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction2_sqrt", "eps", "decay",
+           "neg_step_size"]
+for p_kind in (0, 1):
+    for fusion in (False, True):
+        types = {"p_ptr": kinds[p_kind], "g_ptr": kinds[p_kind], "q1_ptr": "*u8", "q2_ptr": "*u8",
+                 "absmax1_ptr": "*fp32", "absmax2_ptr": "*fp32", "code1_ptr": "*fp32", "code2_ptr": "*fp32",
+                 "lut1_ptr": "*u8", "lut2_ptr": "*u8"}
+        sig = {**types, "n_elements": "i32", "n_blocks": "i32", **{s: "fp32" for s in scalars},
+               "P_KIND": "constexpr", "G_KIND": "constexpr", "APPLY_DECAY": "constexpr", "BLOCK": "constexpr",
+               "ROWS": "constexpr"}
+        const = {"P_KIND": p_kind, "G_KIND": p_kind, "APPLY_DECAY": True, "BLOCK": 256, "ROWS": 1}
+        src = ASTSource(fn=kernel, signature=sig, constexprs={(list(sig).index(n),): v for n, v in const.items()})
+        options = {"enable_fp_fusion": fusion, "num_warps": 2}
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        count = lambda pattern: len(re.findall(pattern, ptx))
+        print(p_kind, fusion, count(r"\\bfma\\.rn\\.f32"), count(r"\\bdiv\\.rn\\.f32"), count(r"\\bsqrt\\.rn\\.f32"),
+              count(r"\\bdiv\\.(approx|full)\\.f32"), count(r"\\bsqrt\\.approx\\.f32"))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernel in the tests above instead")
+def test_the_kernel_compiles_for_sm_90_with_ieee_ops_only() -> None:
+    """Without a GPU, compile the kernel to sm_90 PTX (no interpreter), fp32 and bf16 params, and check what its
+    bit-exactness rests on: with the launch's ``enable_fp_fusion=False`` no multiply-add is contracted into an FMA,
+    and every division and square root is the IEEE-rounded one (``div.rn``/``sqrt.rn``, none approximate)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-c", _PTX_PROBE], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = {tuple(line.split()[:2]): tuple(map(int, line.split()[2:])) for line in res.stdout.strip().splitlines()}
+    assert len(counts) == 4, res.stdout
+    for p_kind in ("0", "1"):
+        fma_off, div_rn, sqrt_rn, div_approx, sqrt_approx = counts[(p_kind, "False")]
+        assert fma_off == 0 and div_rn >= 2 and sqrt_rn >= 1 and div_approx == sqrt_approx == 0, (p_kind, counts)
+        assert counts[(p_kind, "True")][0] > 0, "the option matters: Triton would contract m * beta1 + g * (1 - beta1)"
