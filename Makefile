@@ -40,10 +40,12 @@ $(VENV)/.allocator: $(VENV)/.installed stages/contract/host_allocator.py
 	$(PY) -m qlora_pipeline.stages.contract.host_allocator
 	touch $@
 
-# The CPU dropout-mask kernels (kernels/dropout_native.c), built with this machine's C compiler for this CPU and run
-# in a child process against their torch reference; setup is not done until that has passed or failed (then the
-# pipeline uses the reference: same masks, slower). QLORA_CPU_KERNELS=off: never.
-$(VENV)/.kernels: $(VENV)/.installed kernels/dropout_native.c kernels/dropout_cpu.py stages/contract/cpu_kernels.py
+# The compiled CPU kernels (kernels/dropout_native.c: the dropout masks; kernels/optim/adamw8bit_native.c: the 8-bit
+# AdamW step), built with this machine's C compiler for this CPU and run in a child process against their torch
+# references; setup is not done until that has passed or failed (then the pipeline uses the references: the same
+# bits, slower). QLORA_CPU_KERNELS=off: never.
+$(VENV)/.kernels: $(VENV)/.installed kernels/dropout_native.c kernels/dropout_cpu.py kernels/optim/adamw8bit_native.c \
+		kernels/optim/adamw8bit_cpu.py stages/contract/cpu_kernels.py
 	$(PY) -m qlora_pipeline.stages.contract.cpu_kernels
 	touch $@
 

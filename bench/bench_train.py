@@ -140,6 +140,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from qlora_pipeline.kernels import dropout_cpu
+    from qlora_pipeline.kernels.optim import adamw8bit_cpu
     from qlora_pipeline.stages.contract.device import peak_memory_mb, reset_peak_memory, resolve_device
     from qlora_pipeline.stages.contract.host_allocator import allocator_in_use
     from qlora_pipeline.stages.lm.lm_loss import heldout_loss
@@ -198,6 +199,7 @@ def worker(args: argparse.Namespace) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "host_allocator": allocator_in_use(),
         "cpu_dropout_masks": "compiled" if dropout_cpu.compiled_in_use() else "torch",
+        "cpu_adamw8bit": "compiled" if adamw8bit_cpu.compiled_in_use() else "torch",
         "peak_rss_train_mb": rss_train,
         "rss_after_load_mb": rss_model,
         "trainable": sum(p.numel() for p in trainable),

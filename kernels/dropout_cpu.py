@@ -20,13 +20,11 @@ about nothing to the process's memory (a JIT compiler such as numba added 130 MB
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
 
-SWITCH_VAR = "QLORA_CPU_KERNELS"
-"""``off`` (or ``0``/``false``/``no``): never use the compiled kernels."""
+from qlora_pipeline.kernels.cpu_native import switched_off
 
 _WIDTHS = {
     torch.float32: (torch.int32, ctypes.c_int32, "32", 0x3F800000),
@@ -36,11 +34,6 @@ _WIDTHS = {
 """Each supported dtype: the integer view the kernels work on, its ctypes type, the functions' suffix, 1.0's bits."""
 
 _library: ctypes.CDLL | None = None
-
-
-def switched_off() -> bool:
-    """Whether `QLORA_CPU_KERNELS` turns the compiled kernels off for this process."""
-    return os.environ.get(SWITCH_VAR, "").strip().lower() in {"off", "0", "false", "no"}
 
 
 def _load(path: Path) -> ctypes.CDLL:

@@ -78,7 +78,7 @@ def build_model(quantized_dir: Path, t: TrainParams, device: torch.device, dtype
     bound_cpu_kernel_caches()
     bound_host_heap()
     if device.type == "cpu":
-        enable_cpu_kernels()  # the dropout masks' compiled kernels, built and probed here once per machine
+        enable_cpu_kernels()  # the compiled dropout masks and 8-bit AdamW, built and probed here once per machine
     try:
         model = load_4bit_model(quantized_dir, compute_dtype=dtype)
     except ValueError as exc:

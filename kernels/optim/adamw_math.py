@@ -47,6 +47,7 @@ from qlora_pipeline.kernels.dynamic_map import (
     dequantize_blockwise,
     requantize_blockwise,
 )
+from qlora_pipeline.kernels.optim import adamw8bit_cpu
 from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
 
 BATCH_ELEMENTS = 2**19
@@ -169,7 +170,10 @@ class State8bit:
 
 
 def adamw8bit_update(st: State8bit, maps: QuantMaps, s: AdamScalars, blocksize: int) -> None:
-    """Triton kernel for CUDA tensors, torch reference otherwise (same bits either way)."""
+    """Triton kernel for CUDA tensors, the compiled CPU kernel where it is in use and takes them, the torch
+    reference otherwise (the same bits every way)."""
+    if adamw8bit_cpu.update_many([st], maps, s, blocksize):
+        return
     if st.p.is_cuda:
         # lazy: a CPU-only process never imports Triton
         from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton as impl
@@ -183,7 +187,10 @@ def adamw8bit_update_many(states: Sequence[State8bit], maps: QuantMaps, s: AdamS
     """:func:`adamw8bit_update` of every tensor in `states` (same step, hyperparameters, dtypes and device) in one
     call: each tensor's blocks laid end to end, its last block padded with a zero param, a zero gradient and the
     codes of 0.0, which stay exactly 0 through the update (m = 0·β1 + 0, v likewise, p = 0 + 0/eps) and so leave
-    every block's absmax as it is alone."""
+    every block's absmax as it is alone. The compiled CPU kernel needs no laying out: it takes each tensor where it
+    lies."""
+    if adamw8bit_cpu.update_many(states, maps, s, blocksize):
+        return
     if len(states) == 1:
         adamw8bit_update(states[0], maps, s, blocksize)
         return

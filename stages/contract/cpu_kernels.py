@@ -1,17 +1,21 @@
-"""Builds kernels/dropout_native.c for this CPU and hands it to kernels/dropout_cpu.py once a child process ran it.
+"""Builds the compiled CPU kernels for this CPU and hands them to their twins once a child process ran them:
+kernels/dropout_native.c (the LoRA dropout masks, kernels/dropout_cpu.py) and kernels/optim/adamw8bit_native.c
+(the 8-bit AdamW step, kernels/optim/adamw8bit_cpu.py), one library.
 
-Why compile anything: the dropout masks in torch ops were 8 % of a padded CPU training step (docs/speed.md, "The
-dropout masks compiled"). Why a C compiler at setup and not a JIT: numba did the same in the training process, but
-its LLVM added 130 MB to the peak RSS; a 24 KB library loaded through ctypes adds nothing measurable.
+Why compile anything: the dropout masks in torch ops were 8 % of a padded CPU training step, and the 8-bit AdamW
+step in torch ops five times the 32-bit one (docs/speed.md, "The dropout masks compiled", "The 8-bit AdamW step
+compiled"). Why a C compiler at setup and not a JIT: numba did the masks in the training process, but its LLVM
+added 130 MB to the peak RSS; a small library loaded through ctypes adds nothing measurable.
 
-Crash safety, as the GGUF reader's build and the allocator's probe: the library is built with this machine's C
-compiler (``CC``, else ``cc``) for this CPU (``-march=native``, with OpenMP where the compiler has it), then a child
-process loads it over torch and checks its masks against the torch reference; only a library whose child passed is
-loaded by the pipeline, and its own process checks it once more first. The verdict is kept per source, compiler,
-CPU flags, Python and torch under ``$QLORA_CACHE_DIR/cpu-kernels/``. No compiler, a failed build or a failed check:
-the torch reference makes the masks (the same values, slower) and one line says why. ``QLORA_CPU_KERNELS=off``
-skips all of it. ``make setup`` builds and probes (``python -m qlora_pipeline.stages.contract.cpu_kernels``); else
-the first training on a machine does (a few seconds).
+Crash safety, as the GGUF reader's build and the allocator's probe (stages/contract/native_probe.py): the library
+is built with this machine's C compiler (``CC``, else ``cc``) for this CPU (``-march=native``, with OpenMP where the
+compiler has it; ``-ffp-contract=off``, so no multiply-add becomes an FMA the references do not have), then a child
+process loads it over torch and checks every kernel against its torch reference; only a library whose child
+passed is loaded by the pipeline, and its own process checks it once more first. The verdict is kept per source,
+compiler, CPU flags, Python and torch under ``$QLORA_CACHE_DIR/cpu-kernels/``. No compiler, a failed build or a
+failed check: the torch references compute the same bits, slower, and one line says why. ``QLORA_CPU_KERNELS=off``
+(kernels/cpu_native.py) skips all of it. ``make setup`` builds and probes (``python -m
+qlora_pipeline.stages.contract.cpu_kernels``); else the first training on a machine does (a few seconds).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlora_pipeline.kernels import dropout_cpu
+from qlora_pipeline.kernels import cpu_native, dropout_cpu
+from qlora_pipeline.kernels.optim import adamw8bit_cpu
 from qlora_pipeline.stages.contract.native_probe import (
     Verdict,
     keep_verdict,
@@ -35,21 +40,27 @@ from qlora_pipeline.stages.contract.native_probe import (
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(dropout_cpu.__file__).with_name("dropout_native.c")
-"""The kernels' C source, shipped beside the module that loads the library (package data)."""
+SOURCES = (
+    Path(dropout_cpu.__file__).with_name("dropout_native.c"),
+    Path(adamw8bit_cpu.__file__).with_name("adamw8bit_native.c"),
+)
+"""The kernels' C sources, each shipped beside the module that loads it (package data), built into one library."""
+TWINS = {"dropout masks": dropout_cpu, "8-bit AdamW": adamw8bit_cpu}
+"""Each kernel family's Python twin: its ``use_library(path)`` checks it against the torch reference."""
 LIBRARY_NAME = "libqlora_cpu_kernels.so"
+BUILD_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 BUILD_TIMEOUT_S = 120
 PROBE_TIMEOUT_S = 120
 PROBE_CODE = """
 import sys
 from pathlib import Path
 import torch
-from qlora_pipeline.kernels import dropout_cpu
-problem = dropout_cpu.use_library(Path(sys.argv[1]))
-print("probe ok" if problem is None else f"probe failed: {problem}")
+from qlora_pipeline.stages.contract.cpu_kernels import TWINS
+problems = [f"{name}: {p}" for name, twin in TWINS.items() if (p := twin.use_library(Path(sys.argv[1])))]
+print("probe ok" if not problems else f"probe failed: {'; '.join(problems)}")
 """
 """What the probe's child runs: torch first (its OpenMP runtime is the one the library then shares), the library
-loaded, and its masks checked against the reference on several sizes and both bit widths."""
+loaded, and each kernel checked against its reference (several sizes, dtypes, NaN and Inf where they apply)."""
 
 
 def compiler() -> str | None:
@@ -61,7 +72,7 @@ def build(cc: str, out: Path) -> str | None:
     """Compile the library to `out` (with OpenMP, else without); None on success, else the compiler's last line."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(f".{os.getpid()}.tmp")
-    base = [cc, "-O3", "-march=native", "-fPIC", "-shared", "-o", str(partial), str(SOURCE)]
+    base = [cc, *BUILD_FLAGS, "-o", str(partial), *map(str, SOURCES)]
     last = "no output"
     for extra in (["-fopenmp"], []):
         try:
@@ -81,7 +92,7 @@ def probe(library: Path) -> Verdict:
         PROBE_CODE,
         [str(library)],
         passed_line="probe ok",
-        ok_reason="built for this CPU; its masks equal the torch reference's",
+        ok_reason="built for this CPU; every kernel's results equal its torch reference's",
         timeout_s=PROBE_TIMEOUT_S,
     )
 
@@ -95,7 +106,7 @@ def _paths(cc: str) -> tuple[Path, Path]:
     except (OSError, subprocess.TimeoutExpired):
         version = ""
     first_line = version.splitlines()[0] if version else ""
-    key = native_build_key([SOURCE], cc, first_line, sys.version, package_version("torch"))
+    key = native_build_key(list(SOURCES), cc, first_line, " ".join(BUILD_FLAGS), sys.version, package_version("torch"))
     folder = cache_dir() / "cpu-kernels" / key
     return folder / LIBRARY_NAME, folder / "verdict.json"
 
@@ -117,24 +128,29 @@ def prepare(force: bool = False) -> tuple[Verdict, Path | None]:
 
 
 def enable() -> str:
-    """Put the compiled dropout kernels in use in this process where they built and passed here; one line on what
-    the CPU's dropout masks come from (logged as a warning when it is not the compiled kernels)."""
-    if dropout_cpu.switched_off():
-        return f"CPU dropout masks: torch reference ({dropout_cpu.SWITCH_VAR}=off)"
-    if dropout_cpu.compiled_in_use():
-        return "CPU dropout masks: compiled kernels"
+    """Put the compiled kernels in use in this process where they built and passed here; one line on where the CPU's
+    dropout masks and 8-bit AdamW steps come from (logged as a warning when it is not the compiled kernels)."""
+    names = " and ".join(TWINS)
+    if cpu_native.switched_off():
+        return f"CPU {names}: torch reference ({cpu_native.SWITCH_VAR}=off)"
+    if all(twin.compiled_in_use() for twin in TWINS.values()):
+        return f"CPU {names}: compiled kernels"
     verdict, library = prepare()
-    problem = dropout_cpu.use_library(library) if verdict.ok and library is not None else verdict.reason
+    if not verdict.ok or library is None:
+        problem = verdict.reason
+    else:
+        failed = {name: p for name, twin in TWINS.items() if (p := twin.use_library(library))}
+        problem = "; ".join(f"{name}: {p}" for name, p in failed.items()) or None
     if problem is None:
-        return f"CPU dropout masks: compiled kernels ({verdict.reason})"
-    line = f"CPU dropout masks: torch reference, slower (the compiled kernels are unusable here: {problem})"
+        return f"CPU {names}: compiled kernels ({verdict.reason})"
+    line = f"CPU {names}: torch reference where a kernel is unusable, slower ({problem})"
     log.warning(line)
     return line
 
 
 def main() -> None:
     """``python -m qlora_pipeline.stages.contract.cpu_kernels [--force]``: build and probe (again, with --force)
-    and say what the masks will come from; ``make setup`` runs it."""
+    and say what the masks and the 8-bit steps will come from; ``make setup`` runs it."""
     if "--force" in sys.argv[1:]:
         prepare(force=True)
     print(enable())

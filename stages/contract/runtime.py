@@ -65,11 +65,16 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
 
 def library_versions() -> dict[str, str]:
     """The packages' versions, the C allocator this process runs on (what its memory figures depend on) and where
-    its CPU dropout masks come from (what its step times depend on)."""
-    from qlora_pipeline.kernels.dropout_cpu import compiled_in_use
+    its CPU dropout masks and 8-bit AdamW steps come from (what its step times depend on)."""
+    from qlora_pipeline.kernels import dropout_cpu
+    from qlora_pipeline.kernels.optim import adamw8bit_cpu
     from qlora_pipeline.stages.contract.host_allocator import allocator_in_use
 
-    out = {"host_allocator": allocator_in_use(), "cpu_dropout_masks": "compiled" if compiled_in_use() else "torch"}
+    out = {
+        "host_allocator": allocator_in_use(),
+        "cpu_dropout_masks": "compiled" if dropout_cpu.compiled_in_use() else "torch",
+        "cpu_adamw8bit": "compiled" if adamw8bit_cpu.compiled_in_use() else "torch",
+    }
     for name in LIBRARIES:
         try:
             out[name] = metadata.version(name)

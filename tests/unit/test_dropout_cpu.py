@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_pipeline.kernels import dropout_cpu
+from qlora_pipeline.kernels import cpu_native, dropout_cpu
 from qlora_pipeline.kernels.dropout import FastDropout, SeededMask, reference_keep_mask
 from qlora_pipeline.kernels.lora import LoraLinear
 from qlora_pipeline.stages.contract import cpu_kernels
@@ -73,7 +73,7 @@ def test_lora_training_is_the_same_with_and_without_the_kernels(monkeypatch: pyt
     using the kernels leaves torch's random stream where the reference leaves it (the next draw is the same)."""
     results = {}
     for switch in ("on", "off"):
-        monkeypatch.setenv(dropout_cpu.SWITCH_VAR, switch)
+        monkeypatch.setenv(cpu_native.SWITCH_VAR, switch)
         assert dropout_cpu.compiled_in_use() is (switch == "on")
         torch.manual_seed(0)
         lora = LoraLinear(nn.Linear(576, 192), r=16, alpha=32, dropout=0.05, compute_dtype=torch.float32).train()
@@ -150,7 +150,7 @@ def test_no_compiler_leaves_the_reference(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
     monkeypatch.delenv("CC", raising=False)
     line = cpu_kernels.enable()
-    assert line.startswith("CPU dropout masks: torch reference") and "no C compiler" in line
+    assert line.startswith("CPU dropout masks and 8-bit AdamW: torch reference") and "no C compiler" in line
     assert not dropout_cpu.compiled_in_use()
 
 
