@@ -9,7 +9,8 @@ added 130 MB to the peak RSS; a small library loaded through ctypes adds nothing
 
 Crash safety, as the GGUF reader's build and the allocator's probe (stages/contract/native_probe.py): the library
 is built with this machine's C compiler (``CC``, else ``cc``) for this CPU (``-march=native``, with OpenMP where the
-compiler has it; ``-ffp-contract=off``, so no multiply-add becomes an FMA the references do not have), then a child
+compiler has it; ``-ffp-contract=off``, so no multiply-add becomes an FMA the references do not have;
+``-fno-math-errno -fno-trapping-math``, which change no value and let it vectorize ``sqrtf`` and compares), then a child
 process loads it over torch and checks every kernel against its torch reference; only a library whose child
 passed is loaded by the pipeline, and its own process checks it once more first. The verdict is kept per source,
 compiler, CPU flags, Python and torch under ``$QLORA_CACHE_DIR/cpu-kernels/``. No compiler, a failed build or a
