@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_pipeline.kernels.cpu_native import switched_off
+from qlora_pipeline.kernels.cpu_native import load_checked, switched_off
 
 _WIDTHS = {
     torch.float32: (torch.int32, ctypes.c_int32, "32", 0x3F800000),
@@ -50,13 +50,7 @@ def use_library(path: Path) -> str | None:
     """Load the built kernels and check them against the reference in this process: None when they are in use from
     now on, else why not (the reference stays in use)."""
     global _library
-    library: ctypes.CDLL | None = None
-    try:
-        library = _load(path)
-        problem = _self_check(library)
-    except (OSError, AttributeError) as e:
-        problem = f"{type(e).__name__}: {e}"
-    _library = library if problem is None else None
+    _library, problem = load_checked(path, _load, _self_check)
     return problem
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qlora_pipeline.kernels.cpu_native import switched_off
+from qlora_pipeline.kernels.cpu_native import load_checked, switched_off
 from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
 
 if TYPE_CHECKING:
@@ -48,13 +48,7 @@ def use_library(path: Path) -> str | None:
     """Load the built kernel and check it against the reference in this process: None when it is in use from now
     on, else why not (the reference stays in use)."""
     global _library
-    library: ctypes.CDLL | None = None
-    try:
-        library = _load(path)
-        problem = _self_check(library)
-    except (OSError, AttributeError) as e:
-        problem = f"{type(e).__name__}: {e}"
-    _library = library if problem is None else None
+    _library, problem = load_checked(path, _load, _self_check)
     return problem
 
 
