@@ -16,6 +16,7 @@ from qlora_pipeline.kernels.dynamic_map import quantize_blockwise, requantize_bl
 from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton
 from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
 from qlora_pipeline.kernels.optim.adamw_math import QuantMaps, adamw8bit_update_reference
+from tests.ptx import probe_counts
 
 MAPS = QuantMaps.create()
 BS = 256
@@ -140,19 +141,8 @@ def test_the_kernel_compiles_for_sm_90_with_ieee_ops_only() -> None:
     """Without a GPU, compile the kernel to sm_90 PTX (no interpreter), fp32 and bf16 params, and check what its
     bit-exactness rests on: with the launch's ``enable_fp_fusion=False`` no multiply-add is contracted into an FMA,
     and every division and square root is the IEEE-rounded one (``div.rn``/``sqrt.rn``, none approximate)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [sys.executable, "-c", _PTX_PROBE], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    counts = {tuple(line.split()[:2]): tuple(map(int, line.split()[2:])) for line in res.stdout.strip().splitlines()}
-    assert len(counts) == 4, res.stdout
+    counts = probe_counts(_PTX_PROBE, timeout_s=300)
+    assert len(counts) == 4, counts
     for p_kind in ("0", "1"):
         fma_off, div_rn, sqrt_rn, div_approx, sqrt_approx = counts[(p_kind, "False")]
         assert fma_off == 0 and div_rn >= 2 and sqrt_rn >= 1 and div_approx == sqrt_approx == 0, (p_kind, counts)

@@ -9,6 +9,7 @@ import torch
 
 from qlora_pipeline.kernels.nf4 import dequantize_nf4, quantize_nf4
 from qlora_pipeline.kernels.nf4_dispatch import dequantize
+from tests.ptx import probe_counts
 
 # tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, so these tests always run
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", "run under tests/conftest.py"
@@ -119,17 +120,7 @@ for name, k, extra in (("1d", nf4_triton._nf4_dq_dequant_kernel, ("BYTES", 1024)
 def test_cuda_compile_has_no_fma_when_fusion_is_off() -> None:
     """Without a GPU, compile the kernel to sm_90 PTX (no interpreter) and check the launch option we use
     (enable_fp_fusion=False) really keeps the absmax multiply and add separate, and bf16 stores round."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [sys.executable, "-c", _PTX_PROBE], cwd=root, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    counts = {tuple(line.split()[:2]): tuple(map(int, line.split()[2:])) for line in res.stdout.strip().splitlines()}
+    counts = probe_counts(_PTX_PROBE, timeout_s=120)
     for kernel in ("1d", "tile"):  # both compile for sm_90
         fma_off, cvt_off = counts[(kernel, "False")]
         fma_on, _ = counts[(kernel, "True")]
