@@ -63,6 +63,7 @@ def measure(probe: Probe, steps: int = 2) -> tuple[int, MemoryPlan]:
     from transformers import AutoModelForCausalLM
 
     from qlora_pipeline.kernels.formats.bnb_loader import save_4bit_checkpoint
+    from qlora_pipeline.stages.contract.cpu_kernels import expected_in_use
     from qlora_pipeline.stages.contract.memory_plan import recompute_budget
     from qlora_pipeline.stages.contract.params import TrainParams
     from qlora_pipeline.stages.lm.batching import collate
@@ -101,6 +102,7 @@ def measure(probe: Probe, steps: int = 2) -> tuple[int, MemoryPlan]:
         rebuilt_masks=True,
         weight_cache_bytes=weight_cache_budget(t, "cpu"),
         recompute_budget_tokens=probe.recompute_tokens,
+        compiled_update="8bit" in probe.optimizer and expected_in_use(),  # as train_shape_of decides it
     )
     model.train()
     recomputed = recompute_budget(shape, shape_t).recomputed_layers(probe.batch * probe.seq)

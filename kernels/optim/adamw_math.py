@@ -58,7 +58,8 @@ MB each. SmolLM2's 420 LoRA tensors with 8-bit state, AVX2 VM: 185 / 163 / 172 /
 UPDATE_BYTES_PER_ELEMENT = {32: 4, 8: 56}
 """Peak bytes of temporaries per element of one call, by state width: 32-bit, the square roots of v; 8-bit, the
 laid-out copies and the torch reference's fp32 and index temporaries (53-62 counted by
-stages/contract/memory_track.py on a CPU; the Triton kernel needs only the copies). The memory plan counts them."""
+stages/contract/memory_track.py on a CPU; the Triton kernel needs only the copies; the compiled CPU kernel, none:
+it updates each tensor where it lies). The memory plan counts them (``TrainShape.compiled_update``)."""
 
 
 # ---- 32-bit --------------------------------------------------------------------------------------------------

@@ -128,6 +128,21 @@ def prepare(force: bool = False) -> tuple[Verdict, Path | None]:
     return verdict, library
 
 
+def expected_in_use() -> bool:
+    """Whether CPU training here runs the compiled kernels: in use in this process, or built and passed on this
+    machine before (its kept verdict), and not switched off. Builds nothing: what the memory plan counts by."""
+    if cpu_native.switched_off():
+        return False
+    if all(twin.compiled_in_use() for twin in TWINS.values()):
+        return True
+    cc = compiler()
+    if cc is None:
+        return False
+    library, verdict_path = _paths(cc)
+    kept = read_verdict(verdict_path)
+    return kept is not None and kept.ok and library.is_file()
+
+
 def enable() -> str:
     """Put the compiled kernels in use in this process where they built and passed here; one line on where the CPU's
     dropout masks and 8-bit AdamW steps come from (logged as a warning when it is not the compiled kernels)."""

@@ -130,6 +130,9 @@ class TrainShape:
     recompute_budget_tokens: int = 0
     """train.checkpoint_min_tokens: with checkpointing, a batch keeps at most what one of this many tokens keeps
     without recomputing (0: every layer recomputes)."""
+    compiled_update: bool = False
+    """On a CPU whose compiled 8-bit AdamW kernel is in use (stages/contract/cpu_kernels.py), an 8-bit update makes
+    no tensor temporaries: it updates each tensor where it lies."""
 
     @property
     def rank_batch(self) -> int:
@@ -196,13 +199,15 @@ def optimizer_state_bytes(n: int, state_bits: int) -> int:
     return 8 * n
 
 
-def update_transient_bytes(sizes: list[int], state_bits: int) -> int:
-    """The optimizer update's temporaries: those of its largest call (one state width, up to a run's elements)."""
+def update_transient_bytes(sizes: list[int], state_bits: int, compiled: bool = False) -> int:
+    """The optimizer update's temporaries: those of its largest call (one state width, up to a run's elements);
+    none for 8-bit state updated by the `compiled` CPU kernel."""
     by_bits: dict[int, list[int]] = {}
     for n in sizes:
         by_bits.setdefault(8 if state_bits == 8 and n >= OPTIM_8BIT_MIN_SIZE else 32, []).append(n)
     runs = ((bits, min(sum(ns), OPTIMIZER_RUN_ELEMENTS + max(ns))) for bits, ns in by_bits.items())
-    return max((UPDATE_BYTES_PER_ELEMENT[bits] * n for bits, n in runs), default=0)
+    per_element = {**UPDATE_BYTES_PER_ELEMENT, **({8: 0} if compiled else {})}
+    return max((per_element[bits] * n for bits, n in runs), default=0)
 
 
 def targeted(shape: ModelShape, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -307,7 +312,8 @@ def plan_train(shape: ModelShape, t: TrainShape) -> MemoryPlan:
         scores = SHORT_ATTENTION_BACKWARD_BYTES * t.rank_batch * shape.heads * tile * t.max_length
         transient = max(transient, scores - 2 * n * shape.ffn * cb - mlp_activation_bytes(shape, t))
     backward = saved + (layer if recomputed == shape.layers else 0) + flowing, transient
-    update = 0, update_transient_bytes([n // shards for n in lora_sizes], t.state_bits)  # after backward: the grads
+    rank_sizes = [n // shards for n in lora_sizes]
+    update = 0, update_transient_bytes(rank_sizes, t.state_bits, t.compiled_update)  # after backward: the grads
     phase, (activations, transient), grads = max(
         (("forward", forward, 0), ("backward", backward, lora), ("update", update, lora)),
         key=lambda p: sum(p[1]) + p[2],
@@ -375,6 +381,7 @@ def train_shape_of(
     """:func:`train_shape` from the train section (a TrainParams) and data.max_length: what the train stage, which
     does not read the quantize section, can ask (the NF4 block size only sizes the base's scales)."""
     from qlora_pipeline.kernels.dtypes import compute_dtype_of  # torch: imported only when a plan is made
+    from qlora_pipeline.stages.contract.cpu_kernels import expected_in_use
 
     ranks = ranks or (t.nproc if isinstance(t.nproc, int) else 1)
     shape = ModelShape.from_config(config)
@@ -400,6 +407,7 @@ def train_shape_of(
         short_attention=device_type == "cpu",
         rebuilt_masks=device_type == "cpu",  # the training branch rebuilds them on a CPU (kernels/lora_fused.py)
         weight_cache_bytes=weight_cache_budget(t, device_type),
+        compiled_update=device_type == "cpu" and kind.state_bits == 8 and expected_in_use(),
     )
 
 

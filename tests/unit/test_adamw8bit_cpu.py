@@ -140,3 +140,21 @@ def test_a_library_whose_update_differs_is_not_used(tmp_path: Path, monkeypatch:
     assert not adamw8bit_cpu.compiled_in_use()
     s = AdamScalars.make(1e-3, (0.9, 0.999), 1e-8, 0.0, 1)
     assert not adamw8bit_cpu.update_many([_state(100, 64, torch.Generator())], MAPS, s, 64)
+
+
+@pytest.mark.usefixtures("compiled")
+def test_the_memory_plan_counts_the_update_the_step_will_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8-bit state on a CPU whose compiled kernel is in use: no update temporaries planned; switched off (the torch
+    reference, 56 bytes an element of a call) or on a GPU (the Triton kernel's laid-out copies): counted."""
+    from qlora_pipeline.stages.contract.memory_plan import train_shape_of
+    from qlora_pipeline.stages.contract.params import TrainParams
+    from tests import tiny
+
+    config = {**tiny.tiny_config("llama").to_dict(), "architectures": ["LlamaForCausalLM"]}
+    t = TrainParams(optimizer="paged_adamw_8bit", lora_r=8, lora_alpha=16)
+    assert cpu_kernels.expected_in_use()
+    assert train_shape_of(t, 64, config, "cpu").compiled_update
+    assert not train_shape_of(t, 64, config, "cuda").compiled_update
+    assert not train_shape_of(TrainParams(optimizer="paged_adamw_32bit"), 64, config, "cpu").compiled_update
+    monkeypatch.setenv(cpu_native.SWITCH_VAR, "off")
+    assert not cpu_kernels.expected_in_use() and not train_shape_of(t, 64, config, "cpu").compiled_update
