@@ -103,11 +103,45 @@ def _tile_queries(grouped: torch.Tensor, tile: KeyTile, groups: int) -> torch.Te
     return per_group.reshape(batch, kv_heads, groups * (tile.q1 - tile.q0), dim)
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """A mask's query tiles and, for each, its additive mask over the tile's keys: what every layer of one forward
+    pass and its backward would otherwise rebuild from the same mask (`attended_key_tiles`' reductions, the
+    additive mask's fill), 30 times forward and 30 times backward on SmolLM2."""
+
+    tiles: tuple[KeyTile, ...]
+    biases: tuple[torch.Tensor, ...]
+
+
+class _LastTilePlan:
+    """The plan of the last mask seen, held with a reference to that mask: transformers hands every layer of a
+    forward pass the same mask tensor, so one entry serves the whole step, and holding the mask (a few KB of bools)
+    keeps its identity from being reused by another tensor. A mask changed in place (its version moved) or of
+    another dtype is planned anew."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._mask: torch.Tensor | None = None
+        self._plan: TilePlan | None = None
+
+    def get(self, mask: torch.Tensor, q_len: int, k_len: int, dtype: torch.dtype) -> TilePlan:
+        key = (mask._version, q_len, k_len, dtype)
+        if self._mask is mask and self._key == key and self._plan is not None:
+            return self._plan
+        full = mask.expand(*mask.shape[:-2], q_len, k_len)  # a mask broadcast over queries, sliced per tile
+        tiles = tuple(attended_key_tiles(full, q_len, k_len))
+        biases = tuple(additive_mask(full[..., t.q0 : t.q1, t.k0 : t.k1], dtype) for t in tiles)
+        self._key, self._mask, self._plan = key, mask, TilePlan(tiles, biases)
+        return self._plan
+
+
+_LAST_PLAN = _LastTilePlan()
+
+
 def _tile_probabilities(
-    grouped: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, heads: int, tile: KeyTile
+    grouped: torch.Tensor, key: torch.Tensor, bias: torch.Tensor, heads: int, tile: KeyTile
 ) -> torch.Tensor:
-    """The tile's fp32 probabilities (batch, heads, tile queries, tile keys)."""
-    bias = additive_mask(mask[..., tile.q0 : tile.q1, tile.k0 : tile.k1], grouped.dtype)
+    """The tile's fp32 probabilities (batch, heads, tile queries, tile keys); `bias` is its additive mask."""
     groups = heads // key.shape[1]
     scores = _masked_scores(_tile_queries(grouped, tile, groups), key[:, :, tile.k0 : tile.k1], bias, heads)
     return torch.softmax(scores, dim=-1, dtype=torch.float32)
@@ -136,28 +170,27 @@ class _ShortAttention(torch.autograd.Function):
         batch, kv_heads, rows, _ = grouped.shape
         groups = heads // kv_heads
         q_len = rows // groups
-        mask = mask.expand(*mask.shape[:-2], q_len, key.shape[2])  # a mask broadcast over queries, sliced per tile
-        tiles = attended_key_tiles(mask, q_len, key.shape[2])
+        plan = _LAST_PLAN.get(mask, q_len, key.shape[2], grouped.dtype)
         out = value.new_empty(batch, kv_heads, groups, q_len, value.shape[-1])
-        for tile in tiles:
-            probs = _tile_probabilities(grouped, key, mask, heads, tile).to(value.dtype)
+        for tile, bias in zip(plan.tiles, plan.biases, strict=True):
+            probs = _tile_probabilities(grouped, key, bias, heads, tile).to(value.dtype)
             part = torch.matmul(probs.view(batch, kv_heads, -1, tile.k1 - tile.k0), value[:, :, tile.k0 : tile.k1])
             out[:, :, :, tile.q0 : tile.q1] = part.view(batch, kv_heads, groups, tile.q1 - tile.q0, -1)
-        ctx.save_for_backward(grouped, key, value, mask)
-        ctx.heads, ctx.tiles = heads, tiles
+        ctx.save_for_backward(grouped, key, value)
+        ctx.heads, ctx.plan = heads, plan
         return out.view(batch, kv_heads, rows, -1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grouped, key, value, mask = ctx.saved_tensors
+        grouped, key, value = ctx.saved_tensors
         batch, kv_heads, rows, dim = grouped.shape
         groups = ctx.heads // kv_heads
         grad_out = grad_out.to(value.dtype)
         grad_grouped = torch.empty_like(grouped).view(batch, kv_heads, groups, rows // groups, dim)
         grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
-        for tile in ctx.tiles:
+        for tile, bias in zip(ctx.plan.tiles, ctx.plan.biases, strict=True):
             # at most BACKWARD_BYTES_PER_SCORE live at once: the fp32 probabilities, their gradient and its softmax's
-            probs32 = _tile_probabilities(grouped, key, mask, ctx.heads, tile)
+            probs32 = _tile_probabilities(grouped, key, bias, ctx.heads, tile)
             shape = (batch, kv_heads, -1, tile.k1 - tile.k0)
             keys, values = key[:, :, tile.k0 : tile.k1], value[:, :, tile.k0 : tile.k1]
             out_rows = _tile_queries(grad_out, tile, groups)

@@ -160,3 +160,34 @@ def test_a_row_that_attends_nowhere_follows_eager_attention() -> None:
         assert torch.equal(mine, eager)
         assert torch.equal(mine[0], sdpa[0])  # the first row attends somewhere everywhere: the same
     assert not torch.equal(grads[0][1][1], grads[2][1][1])  # the padding query's gradient reaches its keys
+
+
+def test_one_mask_is_planned_once_for_every_layer_and_anew_when_it_changes(monkeypatch) -> None:
+    """Every layer of a forward pass gets the same mask tensor: its tiles and additive masks are built once, and a
+    mask changed in place or a new mask is planned again (the results follow the mask they were given)."""
+    from qlora_pipeline.kernels import attention
+
+    planned = []
+    real = attention.attended_key_tiles
+    monkeypatch.setattr(attention, "attended_key_tiles", lambda *a, **k: planned.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 150, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 150, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 150, 16, generator=g, requires_grad=True)
+    mask = _packed_keep([[40, 60, 50], [90, 60]])
+
+    def against_sdpa() -> None:
+        ours = short_attention(q, k, v, mask, 0.25)
+        ours.square().sum().backward()
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True).transpose(1, 2)
+        torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
+
+    for _ in range(3):  # three layers: forward and backward each
+        against_sdpa()
+    assert len(planned) == 1
+    mask[1, ..., 120:, 90:120] = False  # in place: a third example in the second row
+    against_sdpa()
+    assert len(planned) == 2
+    mask = _packed_keep([[150], [150]])
+    against_sdpa()
+    assert len(planned) == 3
