@@ -7,7 +7,8 @@ handful of passes over small tensors and frees 69 KB + 92 KB of saved activation
 (30 layers: 2 norms × 576 × 2 bytes, 1536 × 2 bytes per layer), about a sixth of what a layer keeps.
 
 Exact: backward reruns the module's own forward code on the same inputs and differentiates it with autograd,
-so values and gradients are the unpatched ones bit for bit (tests/unit/test_slim_activations.py). A module is
+so values and gradients are the unpatched ones bit for bit (tests/unit/test_slim_activations.py); a SiLU-gated MLP
+(Llama, Mistral, Qwen) does the same ops by hand, without the nested autograd (``_SiluGateTimesUp``). A module is
 patched only when its class's ``forward`` is the source form this relies on (checked on the source text), so a
 family or a transformers version that computes it differently keeps its own forward.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from types import MethodType
 from typing import Any
 
@@ -28,6 +29,13 @@ RMSNORM_FORM = (
     "return self.weight * hidden_states.to(input_dtype)",
 )
 """Lines of the Llama-style RMSNorm forward (Llama, Mistral, Qwen2/3, Phi-3); Gemma's (1 + w) form differs."""
+RMSNORM_WHOLE_FORM = (
+    "hidden_states = hidden_states.to(torch.float32)",
+    "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+    *RMSNORM_FORM,
+)
+"""Every line of the Llama RMSNorm forward: a class whose forward has them all backs up by hand (``_FrozenRMSNorm``),
+any other Llama-style one through the recompute."""
 GATED_MLP_FORM = ("self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",)
 """The gated MLP's one line (Llama, Mistral, Qwen2/3, Gemma 2/3)."""
 
@@ -70,16 +78,89 @@ def _gate_times_up(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tens
     return act(gate) * up
 
 
+class _SiluGateTimesUp(torch.autograd.Function):
+    """``silu(gate) * up`` keeping gate and up: backward computes what autograd computes over the two ops, the
+    product's two gradients and ``silu_backward``, in the same dtypes and order, so the bits are the recompute's.
+
+    Why not :class:`_RecomputedInBackward` here: rerunning autograd inside backward builds and walks a nested graph
+    for three ops, about 0.25 ms a call on the 2-core dev machines (docs/speed.md), once per layer and step."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * torch.nn.functional.silu(gate)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
+
+
+@cache
+def _has_whole_norm_form(cls: type) -> bool:
+    return _has_form(cls, RMSNORM_WHOLE_FORM)
+
+
+@cache
+def _is_silu_module_class(cls: type) -> bool:
+    """Transformers' SiLU module: its forward is the one line ``nn.functional.silu(input)`` (read once a class)."""
+    return _has_form(cls, ("return nn.functional.silu(input)",))
+
+
+def _is_plain_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether `act` is ``F.silu`` as an ``nn.SiLU`` (not in place) or transformers' one-line SiLU module."""
+    if isinstance(act, nn.SiLU):
+        return not act.inplace
+    return isinstance(act, nn.Module) and _is_silu_module_class(type(act))
+
+
 def _slim_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The gated MLP's own line, its product kept as (gate, up)."""
-    product = recomputed_in_backward(partial(_gate_times_up, self.act_fn), self.gate_proj(x), self.up_proj(x))
-    return self.down_proj(product)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype == up.dtype and _is_plain_silu(self.act_fn):
+        return self.down_proj(_SiluGateTimesUp.apply(gate, up))
+    return self.down_proj(recomputed_in_backward(partial(_gate_times_up, self.act_fn), gate, up))
+
+
+class _FrozenRMSNorm(torch.autograd.Function):
+    """The Llama RMSNorm of :data:`RMSNORM_WHOLE_FORM` with a frozen weight, keeping only its input: backward
+    recomputes the fp32 input and its rsqrt and applies, op by op, the formulas autograd applies to the forward's
+    ops (the product's, the casts', ``rsqrt``'s ``-0.5·g·r³``, ``mean``'s expand-and-divide, ``pow``'s ``g·2x``),
+    so the gradient is autograd's bit for bit without rerunning autograd inside backward (see
+    :class:`_SiluGateTimesUp`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.eps = weight, eps  # a frozen parameter the module holds anyway: nothing new is kept
+        x32 = x.to(torch.float32)
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
+        x32 = x.to(torch.float32)
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        grad32 = (grad * weight).to(x.dtype).to(torch.float32)
+        grad_r = (grad32 * x32).sum(-1, keepdim=True)
+        grad_sq = (-0.5 * grad_r * r.pow(3)).expand(x32.shape) / x32.shape[-1]
+        grad_x = grad32 * r + grad_sq * (2.0 * x32.pow(1.0))
+        return grad_x.to(x.dtype), None, None
 
 
 def _slim_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The norm's own forward, keeping its 16-bit input (a trained norm weight keeps autograd's graph)."""
-    own = type(self).forward.__get__(self)
-    return own(x) if self.weight.requires_grad else recomputed_in_backward(own, x)
+    if self.weight.requires_grad:
+        return type(self).forward(self, x)
+    if _has_whole_norm_form(type(self)):
+        return _FrozenRMSNorm.apply(x, self.weight, self.variance_epsilon)
+    return recomputed_in_backward(type(self).forward.__get__(self), x)
 
 
 def slim_saved_activations(model: nn.Module) -> dict[str, int]:

@@ -104,3 +104,55 @@ def test_lora_branches_keep_what_the_memory_plan_counts() -> None:
     o_input = 2 * h  # the attention output: what o_proj's branch reads, kept with LoRA on q alone too
     per_token = lora_bytes(t, every_groups) - o_input - lora_bytes(t, q_alone)
     assert kept[1] - kept[0] == 64 * per_token + casts
+
+
+@pytest.mark.parametrize("arch", sorted(PATCHED))
+def test_which_families_back_up_by_hand(arch: str) -> None:
+    """The hand-written backward (not the recompute under autograd) serves every Llama-style norm whose whole forward
+    is the known one and every SiLU-gated MLP: the exactness test above covers both paths through these families."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.kernels import slim_activations as sa
+
+    model = AutoModelForCausalLM.from_config(tiny.tiny_config(arch, vocab_size=384))
+    norms = {type(m) for m in model.modules() if sa._has_form(type(m), sa.RMSNORM_FORM)}
+    mlps = [m for m in model.modules() if sa._has_form(type(m), sa.GATED_MLP_FORM)]
+    by_hand_norm = {"llama", "qwen2", "qwen3", "mistral", "phi3"}
+    assert (bool(norms) and all(sa._has_whole_norm_form(cls) for cls in norms)) == (arch in by_hand_norm)
+    assert all(sa._is_plain_silu(m.act_fn) for m in mlps) == (arch not in {"gemma2", "gemma3"})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_backward_by_hand_is_the_recompute_bit_for_bit(dtype: torch.dtype, monkeypatch) -> None:
+    """The hand-written norm and SiLU-product backward give the recompute-under-autograd's loss and gradients
+    exactly, in bf16 and in fp32 (where a CPU without bf16 dot products trains). In fp32 neither equals the unpatched
+    model bit for bit: there the norm's input is its fp32 input itself, so the unpatched graph adds the norm's two
+    gradient terms and the residual's in another order."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.kernels import slim_activations as sa
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny.tiny_config("llama", vocab_size=384)).to(dtype)
+    inject_lora(base, ["q_proj", "o_proj", "up_proj", "down_proj"], r=4, alpha=8, dropout=0.1, compute_dtype=dtype)
+    for name, p in base.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(3, 384, (2, 24), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for by_hand in (False, True):
+        model = copy.deepcopy(base)
+        slim_saved_activations(model)
+        model.train()
+        if not by_hand:
+            monkeypatch.setattr(sa, "_has_whole_norm_form", lambda cls: False)
+            monkeypatch.setattr(sa, "_is_plain_silu", lambda act: False)
+        torch.manual_seed(7)
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        monkeypatch.undo()
+        runs.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name, g in runs[0][1].items():
+        assert torch.equal(runs[1][1][name], g), name
+    assert all(g.abs().sum() > 0 for g in runs[0][1].values())
