@@ -16,6 +16,7 @@ from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
 from qlora_pipeline.kernels.optim.adamw import AdamW
 from qlora_pipeline.kernels.optim.adamw_math import QuantMaps, State8bit, adamw8bit_update_reference
 from qlora_pipeline.stages.contract import cpu_kernels
+from tests.compiled_kernels import require_compiled
 
 MAPS = QuantMaps.create()
 TABLES = (MAPS.code1, MAPS.code2, MAPS.lut1, MAPS.lut2)
@@ -24,10 +25,7 @@ TABLES = (MAPS.code1, MAPS.code2, MAPS.lut1, MAPS.lut2)
 @pytest.fixture(scope="module")
 def compiled() -> None:
     """The kernels in use in this process, as training puts them (built and probed once per machine)."""
-    if cpu_kernels.compiler() is None:
-        pytest.skip("no C compiler on this machine")
-    line = cpu_kernels.enable()
-    assert adamw8bit_cpu.compiled_in_use(), line
+    require_compiled(adamw8bit_cpu.compiled_in_use)
 
 
 def _state(n: int, blocksize: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> State8bit:

@@ -15,6 +15,7 @@ from qlora_pipeline.kernels import cpu_native, dropout_cpu
 from qlora_pipeline.kernels.dropout import FastDropout, SeededMask, reference_keep_mask
 from qlora_pipeline.kernels.lora import LoraLinear
 from qlora_pipeline.stages.contract import cpu_kernels
+from tests.compiled_kernels import require_compiled
 
 SHAPES = [(1,), (3,), (4,), (4099,), (8192,), (8193,), (2 * 8192 + 7,), (37, 576), (3, 5, 1536)]
 SEEDS = [0, -1, 12345, -(2**63), 2**63 - 1]
@@ -25,10 +26,7 @@ needs_cc = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C compi
 @pytest.fixture(scope="module")
 def compiled() -> None:
     """The kernels in use in this process, as training puts them (built and probed once per machine)."""
-    if cpu_kernels.compiler() is None:
-        pytest.skip("no C compiler on this machine")
-    line = cpu_kernels.enable()
-    assert dropout_cpu.compiled_in_use(), line
+    require_compiled(dropout_cpu.compiled_in_use)
 
 
 @pytest.fixture
