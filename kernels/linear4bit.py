@@ -14,6 +14,7 @@ that multiplies bf16 natively, else fp32).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,23 +24,36 @@ from qlora_pipeline.kernels.nf4 import NF4Weight, nf4_error_stats, quantize_nf4
 from qlora_pipeline.kernels.nf4_dispatch import dequantize
 
 
+@dataclass(frozen=True)
+class FrozenWeightSource:
+    """A frozen NF4 weight in the compute dtype on demand, for forward and again for backward.
+
+    What an autograd node holds instead of a dequantized weight: the packed bytes and, when the layer keeps one, its
+    resident dequantized copy (``cached``), both held by the layer anyway, so keeping the source for backward costs
+    no memory."""
+
+    nf4: NF4Weight
+    cached: torch.Tensor | None
+    dtype: torch.dtype
+
+    def __call__(self) -> torch.Tensor:
+        return self.cached if self.cached is not None else dequantize(self.nf4, self.dtype)
+
+
 class _NF4Linear(torch.autograd.Function):
-    """Autograd for a frozen NF4 weight: no weight/bias grad, backward re-dequantizes."""
+    """Autograd for a frozen NF4 weight: no weight/bias grad, backward asks `weight` for the weight again."""
 
     @staticmethod
     def forward(
         ctx,
         x: torch.Tensor,
-        nf4: NF4Weight,
-        cached: torch.Tensor | None,
+        weight: FrozenWeightSource,
         bias: torch.Tensor | None,
         compute_dtype: torch.dtype,
     ):
-        w = cached if cached is not None else dequantize(nf4, compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
-        y = nn.functional.linear(x.to(compute_dtype), w, b)
-        ctx.nf4 = nf4  # packed bytes only (already held by the module); no activation, no dequantized weight
-        ctx.cached = cached  # the layer's resident dequantized copy, when it keeps one: nothing new is held
+        y = nn.functional.linear(x.to(compute_dtype), weight(), b)
+        ctx.weight = weight  # packed bytes or the resident cache (both held by the module anyway), nothing new
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
         return y.to(x.dtype)
@@ -48,9 +62,8 @@ class _NF4Linear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = ctx.cached if ctx.cached is not None else dequantize(ctx.nf4, ctx.compute_dtype)
-            grad_x = (grad_y.to(ctx.compute_dtype) @ w).to(ctx.x_dtype)
-        return grad_x, None, None, None, None
+            grad_x = (grad_y.to(ctx.compute_dtype) @ ctx.weight()).to(ctx.x_dtype)
+        return grad_x, None, None, None
 
 
 _NF4_STATE = ("packed", "absmax", "nested_absmax", "nested_code")
@@ -142,11 +155,21 @@ class Linear4bit(nn.Module):
     def weight_dtype(self) -> torch.dtype:
         return self._meta["dtype"]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or default_compute_dtype(x.device)
+    def resolved_compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype this layer multiplies in on `device`: its own, else the device's default."""
+        return self.compute_dtype or default_compute_dtype(device)
+
+    def weight_source(self, dtype: torch.dtype, device: torch.device) -> FrozenWeightSource:
+        """Where forward, and backward again, get the weight in `dtype` on `device`: the resident cache when it is
+        in that dtype and place, else a fresh dequant of the packed bytes."""
         cache = self.dequantized_cache
-        cached = cache if cache is not None and cache.dtype == dtype and cache.device == x.device else None
-        return _NF4Linear.apply(x, self.nf4, cached, self.bias, dtype)
+        if cache is not None and cache.dtype == dtype and cache.device == device:
+            return FrozenWeightSource(self.nf4, cache, dtype)
+        return FrozenWeightSource(self.nf4, None, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.resolved_compute_dtype(x.device)
+        return _NF4Linear.apply(x, self.weight_source(dtype, x.device), self.bias, dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The 16/32-bit weight this layer computes with (for merging, checks, export)."""

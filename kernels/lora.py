@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from qlora_pipeline.kernels.dropout import FastDropout, SeededMask, draw_seed
-from qlora_pipeline.kernels.lora_fused import add_lora_branch
+from qlora_pipeline.kernels.linear4bit import Linear4bit
+from qlora_pipeline.kernels.lora_fused import add_lora_branch, frozen_linear_with_lora
 
 LORA_PARAM_NAMES = ("lora_A", "lora_B")
 
@@ -123,21 +124,38 @@ class LoraLinear(nn.Module):
         # Same association order as peft (B(A(x)) * s), so fp32 results agree to the last bits.
         return nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B) * self.scaling
 
+    def _branch_dropout(self, x: torch.Tensor) -> tuple[float, torch.Tensor | None, SeededMask | None]:
+        """The training path's dropout as (scale, keep mask, seeded mask): the LoRA scaling times the keep-rate
+        rescaling, and at most one of a 0/1 mask (GPU) or a seed (CPU: applied without being written, rebuilt in
+        backward)."""
+        dropout = self.dropout
+        if not isinstance(dropout, FastDropout) or not dropout.training or dropout.threshold == 0:
+            return self.scaling, None, None
+        scale = self.scaling * dropout.scale
+        if x.device.type != "cpu":
+            return scale, dropout.keep_mask(x.shape, x.device, x.dtype), None
+        return scale, None, SeededMask(draw_seed(), dropout.threshold)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         cd = self.compute_dtype
+        base = self.base
+        if (
+            cd is not None
+            and x.dtype == cd
+            and isinstance(base, Linear4bit)
+            and base.resolved_compute_dtype(x.device) == cd
+        ):
+            # the training path on an NF4 base: the frozen product and the branch in one node (kernels/lora_fused.py)
+            scale, keep, seeded = self._branch_dropout(x)
+            bias = base.bias
+            return frozen_linear_with_lora(
+                x, base.weight_source(cd, x.device), bias, self.lora_A, self.lora_B, scale, keep, seeded
+            )
+        out = base(x)
         if cd is not None and out.dtype == cd and x.dtype == cd:
-            # the training path (a compute dtype set, bf16 or a CPU's fp32): one autograd node (kernels/lora_fused.py)
-            dropout = self.dropout
-            if not isinstance(dropout, FastDropout) or not dropout.training or dropout.threshold == 0:
-                return add_lora_branch(out, x, self.lora_A, self.lora_B, self.scaling)
-            if x.device.type != "cpu":
-                keep = dropout.keep_mask(x.shape, x.device, x.dtype)
-                return add_lora_branch(out, x, self.lora_A, self.lora_B, self.scaling * dropout.scale, keep)
-            # on the CPU the mask is a function of one seed: applied without being written, rebuilt in backward
-            seeded = SeededMask(draw_seed(), dropout.threshold)
-            scale = self.scaling * dropout.scale
-            return add_lora_branch(out, x, self.lora_A, self.lora_B, scale, seeded=seeded)
+            # the training path (a compute dtype set, bf16 or a CPU's fp32) on another base: the branch as one node
+            scale, keep, seeded = self._branch_dropout(x)
+            return add_lora_branch(out, x, self.lora_A, self.lora_B, scale, keep, seeded)
         # The sum is taken in the wider of (base output, adapter) dtypes, then cast back to the base output dtype,
         # which is x's dtype for nn.Linear and Linear4bit.
         return (out + self.lora_delta(x)).to(out.dtype)

@@ -13,6 +13,12 @@ copy per projection (2 bytes an input element each). On a CPU the mask is a func
 SmolLM2 layer keeps for backward, 10 of 27 KB a token), and the compiled kernel zeroes the dropped elements of the
 input in forward, and of the input and its gradient in backward, as it hashes their lanes: no mask is written.
 
+When the base is a frozen NF4 layer (``Linear4bit``), its product joins the node too
+(:func:`frozen_linear_with_lora`): one node per projection instead of two, and x's gradient is the branch's plus
+the frozen product's accumulated by ``addmm_`` in one rounding, where autograd would add the two nodes' gradients
+in a separate pass (210 sums a SmolLM2 step). Its forward is the two nodes' bit for bit; its input gradient
+differs from theirs by the one rounding it saves.
+
 The math is the op-by-op branch's (``LoraLinear.lora_delta``), with the keep-rate applied after A instead of
 before it: the same value up to rounding. tests/unit/test_lora.py holds it to the closed-form gradients and to
 the op-by-op branch with and without dropout.
@@ -20,12 +26,53 @@ the op-by-op branch with and without dropout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from qlora_pipeline.kernels.dropout import SeededMask
+
+
+def _branch_input(x2: torch.Tensor, keep2: torch.Tensor | None, seeded: SeededMask | None) -> torch.Tensor:
+    """The dropped input ``x ⊙ keep`` (a new tensor when a mask applies, else x itself)."""
+    return seeded.apply(x2) if seeded is not None else x2 if keep2 is None else x2 * keep2
+
+
+def _branch_backward(ctx, saved: tuple[torch.Tensor, ...], g: torch.Tensor, need_x: bool, need_a: bool, need_b: bool):
+    """The branch's gradients from ``g = dL/dy`` (2-D, compute dtype): x's (masked; None when not needed), A's
+    and B's (in their own dtypes). `saved` is ``ctx.saved_tensors``, unpacked once: x2, the 0/1 mask or None, the
+    r-wide product u, A and B as cast."""
+    x2, keep, u, a, b = saved
+    seeded: SeededMask | None = ctx.seeded
+    grad_x = grad_a = grad_b = xk = None
+    du = (g @ b).mul_(ctx.scale)
+    if need_b:
+        grad_b = (g.t() @ u).to(ctx.b_dtype)
+    if need_x:
+        grad_x = du @ a
+    if seeded is not None and grad_x is not None and need_a:
+        xk = seeded.apply_pair_(x2, grad_x)  # one pass over the lanes for both uses of the mask
+    elif seeded is not None:
+        xk = seeded.apply(x2) if need_a else None
+        if grad_x is not None:
+            grad_x = seeded.apply(grad_x)
+    elif keep is not None:
+        xk = x2 * keep
+        if grad_x is not None:
+            grad_x.mul_(keep)
+    if need_a:
+        grad_a = (du.t() @ (x2 if xk is None else xk)).to(ctx.a_dtype)
+    return grad_x, grad_a, grad_b
+
+
+def _save_branch(ctx, x2, keep2, u, a, b, lora_A, lora_B, scale, seeded) -> None:
+    ctx.save_for_backward(x2, keep2, u, a, b)
+    ctx.seeded = seeded
+    ctx.scale = scale
+    ctx.a_dtype, ctx.b_dtype = lora_A.dtype, lora_B.dtype
 
 
 class _LoraBranchAdd(torch.autograd.Function):
@@ -46,42 +93,63 @@ class _LoraBranchAdd(torch.autograd.Function):
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         keep2 = None if keep is None else keep.reshape(x2.shape)
-        h = seeded.apply(x2) if seeded is not None else x2 if keep2 is None else x2 * keep2
-        u = (h @ a.t()).mul_(scale)
-        del h
+        u = (_branch_input(x2, keep2, seeded) @ a.t()).mul_(scale)
         y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b.t())
-        ctx.save_for_backward(x2, keep2, u, a, b)
-        ctx.seeded = seeded
-        ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
-        ctx.a_dtype, ctx.b_dtype = lora_A.dtype, lora_B.dtype
+        _save_branch(ctx, x2, keep2, u, a, b, lora_A, lora_B, scale, seeded)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x2, keep, u, a, b = ctx.saved_tensors
-        seeded: SeededMask | None = ctx.seeded
-        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
-        grad_x = grad_a = grad_b = xk = None
-        du = (g @ b).mul_(ctx.scale)
-        if ctx.needs_input_grad[3]:
-            grad_b = (g.t() @ u).to(ctx.b_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_x = du @ a
-        if seeded is not None and grad_x is not None and ctx.needs_input_grad[2]:
-            xk = seeded.apply_pair_(x2, grad_x)  # one pass over the lanes for both uses of the mask
-        elif seeded is not None:
-            xk = seeded.apply(x2) if ctx.needs_input_grad[2] else None
-            if grad_x is not None:
-                grad_x = seeded.apply(grad_x)
-        elif keep is not None:
-            xk = x2 * keep
-            if grad_x is not None:
-                grad_x.mul_(keep)
-        if ctx.needs_input_grad[2]:
-            grad_a = (du.t() @ (x2 if xk is None else xk)).to(ctx.a_dtype)
+        saved = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(saved[0].dtype)
+        need = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _branch_backward(ctx, saved, g, need[1], need[2], need[3])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_y, grad_x, grad_a, grad_b, None, None, None
+
+
+class _FrozenLinearLoraAdd(torch.autograd.Function):
+    """``x Wᵀ + bias + ((x ⊙ keep) Aᵀ · scale) Bᵀ`` for a frozen W, one node, everything in x's dtype.
+
+    The frozen product and the branch in one node: B's product is added into the base output in place
+    (``addmm_``), and in backward the frozen product's input gradient is accumulated into the branch's
+    (``addmm_``: the sum in the matmul's epilogue, rounded once) instead of autograd summing two nodes' gradients
+    for x. W comes from `weight` each time (kernels/linear4bit.py ``Linear4bit.weight_source``): nothing
+    dequantized is kept for backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: Callable[[], torch.Tensor],
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scale: float,
+        keep: torch.Tensor | None,
+        seeded: SeededMask | None,
+    ) -> torch.Tensor:
+        dtype = x.dtype
+        a, b = lora_A.to(dtype), lora_B.to(dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        keep2 = None if keep is None else keep.reshape(x2.shape)
+        y = nn.functional.linear(x2, weight(), None if bias is None else bias.to(dtype))
+        u = (_branch_input(x2, keep2, seeded) @ a.t()).mul_(scale)
+        y.addmm_(u, b.t())
+        _save_branch(ctx, x2, keep2, u, a, b, lora_A, lora_B, scale, seeded)
+        ctx.weight, ctx.x_shape = weight, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        need = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _branch_backward(ctx, ctx.saved_tensors, g, need[0], need[3], need[4])
+        if grad_x is not None:
+            grad_x = grad_x.addmm_(g, ctx.weight()).view(ctx.x_shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def add_lora_branch(
@@ -100,3 +168,19 @@ def add_lora_branch(
     forward and backward apply without keeping or writing the mask. Gradients flow to base_out (unchanged), x, A and
     B (in their own dtypes)."""
     return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep, seeded)
+
+
+def frozen_linear_with_lora(
+    x: torch.Tensor,
+    weight: Callable[[], torch.Tensor],
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    keep: torch.Tensor | None = None,
+    seeded: SeededMask | None = None,
+) -> torch.Tensor:
+    """``x Wᵀ + bias + scale · ((x ⊙ keep) Aᵀ) Bᵀ`` in x's dtype, W (out × in, x's dtype) from `weight()`, which
+    is called again in backward. `scale`, `keep` and `seeded` as for :func:`add_lora_branch`. Gradients flow to x,
+    A and B; W and the bias are frozen."""
+    return _FrozenLinearLoraAdd.apply(x, weight, bias, lora_A, lora_B, scale, keep, seeded)

@@ -73,7 +73,8 @@ def test_nothing_dequantized_is_saved_for_backward() -> None:
     assert saved == []  # not even x: the weight grad is never computed
     node = y.grad_fn
     reachable = [v for v in vars(node).values() if isinstance(v, torch.Tensor)]
-    nf4 = node.nf4
+    assert node.weight.cached is None  # no resident copy for this layer
+    nf4 = node.weight.nf4
     reachable += [nf4.packed, nf4.absmax, nf4.nested_absmax, nf4.nested_code]
     assert all(t.dtype == torch.uint8 or t.numel() <= 256 for t in reachable)
     assert sum(t.numel() * t.element_size() for t in reachable) < 48 * 80  # < 1 byte per weight
