@@ -117,39 +117,34 @@ def _worker(pool: str) -> list[str]:
     return [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"]
 
 
-def test_deployment_runs_through_server_and_worker(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
-    params_file = _write_params(tmp_path, tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl))
-    with prefect_server(tmp_path) as (env, spawn):
-        stages = ["prepare", "quantize"]
-        _deploy(
-            env, pool="test-gpu-node", cron="0 2 * * 1", name="test-retrain", params_path=params_file, stages=stages
-        )
-        run_id = _trigger("qlora_pipeline/test-retrain", env)
-        spawn(_worker("test-gpu-node"))
-        state = _wait_for_run(run_id, env, timeout=420)
-        assert state == "COMPLETED", (tmp_path / "server.log").read_text()[-4000:]
-        assert (tmp_path / "artifacts" / "quantize" / "manifest.json").exists()
-        schedules = _python(
-            "from prefect.client.orchestration import get_client\n"
-            "with get_client(sync_client=True) as c:\n"
-            "    d = c.read_deployment_by_name('qlora_pipeline/test-retrain')\n"
-            "    print([s.schedule.cron for s in d.schedules], d.work_pool_name)",
-            env,
-            60,
-        )
-        assert "['0 2 * * 1'] test-gpu-node" in schedules
-
-
 def test_device_stages_run_on_the_gpu_pool_and_the_rest_on_the_cpu_pool(tmp_path, tiny_llama_dir, qa_jsonl) -> None:
-    """`deploy(pool=gpu, cpu_pool=cpu)`: the pipeline's flow run is on the CPU pool's worker, prepare and quantize
-    run inside it, and train runs as a `qlora_stage` flow run on the GPU pool's worker, into the same artifacts."""
+    """`deploy(pool=gpu, cpu_pool=cpu, cron=...)` on a real server: the pipeline's deployment carries the weekly
+    schedule on the CPU pool; its flow run is on the CPU pool's worker, prepare and quantize run inside it, and
+    train runs as a `qlora_stage` flow run on the GPU pool's worker, into the same artifacts. (One test for both
+    the schedule and the split: each server, worker and flow run costs a minute on a 2-core machine.)"""
     train = {"max_steps": 3, "batch_size": 4}
     params_file = _write_params(tmp_path, tiny.params_for(tmp_path, tiny_llama_dir, qa_jsonl, train=train))
     with prefect_server(tmp_path) as (env, spawn):
         stages = ["prepare", "quantize", "train"]
         _deploy(
-            env, pool="gpu-pool", cpu_pool="cpu-pool", cron=None, name="split", params_path=params_file, stages=stages
+            env,
+            pool="gpu-pool",
+            cpu_pool="cpu-pool",
+            cron="0 2 * * 1",
+            name="split",
+            params_path=params_file,
+            stages=stages,
         )
+        schedules = _python(
+            "from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    d = c.read_deployment_by_name('qlora_pipeline/split')\n"
+            "    g = c.read_deployment_by_name('qlora_stage/split-gpu')\n"
+            "    print([s.schedule.cron for s in d.schedules], d.work_pool_name, g.work_pool_name)",
+            env,
+            60,
+        )
+        assert "['0 2 * * 1'] cpu-pool gpu-pool" in schedules, schedules
         run_id = _trigger("qlora_pipeline/split", env)
         spawn(_worker("cpu-pool"))
         spawn(_worker("gpu-pool"))

@@ -14,7 +14,7 @@ from tests.ptx import probe_counts
 # tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, so these tests always run
 assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", "run under tests/conftest.py"
 
-from qlora_pipeline.kernels.nf4_triton import dequantize_nf4_triton  # noqa: E402 - after the interpreter check
+from qlora_pipeline.kernels.nf4_triton import TILE_BLOCKS_GPU, dequantize_nf4_triton  # noqa: E402 - after the check
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -29,8 +29,14 @@ TILES = [None, 4]
 """The 1-D kernel and the 2-D tile kernel (4 quantization blocks a program: several programs even on small shapes)."""
 
 
-@pytest.mark.parametrize("tile_blocks", TILES)
-@pytest.mark.parametrize("shape", [(256, 320), (7, 9), (129, 65), (3, 1000), (1, 1), (300, 1024)])
+SHAPES = [(256, 320), (7, 9), (129, 65), (3, 1000), (1, 1)]
+CASES = [(shape, tiles) for shape in SHAPES for tiles in TILES] + [((300, 1024), None), ((300, 1024), TILE_BLOCKS_GPU)]
+"""Every shape through both kernels; the largest (4,800 quantization blocks) through the 1-D kernel and the tile
+kernel at the GPU default (``TILE_BLOCKS_GPU`` blocks a program): at 4 blocks a program it is 1,200 programs, 20 s
+under the interpreter, and tests nothing the smaller shapes do not."""
+
+
+@pytest.mark.parametrize(("shape", "tile_blocks"), CASES)
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_triton_equals_reference(shape: tuple[int, int], double_quant: bool, tile_blocks: int | None) -> None:
     g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])

@@ -20,6 +20,16 @@ from tests import tiny
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """One temporary Prefect server for this module's flow tests (starting one takes about 11 s); each test keeps
+    its own results folder and its own flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 def _params_file(tmp_path: Path, model_dir: Path, data: Path, mlflow: bool = False) -> Path:
     raw = tiny.params_for(tmp_path, model_dir, data)
     raw["tracking"]["mlflow"] = mlflow
@@ -54,13 +64,14 @@ def test_prepare_logs_params_metrics_and_memory_to_mlflow(tmp_path, tiny_llama_d
 
 
 @pytest.mark.slow
-def test_flow_skips_unchanged_stage_on_second_run(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
+def test_flow_skips_unchanged_stage_on_second_run(
+    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, prefect_harness
+) -> None:
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from qlora_pipeline.pipelines.flow import qlora_pipeline
 
@@ -68,10 +79,7 @@ def test_flow_skips_unchanged_stage_on_second_run(tmp_path, tiny_llama_dir, qa_j
     calls: list[int] = []
     original = prepare.run
     monkeypatch.setattr(prepare, "run", lambda p, **kw: calls.append(1) or original(p, **kw))
-    with (
-        prefect_test_harness(server_startup_timeout=120),
-        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}),
-    ):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
         first = qlora_pipeline(str(f), stages=["prepare"])
         second_state = qlora_pipeline(str(f), stages=["prepare"], return_state=True)
         second = second_state.result()
@@ -146,10 +154,9 @@ def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_ll
 
 @pytest.mark.slow
 def test_flow_reruns_only_train_and_later_when_a_train_param_changes(
-    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch
+    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, prefect_harness
 ) -> None:
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from qlora_pipeline.pipelines.flow import qlora_pipeline
     from qlora_pipeline.stages import merge, quantize, train
@@ -162,10 +169,7 @@ def test_flow_reruns_only_train_and_later_when_a_train_param_changes(
         original = module.run
         monkeypatch.setattr(module, "run", lambda p, _o=original, _n=name, **kw: calls.append(_n) or _o(p, **kw))
     stages = ["prepare", "quantize", "train", "merge"]
-    with (
-        prefect_test_harness(server_startup_timeout=120),
-        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}),
-    ):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
         qlora_pipeline(str(f), stages=stages)
         assert calls == stages
         calls.clear()
@@ -190,12 +194,11 @@ def _source_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.slow
 def test_flow_reruns_a_stage_whose_artifact_code_or_data_changed(
-    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch
+    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, prefect_harness
 ) -> None:
     """Tampered artifact → that stage; deleted artifact → it and its children; a changed code file of a stage →
     that stage; new rows in the data → everything from prepare. Nothing changed → nothing."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from qlora_pipeline.pipelines.flow import qlora_pipeline
     from qlora_pipeline.stages import quantize
@@ -215,10 +218,7 @@ def test_flow_reruns_a_stage_whose_artifact_code_or_data_changed(
         qlora_pipeline(str(f), stages=stages)
         return list(calls)
 
-    with (
-        prefect_test_harness(server_startup_timeout=120),
-        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}),
-    ):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
         assert run() == stages
         assert run() == []
         report = art / "quantize" / "layer_errors.json"
