@@ -68,11 +68,26 @@ def _branch_backward(ctx, saved: tuple[torch.Tensor, ...], g: torch.Tensor, need
     return grad_x, grad_a, grad_b
 
 
-def _save_branch(ctx, x2, keep2, u, a, b, lora_A, lora_B, scale, seeded) -> None:
+def _branch_forward(
+    ctx,
+    x2: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    keep: torch.Tensor | None,
+    seeded: SeededMask | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branch's forward on the 2-D input in its compute dtype: returns the r-wide product
+    ``u = ((x ⊙ keep) Aᵀ) · scale`` and B in that dtype (the caller adds ``u Bᵀ`` into its output), and saves what
+    :func:`_branch_backward` reads."""
+    a, b = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
+    keep2 = None if keep is None else keep.reshape(x2.shape)
+    u = (_branch_input(x2, keep2, seeded) @ a.t()).mul_(scale)
     ctx.save_for_backward(x2, keep2, u, a, b)
     ctx.seeded = seeded
     ctx.scale = scale
     ctx.a_dtype, ctx.b_dtype = lora_A.dtype, lora_B.dtype
+    return u, b
 
 
 class _LoraBranchAdd(torch.autograd.Function):
@@ -89,13 +104,9 @@ class _LoraBranchAdd(torch.autograd.Function):
         keep: torch.Tensor | None,
         seeded: SeededMask | None,
     ) -> torch.Tensor:
-        dtype = base_out.dtype
-        a, b = lora_A.to(dtype), lora_B.to(dtype)
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        keep2 = None if keep is None else keep.reshape(x2.shape)
-        u = (_branch_input(x2, keep2, seeded) @ a.t()).mul_(scale)
+        x2 = x.reshape(-1, x.shape[-1]).to(base_out.dtype)
+        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, keep, seeded)
         y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b.t())
-        _save_branch(ctx, x2, keep2, u, a, b, lora_A, lora_B, scale, seeded)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.view(base_out.shape)
 
@@ -131,14 +142,10 @@ class _FrozenLinearLoraAdd(torch.autograd.Function):
         keep: torch.Tensor | None,
         seeded: SeededMask | None,
     ) -> torch.Tensor:
-        dtype = x.dtype
-        a, b = lora_A.to(dtype), lora_B.to(dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        keep2 = None if keep is None else keep.reshape(x2.shape)
-        y = nn.functional.linear(x2, weight(), None if bias is None else bias.to(dtype))
-        u = (_branch_input(x2, keep2, seeded) @ a.t()).mul_(scale)
+        y = nn.functional.linear(x2, weight(), None if bias is None else bias.to(x.dtype))
+        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, keep, seeded)
         y.addmm_(u, b.t())
-        _save_branch(ctx, x2, keep2, u, a, b, lora_A, lora_B, scale, seeded)
         ctx.weight, ctx.x_shape = weight, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
