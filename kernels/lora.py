@@ -2,7 +2,10 @@
 
 Why a wrapper and not a subclass: the base may be a plain ``nn.Linear`` (merge tests, 16-bit bases) or our frozen
 NF4 ``Linear4bit``; anything exposing ``in_features``/``out_features`` and ``forward(x) -> x @ W.T (+ b)`` works,
-so the quantized path needs no LoRA-specific code.
+so the quantized path needs no LoRA-specific code. One shortcut: when training over a ``Linear4bit`` in the branch's
+compute dtype, the wrapper asks the base for its weight (``weight_source``) and runs the frozen product and the
+branch as one autograd node (kernels/lora_fused.py ``frozen_linear_with_lora``): the same forward, bit for bit,
+and an input gradient rounded once instead of twice.
 
 Numerics follow peft 0.21 ``LoraConfig(init_lora_weights=True)`` so that adapters move freely between the two:
 A ~ kaiming_uniform_(a=sqrt(5)) (i.e. U(-1/sqrt(in), 1/sqrt(in))), B = 0, s = alpha/r or alpha/sqrt(r) (rsLoRA),
