@@ -9,7 +9,11 @@
 - our AdamW (32- and 8-bit state) paged under a byte budget smaller than its state (one tensor updated at a time)
   against the same optimizer unpaged (small tensors updated together), on the device: identical parameters, with
   evictions and reloads counted;
-- our 32-bit AdamW against ``torch.optim.AdamW(foreach=True)`` on the device: identical parameters.
+- our 32-bit AdamW against ``torch.optim.AdamW(foreach=True)`` on the device: identical parameters;
+- the Triton RMSNorm, forward and backward, against ``qlora_pipeline.kernels.rmsnorm``'s reference on the CPU: not
+  bit for bit (its row sums run in another order) but within one rounding (bf16: at most one unit in the last place,
+  99 % of elements the same bits; fp32: 4 units of the row's largest value); with the time of a forward + backward
+  against the reference's torch ops on the same device (host-bound steps pay per launch: 2 launches against 26).
 
 With ``--device cpu`` the same checks run through the Triton interpreter at small sizes (a dry run of the script;
 set TRITON_INTERPRET=1 before Python starts, which this script does for itself). Exit 1 if any check fails.
@@ -40,6 +44,8 @@ from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars  # noqa: E402
 from qlora_pipeline.kernels.optim.adamw import AdamW  # noqa: E402
 from qlora_pipeline.kernels.optim.adamw_math import QuantMaps, adamw8bit_update_reference  # noqa: E402
 from qlora_pipeline.kernels.optim.paging import PagingConfig  # noqa: E402
+from qlora_pipeline.kernels.rmsnorm import rmsnorm_backward_reference, rmsnorm_forward_reference  # noqa: E402
+from qlora_pipeline.kernels.rmsnorm_triton import rmsnorm_backward_triton, rmsnorm_forward_triton  # noqa: E402
 
 BS = 256
 
@@ -150,6 +156,54 @@ def check_adamw32_vs_torch(device: torch.device, sizes: list[int], steps: int) -
     return [{"check": "adamw32_vs_torch", "sizes": sizes, "steps": steps, "ok": ok}]
 
 
+def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Within one rounding of the reference: bf16 at most one unit in the last place of each element and 99 % the
+    same bits; fp32 within 4 units in the last place of the row's largest value (backward's terms cancel)."""
+    got = got.detach().cpu()
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        return False
+    diff = (got.double() - ref.double()).abs()
+    if ref.dtype == torch.bfloat16:
+        unit = torch.exp2(torch.floor(torch.log2(ref.double().abs().clamp_min(1e-30)))) * 2.0**-7
+        return bool(diff.le(unit).all() and (got == ref).double().mean() >= 0.99)
+    return bool(diff.le(4 * ref.double().abs().amax(-1, keepdim=True) * 2.0**-23).all())
+
+
+def _fwd_bwd_us(forward, backward, x: torch.Tensor, w: torch.Tensor, n: int) -> float:
+    """Median wall time of one forward and its backward (y's own values as its gradient), synchronized, in µs."""
+    times = []
+    for _ in range(n):
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        backward(x, w, 1e-5, forward(x, w, 1e-5))
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        times.append(time.perf_counter() - t0)
+    return round(sorted(times)[n // 2] * 1e6, 1)
+
+
+def check_rmsnorm(device: torch.device, shapes: list[tuple[int, int]], timed: int) -> list[dict]:
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = (torch.randn(rows, cols, generator=gen) * 3).to(dtype)
+            w = (1 + torch.randn(cols, generator=gen) / 4).to(dtype)
+            g = torch.randn(rows, cols, generator=gen).to(dtype)
+            ref_y, ref_dx = rmsnorm_forward_reference(x, w, 1e-5), rmsnorm_backward_reference(x, w, 1e-5, g)
+            xd, wd, gd = x.to(device), w.to(device), g.to(device)
+            y, dx = rmsnorm_forward_triton(xd, wd, 1e-5), rmsnorm_backward_triton(xd, wd, 1e-5, gd)
+            ok = all(_close(a, b) for a, b in ((y, ref_y), (dx, ref_dx)))
+            row = {"check": "rmsnorm", "shape": [rows, cols], "dtype": str(dtype)[6:], "ok": ok}
+            if timed:
+                twin = _fwd_bwd_us(rmsnorm_forward_triton, rmsnorm_backward_triton, xd, wd, timed)
+                torch_ops = _fwd_bwd_us(rmsnorm_forward_reference, rmsnorm_backward_reference, xd, wd, timed)
+                row |= {"fwd_bwd_us_twin": twin, "fwd_bwd_us_torch_ops": torch_ops}
+            out.append(row)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -164,6 +218,7 @@ def main() -> int:
     small = [3000, 5000, 7001, 2048]  # updated together in one call when unpaged
     checks += check_paging(device, small if not big else [2**20, 3 * 2**20, 2**21 + 5, *small], steps=4)
     checks += check_adamw32_vs_torch(device, [*small, 2**20 + 3], steps=5)
+    checks += check_rmsnorm(device, [(754, 576), (754, 4096)] if big else [(6, 576), (3, 100)], timed=200 if big else 3)
     where = torch.cuda.get_device_name(device) if big else f"cpu, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
     report = {
         "device": where,

@@ -20,7 +20,8 @@ CUDA:
   NaN normalized values get code 0 and a block whose absmax is 0 stores codes 0, as bnb's CPU kernel does;
   absmax ignores NaN (C ``std::max``) but not Inf;
 * bf16 parameters and gradients travel as int16 bit patterns and are rounded to nearest-even by integer
-  arithmetic, because the interpreter truncates fp32->bf16 (docs/formats.md, Triton interpreter).
+  arithmetic (kernels/triton_bits.py), because the interpreter truncates fp32->bf16 (docs/formats.md, Triton
+  interpreter).
 """
 
 from __future__ import annotations
@@ -30,30 +31,7 @@ import triton
 import triton.language as tl
 
 from qlora_pipeline.kernels.optim.adam_scalars import AdamScalars
-
-_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-@triton.jit
-def _load_f32(ptr, offs, mask, KIND: tl.constexpr):
-    if KIND == 1:  # bf16 bits in an int16 view: widen to the top half of an fp32
-        bits = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16).to(tl.uint32)
-        return (bits << 16).to(tl.float32, bitcast=True)
-    else:
-        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_f32(ptr, offs, x, mask, KIND: tl.constexpr):
-    if KIND == 1:  # fp32 -> bf16 round-to-nearest-even on the bits; NaN -> 0x7FC0 like c10::BFloat16
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)
-        tl.store(ptr + offs, rounded.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-    elif KIND == 2:
-        tl.store(ptr + offs, x.to(tl.float16), mask=mask)
-    else:
-        tl.store(ptr + offs, x, mask=mask)
+from qlora_pipeline.kernels.triton_bits import KIND, bits_view, load_f32, store_f32
 
 
 @triton.jit
@@ -108,7 +86,7 @@ def _adamw8bit_blockwise_kernel(
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     valid = offs < n_elements
 
-    g = _load_f32(g_ptr, offs, valid, G_KIND)
+    g = load_f32(g_ptr, offs, valid, G_KIND)
     c1 = tl.load(q1_ptr + offs, mask=valid, other=0).to(tl.int32)
     c2 = tl.load(q2_ptr + offs, mask=valid, other=0).to(tl.int32)
     a1 = tl.load(absmax1_ptr + rows, mask=row_ok, other=0.0)
@@ -120,11 +98,11 @@ def _adamw8bit_blockwise_kernel(
     v = v * beta2 + (g * g) * one_minus_beta2
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
 
-    p = _load_f32(p_ptr, offs, valid, P_KIND)
+    p = load_f32(p_ptr, offs, valid, P_KIND)
     if APPLY_DECAY:
         p = p * decay
     p = p + tl.div_rn(m * neg_step_size, denom)
-    _store_f32(p_ptr, offs, p, valid, P_KIND)
+    store_f32(p_ptr, offs, p, valid, P_KIND)
 
     q1, new_a1 = _requantize(m, valid, lut1_ptr)
     q2, new_a2 = _requantize(v, valid, lut2_ptr)
@@ -132,10 +110,6 @@ def _adamw8bit_blockwise_kernel(
     tl.store(q2_ptr + offs, q2, mask=valid)
     tl.store(absmax1_ptr + rows, new_a1, mask=row_ok)
     tl.store(absmax2_ptr + rows, new_a2, mask=row_ok)
-
-
-def _bits_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
 def adamw8bit_update_triton(
@@ -164,7 +138,7 @@ def adamw8bit_update_triton(
         raise ValueError(f"adamw8bit_update_triton handles < 2**31 elements per call, got {n}")
     if blocksize & (blocksize - 1) or blocksize < 16:
         raise ValueError(f"blocksize must be a power of two >= 16, got {blocksize}")
-    if p.dtype not in _KIND or g.dtype not in _KIND:
+    if p.dtype not in KIND or g.dtype not in KIND:
         raise ValueError(f"param/grad dtype must be fp32, bf16 or fp16, got {p.dtype}/{g.dtype}")
     for t in (p, g, q1, q2, absmax1, absmax2):
         if not t.is_contiguous():
@@ -174,8 +148,8 @@ def adamw8bit_update_triton(
         rows = 1 if p.is_cuda else min(64, triton.next_power_of_2(n_blocks))
     grid = (triton.cdiv(n_blocks, rows),)
     _adamw8bit_blockwise_kernel[grid](
-        _bits_view(p),
-        _bits_view(g),
+        bits_view(p),
+        bits_view(g),
         q1,
         q2,
         absmax1,
@@ -194,8 +168,8 @@ def adamw8bit_update_triton(
         s.eps,
         s.decay,
         s.neg_step_size,
-        P_KIND=_KIND[p.dtype],
-        G_KIND=_KIND[g.dtype],
+        P_KIND=KIND[p.dtype],
+        G_KIND=KIND[g.dtype],
         APPLY_DECAY=s.apply_decay,
         BLOCK=blocksize,
         ROWS=rows,
