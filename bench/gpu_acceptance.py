@@ -10,9 +10,9 @@ order (`--only` picks some; a step that fails is reported and the next one still
    bit against the torch references run on the CPU; paged AdamW under a budget a third of its state;
 2. the pipeline's compute stages on the embedded default with `runtime.device` set (prepare → quantize →
    train 60 steps → merge → evaluate → export GPTQ), each stage's wall time and GPU memory peaks; the held-out
-   losses are compared with the same run on the CPU (`--reference`, written by `--device cpu`). LoRA dropout is
-   off in this run: dropout masks come from the device's random generator, so with dropout the trained losses
-   would differ between devices by run-to-run noise, not only by bf16 rounding;
+   losses are compared with the same run on the CPU (`--reference`, written by `--device cpu`). With the default
+   LoRA dropout: the masks are a function of seeds drawn on the CPU (kernels/dropout.py), the same bits on every
+   device, so the two runs differ by the devices' rounding, not by their random streams;
 3. bench/bench_train.py on the device (`bench-smollm2`, `bench-8b`), ours vs transformers+bitsandbytes+peft
    (bf16 autocast, SDPA attention), ours on bnb's batches and on its own batchings, on SmolLM2 and on a random
    model of Llama-3-8B layer shapes cut to a few blocks: tokens/s, peak memory. The 8B-shaped bench needs only
@@ -61,7 +61,7 @@ def sub(cmd: list[str], env: dict[str, str] | None = None) -> int:
 def pipeline_params(device: str, work: Path) -> dict[str, Any]:
     return {
         "runtime": {"device": device},
-        "train": {"lora_dropout": 0.0, "lora16_baseline": False},
+        "train": {"lora16_baseline": False},
         "export": {"gguf_types": [], "gptq": True, "score_gguf": False},
         "release": {"allow_dirty": True},
         "tracking": {

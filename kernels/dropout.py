@@ -1,11 +1,12 @@
 """Dropout for the LoRA branch: ``FastDropout`` and the torch reference of its CPU masks.
 
-An element is dropped when a uniform 16-bit lane falls under ``round(p · 65536)``. On a CPU the lanes come from
-splitmix64, a counter-based generator seeded by one draw of torch's global generator, so a mask is a pure function
-of that seed: activation checkpointing's RNG replay and a resumed generator state give the same masks, and backward
-can rebuild a mask instead of keeping it. :func:`reference_keep_mask` builds it in torch ops; kernels/dropout_native.c
-is its compiled twin (called through kernels/dropout_cpu.py; the same bits, tests/unit/test_dropout_cpu.py), which
-:class:`SeededMask` uses where it is in use.
+An element is dropped when a uniform 16-bit lane falls under ``round(p · 65536)``. The lanes come from splitmix64,
+a counter-based generator seeded by one draw of torch's global CPU generator, so a mask is a pure function of that
+seed, on every device: activation checkpointing's RNG replay and a resumed generator state give the same masks,
+backward can rebuild a mask instead of keeping it, and a GPU run draws the masks a CPU run draws.
+:func:`reference_keep_mask` builds it in torch ops; kernels/dropout_native.c is its compiled CPU twin (called through
+kernels/dropout_cpu.py; tests/unit/test_dropout_cpu.py) and kernels/dropout_triton.py its GPU twin
+(tests/unit/test_dropout_triton.py), the same bits, which :class:`SeededMask` uses where they apply.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ _SPLITMIX_M2 = 0x94D049BB133111EB - 2**64
 
 
 def draw_seed() -> int:
-    """One draw of torch's global CPU generator: the seed of a CPU dropout mask (checkpointing's RNG replay and a
-    resumed generator state give the same draw)."""
+    """One draw of torch's global CPU generator: the seed of a dropout mask on any device (checkpointing's RNG
+    replay and a resumed generator state give the same draw; no device sync)."""
     return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
 
 
@@ -69,11 +70,11 @@ class FastDropout(nn.Module):
 
     An element is dropped when a uniform 16-bit lane falls under a threshold, so the drop probability is p rounded
     to a multiple of 1/65536 (0.05 → 0.0500031) and survivors are scaled by the exact inverse keep rate: E[output] =
-    input. On a CPU the lanes come from :func:`splitmix64` seeded by one draw of torch's global generator (four
-    lanes a word; in torch ops about a third of ``bernoulli_``'s time, bench/results/profile_step-*.txt, and in
-    one compiled pass, kernels/dropout_native.c, the same bits in less again); elsewhere from the
-    device generator's ``random_`` (three lanes of each non-negative 64-bit draw). Either way activation
-    checkpointing's RNG replay reproduces the masks, and a saved generator state resumes them exactly.
+    input. The lanes come from :func:`splitmix64` seeded by one draw of torch's global CPU generator (four lanes a
+    word; in torch ops about a third of ``bernoulli_``'s time, bench/results/profile_step-*.txt; in one compiled
+    pass on a CPU, kernels/dropout_native.c, and one Triton launch on a GPU, kernels/dropout_triton.py, the same
+    bits). Activation checkpointing's RNG replay reproduces the masks, and a saved generator state resumes them
+    exactly.
 
     The mask is a tensor of 0 (dropped) and 1 (kept) in the input's dtype, applied by a multiply: a lane clamped to
     the two values either side of the threshold and shifted to 0/1 is two fast integer passes, and for a 16-bit
@@ -94,18 +95,14 @@ class FastDropout(nn.Module):
         """`dtype`, `shape`: 1 where an element is kept, 0 where it is dropped."""
         if self.threshold == 0:
             return torch.ones(shape, dtype=dtype, device=device)
-        if device.type == "cpu":
-            return self.mask_from_seed(draw_seed(), shape, dtype)
-        n = math.prod(shape)
-        words = torch.empty(-(-n // 3), dtype=torch.int64, device=device).random_()
-        lanes = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]
-        return _keep_from_lanes(lanes, self.threshold, shape, dtype)
+        return self.mask_from_seed(draw_seed(), shape, dtype, device)
 
-    def mask_from_seed(self, seed: int, shape: torch.Size, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The CPU's mask of one :func:`draw_seed` draw: a pure function of the seed, so the same call rebuilds it
-        bit for bit. Made by the compiled kernels (kernels/dropout_cpu.py) where they are in use, else by
-        :func:`reference_keep_mask`: the same bits."""
-        return SeededMask(seed, self.threshold).mask(shape, dtype)
+    def mask_from_seed(
+        self, seed: int, shape: torch.Size, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """The mask of one :func:`draw_seed` draw: a pure function of the seed, so the same call rebuilds it bit for
+        bit, on any device (:meth:`SeededMask.mask`)."""
+        return SeededMask(seed, self.threshold).mask(shape, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
@@ -123,38 +120,58 @@ class FastDropout(nn.Module):
         return f"p={self.p}"
 
 
+def _triton_twin_applies(device: torch.device) -> bool:
+    """Masks on CUDA tensors come from the Triton twin, imported then: a CPU process never loads Triton."""
+    return device.type == "cuda"
+
+
 @dataclass(frozen=True)
 class SeededMask:
-    """One CPU dropout mask held as its :func:`draw_seed` seed and threshold: applied to a tensor without the mask
-    being written (the compiled kernels zero the dropped elements as they hash their lanes), and rebuilt bit for bit
-    where it is needed again, so backward keeps two integers instead of a mask (kernels/lora_fused.py).
+    """One dropout mask held as its :func:`draw_seed` seed and threshold: applied to a tensor without the mask
+    being written (the compiled CPU kernels and the Triton twin zero the dropped elements as they hash their
+    lanes), and rebuilt bit for bit where it is needed again, so backward keeps two integers instead of a mask
+    (kernels/lora_fused.py).
 
-    Where the compiled kernels are not in use, each method multiplies by :func:`reference_keep_mask`'s mask. The
-    values are the same; only the sign of a dropped zero may differ (the kernels write +0.0 where ``x * 0`` gives
-    -0.0 for a negative x): the two compare equal, and a training step's output and gradients with and without the
-    kernels are equal (tests/unit/test_dropout_cpu.py)."""
+    On CUDA each method is one launch of kernels/dropout_triton.py. On a CPU, where the compiled kernels are not in
+    use, each method multiplies by :func:`reference_keep_mask`'s mask. The values are the same; only the sign of a
+    dropped zero may differ (the kernels write +0.0 where ``x * 0`` gives -0.0 for a negative x): the two compare
+    equal, and a training step's output and gradients with and without the kernels are equal
+    (tests/unit/test_dropout_cpu.py)."""
 
     seed: int
     threshold: int
 
-    def mask(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """The 0/1 keep mask, `dtype`, `shape`."""
+    def mask(self, shape: torch.Size, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The 0/1 keep mask, `dtype`, `shape`, on `device`."""
         if self.threshold == 0:
-            return torch.ones(shape, dtype=dtype)
+            return torch.ones(shape, dtype=dtype, device=device)
+        if _triton_twin_applies(torch.device(device)):
+            from qlora_pipeline.kernels.dropout_triton import keep_mask_triton
+
+            return keep_mask_triton(self.seed, self.threshold, shape, dtype, device)
         fast = dropout_cpu.keep_mask(self.seed, self.threshold, shape, dtype)
-        return fast if fast is not None else reference_keep_mask(self.seed, self.threshold, shape, dtype)
+        mask = fast if fast is not None else reference_keep_mask(self.seed, self.threshold, shape, dtype)
+        return mask.to(device)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """A new tensor: `x` with its dropped elements zeroed."""
+        if _triton_twin_applies(x.device):
+            from qlora_pipeline.kernels.dropout_triton import masked_triton
+
+            return masked_triton(self.seed, self.threshold, x)
         fast = dropout_cpu.masked(self.seed, self.threshold, x)
-        return fast if fast is not None else x * self.mask(x.shape, x.dtype)
+        return fast if fast is not None else x * self.mask(x.shape, x.dtype, x.device)
 
     def apply_pair_(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """`x` with its dropped elements zeroed (a new tensor), and the same elements of `grad` (x's shape and
         dtype) zeroed in place: backward's two uses of one mask, from one pass over its lanes."""
+        if _triton_twin_applies(x.device):
+            from qlora_pipeline.kernels.dropout_triton import masked_pair_triton
+
+            return masked_pair_triton(self.seed, self.threshold, x, grad)
         fast = dropout_cpu.masked_pair_(self.seed, self.threshold, x, grad)
         if fast is not None:
             return fast
-        keep = self.mask(x.shape, x.dtype)
+        keep = self.mask(x.shape, x.dtype, x.device)
         grad.mul_(keep)
         return x * keep

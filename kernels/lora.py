@@ -129,15 +129,12 @@ class LoraLinear(nn.Module):
 
     def _branch_dropout(self, x: torch.Tensor) -> tuple[float, torch.Tensor | None, SeededMask | None]:
         """The training path's dropout as (scale, keep mask, seeded mask): the LoRA scaling times the keep-rate
-        rescaling, and at most one of a 0/1 mask (GPU) or a seed (CPU: applied without being written, rebuilt in
-        backward)."""
+        rescaling, and the mask as its seed (applied without being written, rebuilt in backward; on every device) or
+        none. The 0/1-mask slot is for callers of the branch that hold a mask of their own."""
         dropout = self.dropout
         if not isinstance(dropout, FastDropout) or not dropout.training or dropout.threshold == 0:
             return self.scaling, None, None
-        scale = self.scaling * dropout.scale
-        if x.device.type != "cpu":
-            return scale, dropout.keep_mask(x.shape, x.device, x.dtype), None
-        return scale, None, SeededMask(draw_seed(), dropout.threshold)
+        return self.scaling * dropout.scale, None, SeededMask(draw_seed(), dropout.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype

@@ -105,7 +105,6 @@ class TrainShape:
     max_length: int
     lora_r: int
     targets: tuple[str, ...]
-    dropout: bool
     checkpointing: bool
     adapter_bytes: int
     compute_bytes: int
@@ -124,9 +123,6 @@ class TrainShape:
     a layer's probabilities."""
     weight_cache_bytes: int = 0
     """train.frozen_weight_cache_mb resolved: at most this many bytes of dequantized frozen weights are kept."""
-    rebuilt_masks: bool = False
-    """On a CPU the training LoRA branch (kernels/lora_fused.py) rebuilds its dropout masks from their seeds in
-    backward instead of keeping them."""
     recompute_budget_tokens: int = 0
     """train.checkpoint_min_tokens: with checkpointing, a batch keeps at most what one of this many tokens keeps
     without recomputing (0: every layer recomputes)."""
@@ -233,11 +229,9 @@ def lora_input_groups(shape: ModelShape, targets: tuple[str, ...], mlp: bool) ->
 
 def lora_bytes(t: TrainShape, groups: list[list[int]]) -> int:
     """What the LoRA branches keep per token (kernels/lora_fused.py): each shared input once, and per projection
-    its 16-bit 0/1 dropout mask (not on a CPU, which rebuilds it from its seed in backward) and the rank-r
-    product."""
+    the rank-r product. No dropout mask: backward rebuilds it from its seed (kernels/dropout.py), on every device."""
     cb = t.compute_bytes
-    mask = cb if t.dropout and not t.rebuilt_masks else 0
-    return sum(group[0] * cb + sum(w * mask + t.lora_r * cb for w in group) for group in groups)
+    return sum(group[0] * cb + t.lora_r * cb * len(group) for group in groups)
 
 
 def layer_activation_bytes(shape: ModelShape, t: TrainShape) -> int:
@@ -393,7 +387,6 @@ def train_shape_of(
         max_length=max_length,
         lora_r=t.lora_r,
         targets=tuple(t.target_modules or shape.family.lora_targets),
-        dropout=t.lora_dropout > 0,
         checkpointing=t.gradient_checkpointing,
         recompute_budget_tokens=t.checkpoint_min_tokens,
         adapter_bytes=DTYPE_BYTES[t.adapter_dtype],
@@ -405,7 +398,6 @@ def train_shape_of(
         ranks=ranks,
         sharded=ranks > 1 and t.distributed == "fsdp",
         short_attention=device_type == "cpu",
-        rebuilt_masks=device_type == "cpu",  # the training branch rebuilds them on a CPU (kernels/lora_fused.py)
         weight_cache_bytes=weight_cache_budget(t, device_type),
         compiled_update=device_type == "cpu" and kind.state_bits == 8 and expected_in_use(),
     )

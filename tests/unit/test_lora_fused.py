@@ -27,9 +27,9 @@ def _base(dtype: torch.dtype, cached: bool) -> Linear4bit:
 def _masks(kind: str, dtype: torch.dtype) -> tuple[torch.Tensor | None, SeededMask | None]:
     torch.manual_seed(4)
     dropout = FastDropout(0.3).train()
-    if kind == "keep":  # what a GPU uses: the 0/1 mask itself
+    if kind == "keep":  # a caller holding its own 0/1 mask
         return dropout.keep_mask(torch.Size([3, 7, IN]), torch.device("cpu"), dtype), None
-    if kind == "seeded":  # what a CPU uses: the mask as a seed
+    if kind == "seeded":  # what training uses on every device: the mask as a seed
         return None, SeededMask(123456789, dropout.threshold)
     return None, None
 

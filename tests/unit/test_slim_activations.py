@@ -96,7 +96,7 @@ def test_lora_branches_keep_what_the_memory_plan_counts() -> None:
         model.train()
         kept.append(saved_tensor_bytes(lambda m=model: m(ids, use_cache=False)))
     h, ffn = cfg.hidden_size, cfg.intermediate_size
-    t = SimpleNamespace(compute_bytes=2, dropout=0.1, lora_r=4, rebuilt_masks=True)  # the CPU rebuilds masks
+    t = SimpleNamespace(compute_bytes=2, lora_r=4)  # no masks kept: backward rebuilds them from their seeds
     every_groups, q_alone = [[h, h, h], [h], [h, h], [ffn]], [[h]]
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     a_b = 4 * (6 * h + ffn) + 4 * (3 * h + 2 * kv + 2 * ffn)  # A (r x in) and B (out x r) of the seven, 16-bit
