@@ -1,4 +1,4 @@
-"""Dropout for the LoRA branch: ``FastDropout`` and the torch reference of its CPU masks.
+"""Dropout for the LoRA branch: ``FastDropout`` and the torch reference of its masks.
 
 An element is dropped when a uniform 16-bit lane falls under ``round(p · 65536)``. The lanes come from splitmix64,
 a counter-based generator seeded by one draw of torch's global CPU generator, so a mask is a pure function of that

@@ -8,10 +8,11 @@ multiplies), B's product is added into the base output by ``addmm`` (the sum hap
 extra pass), and the backward masks the input gradient in place. Autograd keeps the input itself (a view: the
 projections that read one input, q/k/v or gate/up, keep it once between them), the 0/1 mask and the r-wide
 product; backward re-applies the mask to the input for A's gradient, one multiply, instead of keeping a dropped
-copy per projection (2 bytes an input element each). On a CPU the mask is a function of one seed
-(``SeededMask``, kernels/dropout.py): the branch keeps the seed, not the mask (the masks were 37 % of what a
-SmolLM2 layer keeps for backward, 10 of 27 KB a token), and the compiled kernel zeroes the dropped elements of the
-input in forward, and of the input and its gradient in backward, as it hashes their lanes: no mask is written.
+copy per projection (2 bytes an input element each). In training the mask is a function of one seed
+(``SeededMask``, kernels/dropout.py), on every device: the branch keeps the seed, not the mask (the masks were 37 %
+of what a SmolLM2 layer keeps for backward, 10 of 27 KB a token), and the compiled CPU kernel or the Triton twin
+zeroes the dropped elements of the input in forward, and of the input and its gradient in backward, as it hashes
+their lanes: no mask is written.
 
 When the base is a frozen NF4 layer (``Linear4bit``), its product joins the node too
 (:func:`frozen_linear_with_lora`): one node per projection instead of two, and x's gradient is the branch's plus
@@ -171,7 +172,7 @@ def add_lora_branch(
     """``base_out + scale · ((x ⊙ keep) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
 
     `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `keep` (0/1 in x's dtype and shape, 0 =
-    dropped: ``FastDropout.keep_mask``) or None; or `seeded`, a CPU mask held as its seed (``SeededMask``), which
+    dropped: ``FastDropout.keep_mask``) or None; or `seeded`, a mask held as its seed (``SeededMask``), which
     forward and backward apply without keeping or writing the mask. Gradients flow to base_out (unchanged), x, A and
     B (in their own dtypes)."""
     return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep, seeded)
