@@ -1,7 +1,8 @@
-"""Triton twin of kernels/rmsnorm.py: the frozen-weight RMSNorm's forward and backward, one program a row.
+"""Triton twin of kernels/rmsnorm.py: the frozen-weight RMSNorm's forward and backward, a tile of whole rows a
+program.
 
-Each program reads its row once (x, and y's gradient in backward), sums the squares in fp32 registers and writes
-the row once; the reference's 8 and 14 torch ops a direction are one launch each.
+Each program reads its rows once (x, and y's gradient in backward), sums each row's squares in fp32 registers and
+writes the rows once; the reference's 8 and 18 torch ops a direction are one launch each.
 
 Rounding follows the reference's dtypes: ``x * r`` is rounded to x's dtype before the weight multiplies it, y is
 rounded to ``promote(weight, x)``, ``grad * weight`` to that dtype and then to x's, the input gradient to x's
@@ -22,9 +23,18 @@ from qlora_pipeline.kernels.triton_bits import KIND, bits_view, load_f32, round_
 
 @triton.jit
 def _inv_rms(x, n_cols, eps):
-    """``1 / sqrt(mean(x²) + eps)`` of a row (padding lanes are 0), each op IEEE-rounded."""
-    mean_sq = tl.sum(x * x, axis=0) / n_cols
-    return tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
+    """``1 / sqrt(mean(x²) + eps)`` of each row of a [ROWS, BLOCK] tile (padding lanes are 0), IEEE-rounded ops."""
+    mean_sq = tl.sum(x * x, axis=1) / n_cols
+    return tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))[:, None]
+
+
+@triton.jit
+def _tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's rows: element offsets of its [ROWS, BLOCK] tile, the columns' offsets and what is in bounds."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return rows[:, None] * n_cols + cols[None, :], cols[None, :], valid
 
 
 @triton.jit
@@ -32,22 +42,22 @@ def _rmsnorm_forward_kernel(
     x_ptr,
     w_ptr,
     y_ptr,
+    n_rows,
     n_cols,
     eps,
     X_KIND: tl.constexpr,
     W_KIND: tl.constexpr,
     Y_KIND: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    valid = cols < n_cols
-    x = load_f32(x_ptr, row * n_cols + cols, valid, X_KIND)
-    w = load_f32(w_ptr, cols, valid, W_KIND)
+    offs, cols, valid = _tile(n_rows, n_cols, ROWS, BLOCK)
+    x = load_f32(x_ptr, offs, valid, X_KIND)
+    w = load_f32(w_ptr, cols, cols < n_cols, W_KIND)
     normed = x * _inv_rms(x, n_cols, eps)
     if X_KIND == 1:  # .to(x.dtype) before the weight
         normed = round_bf16(normed)
-    store_f32(y_ptr, row * n_cols + cols, w * normed, valid, Y_KIND)
+    store_f32(y_ptr, offs, w * normed, valid, Y_KIND)
 
 
 @triton.jit
@@ -56,34 +66,39 @@ def _rmsnorm_backward_kernel(
     w_ptr,
     g_ptr,
     dx_ptr,
+    n_rows,
     n_cols,
     eps,
     X_KIND: tl.constexpr,
     W_KIND: tl.constexpr,
     Y_KIND: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    valid = cols < n_cols
-    x = load_f32(x_ptr, row * n_cols + cols, valid, X_KIND)
-    w = load_f32(w_ptr, cols, valid, W_KIND)
-    g = load_f32(g_ptr, row * n_cols + cols, valid, Y_KIND)
+    offs, cols, valid = _tile(n_rows, n_cols, ROWS, BLOCK)
+    x = load_f32(x_ptr, offs, valid, X_KIND)
+    w = load_f32(w_ptr, cols, cols < n_cols, W_KIND)
+    g = load_f32(g_ptr, offs, valid, Y_KIND)
     r = _inv_rms(x, n_cols, eps)
     gw = g * w
     if Y_KIND == 1:  # grad * weight in y's dtype
         gw = round_bf16(gw)
     if X_KIND == 1:  # then .to(x.dtype)
         gw = round_bf16(gw)
-    grad_r = tl.sum(gw * x, axis=0)
+    grad_r = tl.sum(gw * x, axis=1)[:, None]
     grad_sq = (-0.5 * grad_r * (r * r * r)) / n_cols
-    store_f32(dx_ptr, row * n_cols + cols, gw * r + grad_sq * (2.0 * x), valid, X_KIND)
+    store_f32(dx_ptr, offs, gw * r + grad_sq * (2.0 * x), valid, X_KIND)
 
 
-def _launch_shape(n_cols: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for a row of n_cols: the row in one program, 4 warps up to 1,024 columns."""
+def _launch_shape(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[tuple[int], int, int, int]:
+    """(grid, ROWS, BLOCK, num_warps): a row's columns in one program's registers, and rows stacked into a tile of
+    about 4,096 elements on a GPU (a 128-wide head norm gets 32 rows a program, a 4,096-wide hidden norm one); the
+    interpreter, which pays per program, gets 64 rows a program."""
     block = triton.next_power_of_2(n_cols)
-    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+    rows = max(1, 4096 // block) if on_gpu else 64
+    rows = min(rows, triton.next_power_of_2(n_rows))
+    warps = 4 if rows * block <= 4096 else 8 if rows * block <= 8192 else 16
+    return (triton.cdiv(n_rows, rows),), rows, block, warps
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -99,10 +114,10 @@ def rmsnorm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) ->
     n_cols = x.shape[-1]
     x2, w = x.reshape(-1, n_cols).contiguous(), weight.contiguous()
     y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    block, warps = _launch_shape(n_cols)
-    _rmsnorm_forward_kernel[(x2.shape[0],)](
-        bits_view(x2), bits_view(w), bits_view(y), n_cols, eps,
-        X_KIND=KIND[x.dtype], W_KIND=KIND[w.dtype], Y_KIND=KIND[y.dtype], BLOCK=block,
+    grid, rows, block, warps = _launch_shape(x2.shape[0], n_cols, x.is_cuda)
+    _rmsnorm_forward_kernel[grid](
+        bits_view(x2), bits_view(w), bits_view(y), x2.shape[0], n_cols, eps,
+        X_KIND=KIND[x.dtype], W_KIND=KIND[w.dtype], Y_KIND=KIND[y.dtype], ROWS=rows, BLOCK=block,
         num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return y.view(*x.shape[:-1], n_cols)
@@ -116,10 +131,10 @@ def rmsnorm_backward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, g
     x2, w = x.reshape(-1, n_cols).contiguous(), weight.contiguous()
     g2 = grad.reshape(-1, n_cols).to(y_dtype).contiguous()
     dx = torch.empty_like(x2)
-    block, warps = _launch_shape(n_cols)
-    _rmsnorm_backward_kernel[(x2.shape[0],)](
-        bits_view(x2), bits_view(w), bits_view(g2), bits_view(dx), n_cols, eps,
-        X_KIND=KIND[x.dtype], W_KIND=KIND[w.dtype], Y_KIND=KIND[y_dtype], BLOCK=block,
+    grid, rows, block, warps = _launch_shape(x2.shape[0], n_cols, x.is_cuda)
+    _rmsnorm_backward_kernel[grid](
+        bits_view(x2), bits_view(w), bits_view(g2), bits_view(dx), x2.shape[0], n_cols, eps,
+        X_KIND=KIND[x.dtype], W_KIND=KIND[w.dtype], Y_KIND=KIND[y_dtype], ROWS=rows, BLOCK=block,
         num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return dx.view(x.shape)

@@ -78,6 +78,26 @@ def test_within_one_rounding_of_the_reference(x_dtype, w_dtype, shape: tuple[int
     assert (got_err <= ref_err + 2 * unit).all()
 
 
+@pytest.mark.parametrize("shape", [(37, 576), (300, 128), (3, 4096)], ids=["hidden", "head", "wide"])
+def test_the_gpu_tile_gives_the_interpreters_bits(shape: tuple[int, int], monkeypatch) -> None:
+    """Rows are independent: the tile a GPU launch uses (4,096 elements: 4 rows of a 576-wide norm, 32 of a 128-wide
+    head norm, one of 4,096) gives the bits of the interpreter's 64 rows a program, ragged last tile included."""
+    from qlora_pipeline.kernels import rmsnorm_triton
+
+    x, g = _rows(shape, BF16, 5), _rows(shape, BF16, 6)
+    w = (1 + torch.randn(shape[-1], generator=torch.Generator().manual_seed(7)) / 4).to(BF16)
+    default = rmsnorm_forward_triton(x, w, 1e-5), rmsnorm_backward_triton(x, w, 1e-5, g)
+    real = rmsnorm_triton._launch_shape
+    monkeypatch.setattr(rmsnorm_triton, "_launch_shape", lambda rows, cols, on_gpu: real(rows, cols, True))
+    assert rmsnorm_triton._launch_shape(*shape, False)[1] == max(1, 4096 // triton_next_pow2(shape[-1]))
+    gpu_tiled = rmsnorm_forward_triton(x, w, 1e-5), rmsnorm_backward_triton(x, w, 1e-5, g)
+    assert all(torch.equal(a, b) for a, b in zip(default, gpu_tiled, strict=True))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def test_the_training_norm_takes_the_twin_where_the_dispatcher_says(monkeypatch) -> None:
     """``_FrozenRMSNorm`` (the slim activations' norm) runs kernels/rmsnorm.py's dispatch: forced onto the twin
     here (on CUDA it is the default), its loss and gradients through a tiny Llama are the reference's within bf16
@@ -127,9 +147,10 @@ for name, kernel, ptrs in (("forward", rt._rmsnorm_forward_kernel, ("x_ptr", "w_
                            ("backward", rt._rmsnorm_backward_kernel, ("x_ptr", "w_ptr", "g_ptr", "dx_ptr"))):
     for kind in (0, 1):
         for fusion in (False, True):
-            sig = {**{p: ptr[kind] for p in ptrs}, "n_cols": "i32", "eps": "fp32", "X_KIND": "constexpr",
-                   "W_KIND": "constexpr", "Y_KIND": "constexpr", "BLOCK": "constexpr"}
-            const = {"X_KIND": kind, "W_KIND": kind, "Y_KIND": kind, "BLOCK": 1024}
+            sig = {**{p: ptr[kind] for p in ptrs}, "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
+                   "X_KIND": "constexpr", "W_KIND": "constexpr", "Y_KIND": "constexpr", "ROWS": "constexpr",
+                   "BLOCK": "constexpr"}
+            const = {"X_KIND": kind, "W_KIND": kind, "Y_KIND": kind, "ROWS": 4, "BLOCK": 1024}
             src = ASTSource(fn=kernel, signature=sig, constexprs={(list(sig).index(n),): v for n, v in const.items()})
             options = {"enable_fp_fusion": fusion, "num_warps": 4}
             ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
