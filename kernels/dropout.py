@@ -49,11 +49,14 @@ _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
 """The int16 bit pattern of 1.0 in each 16-bit float dtype."""
 
 
-def reference_keep_mask(seed: int, threshold: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """The CPU keep mask in torch ops, the reference of kernels/dropout_cpu.py: lane k is the k % 4-th signed
-    16-bit piece of :func:`splitmix64` word k // 4 of `seed`; kept (1) where it is at or above threshold - 32768."""
+def reference_keep_mask(
+    seed: int, threshold: int, shape: torch.Size, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The keep mask in torch ops on `device`, the reference of the compiled and Triton twins: lane k is the k % 4-th
+    signed 16-bit piece of :func:`splitmix64` word k // 4 of `seed`; kept (1) where it is at or above
+    threshold - 32768. Built where it is used, so an accelerator without the Triton twin reads nothing back."""
     n = math.prod(shape)
-    lanes = splitmix64(seed, -(-n // 4), torch.device("cpu")).view(torch.int16)[:n]
+    lanes = splitmix64(seed, -(-n // 4), torch.device(device)).view(torch.int16)[:n]
     return _keep_from_lanes(lanes, threshold, shape, dtype)
 
 
@@ -132,8 +135,9 @@ class SeededMask:
     lanes), and rebuilt bit for bit where it is needed again, so backward keeps two integers instead of a mask
     (kernels/lora_fused.py).
 
-    On CUDA each method is one launch of kernels/dropout_triton.py. On a CPU, where the compiled kernels are not in
-    use, each method multiplies by :func:`reference_keep_mask`'s mask. The values are the same; only the sign of a
+    On CUDA each method is one launch of kernels/dropout_triton.py; on a CPU, the compiled kernels where they are in
+    use. Elsewhere (no compiled kernels, another accelerator) each method multiplies by :func:`reference_keep_mask`'s
+    mask, built on the tensor's device. The values are the same; only the sign of a
     dropped zero may differ (the kernels write +0.0 where ``x * 0`` gives -0.0 for a negative x): the two compare
     equal, and a training step's output and gradients with and without the kernels are equal
     (tests/unit/test_dropout_cpu.py)."""
@@ -145,13 +149,13 @@ class SeededMask:
         """The 0/1 keep mask, `dtype`, `shape`, on `device`."""
         if self.threshold == 0:
             return torch.ones(shape, dtype=dtype, device=device)
-        if _triton_twin_applies(torch.device(device)):
+        device = torch.device(device)
+        if _triton_twin_applies(device):
             from qlora_pipeline.kernels.dropout_triton import keep_mask_triton
 
             return keep_mask_triton(self.seed, self.threshold, shape, dtype, device)
-        fast = dropout_cpu.keep_mask(self.seed, self.threshold, shape, dtype)
-        mask = fast if fast is not None else reference_keep_mask(self.seed, self.threshold, shape, dtype)
-        return mask.to(device)
+        fast = dropout_cpu.keep_mask(self.seed, self.threshold, shape, dtype) if device.type == "cpu" else None
+        return fast if fast is not None else reference_keep_mask(self.seed, self.threshold, shape, dtype, device)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """A new tensor: `x` with its dropped elements zeroed."""
