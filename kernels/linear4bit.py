@@ -163,9 +163,8 @@ class Linear4bit(nn.Module):
         """Where forward, and backward again, get the weight in `dtype` on `device`: the resident cache when it is
         in that dtype and place, else a fresh dequant of the packed bytes."""
         cache = self.dequantized_cache
-        if cache is not None and cache.dtype == dtype and cache.device == device:
-            return FrozenWeightSource(self.nf4, cache, dtype)
-        return FrozenWeightSource(self.nf4, None, dtype)
+        resident = cache is not None and cache.dtype == dtype and cache.device == device
+        return FrozenWeightSource(self.nf4, cache if resident else None, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.resolved_compute_dtype(x.device)

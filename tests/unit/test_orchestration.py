@@ -64,9 +64,8 @@ def test_prepare_logs_params_metrics_and_memory_to_mlflow(tmp_path, tiny_llama_d
 
 
 @pytest.mark.slow
-def test_flow_skips_unchanged_stage_on_second_run(
-    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, prefect_harness
-) -> None:
+@pytest.mark.usefixtures("prefect_harness")
+def test_flow_skips_unchanged_stage_on_second_run(tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch) -> None:
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -153,8 +152,9 @@ def test_dvc_repro_runs_then_skips_then_reruns_on_param_change(tmp_path, tiny_ll
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
 def test_flow_reruns_only_train_and_later_when_a_train_param_changes(
-    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, prefect_harness
+    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch
 ) -> None:
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -193,8 +193,9 @@ def _source_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
 def test_flow_reruns_a_stage_whose_artifact_code_or_data_changed(
-    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch, prefect_harness
+    tmp_path, tiny_llama_dir, qa_jsonl, monkeypatch
 ) -> None:
     """Tampered artifact → that stage; deleted artifact → it and its children; a changed code file of a stage →
     that stage; new rows in the data → everything from prepare. Nothing changed → nothing."""
