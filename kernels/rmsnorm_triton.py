@@ -29,12 +29,16 @@ def _inv_rms(x, n_cols, eps):
 
 
 @triton.jit
-def _tile(n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's rows: element offsets of its [ROWS, BLOCK] tile, the columns' offsets and what is in bounds."""
+def _load_rows(
+    x_ptr, w_ptr, n_rows, n_cols, X_KIND: tl.constexpr, W_KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """This program's [ROWS, BLOCK] tile of x and the weight over its columns, both in fp32, with the tile's element
+    offsets and what of it is in bounds."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return rows[:, None] * n_cols + cols[None, :], cols[None, :], valid
+    cols = tl.arange(0, BLOCK)[None, :]
+    valid = (rows[:, None] < n_rows) & (cols < n_cols)
+    offs = rows[:, None] * n_cols + cols
+    return offs, valid, load_f32(x_ptr, offs, valid, X_KIND), load_f32(w_ptr, cols, cols < n_cols, W_KIND)
 
 
 @triton.jit
@@ -51,9 +55,7 @@ def _rmsnorm_forward_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs, cols, valid = _tile(n_rows, n_cols, ROWS, BLOCK)
-    x = load_f32(x_ptr, offs, valid, X_KIND)
-    w = load_f32(w_ptr, cols, cols < n_cols, W_KIND)
+    offs, valid, x, w = _load_rows(x_ptr, w_ptr, n_rows, n_cols, X_KIND, W_KIND, ROWS, BLOCK)
     normed = x * _inv_rms(x, n_cols, eps)
     if X_KIND == 1:  # .to(x.dtype) before the weight
         normed = round_bf16(normed)
@@ -75,9 +77,7 @@ def _rmsnorm_backward_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs, cols, valid = _tile(n_rows, n_cols, ROWS, BLOCK)
-    x = load_f32(x_ptr, offs, valid, X_KIND)
-    w = load_f32(w_ptr, cols, cols < n_cols, W_KIND)
+    offs, valid, x, w = _load_rows(x_ptr, w_ptr, n_rows, n_cols, X_KIND, W_KIND, ROWS, BLOCK)
     g = load_f32(g_ptr, offs, valid, Y_KIND)
     r = _inv_rms(x, n_cols, eps)
     gw = g * w

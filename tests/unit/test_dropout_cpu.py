@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from qlora_pipeline.kernels import cpu_native, dropout_cpu
 from qlora_pipeline.kernels.dropout import FastDropout, SeededMask, reference_keep_mask
-from qlora_pipeline.kernels.lora import LoraLinear
 from qlora_pipeline.stages.contract import cpu_kernels
 from tests.compiled_kernels import require_compiled
+from tests.lora_step import STEP_RESULTS, lora_dropout_step
 
 SHAPES = [(1,), (3,), (4,), (4099,), (8192,), (8193,), (2 * 8192 + 7,), (37, 576), (3, 5, 1536)]
 SEEDS = [0, -1, 12345, -(2**63), 2**63 - 1]
@@ -73,15 +72,8 @@ def test_lora_training_is_the_same_with_and_without_the_kernels(monkeypatch: pyt
     for switch in ("on", "off"):
         monkeypatch.setenv(cpu_native.SWITCH_VAR, switch)
         assert dropout_cpu.compiled_in_use() is (switch == "on")
-        torch.manual_seed(0)
-        lora = LoraLinear(nn.Linear(576, 192), r=16, alpha=32, dropout=0.05, compute_dtype=torch.float32).train()
-        with torch.no_grad():
-            lora.lora_B.copy_(torch.randn(192, 16))
-        x = torch.randn(4, 75, 576, requires_grad=True)
-        y = lora(x)
-        (y * torch.randn_like(y)).sum().backward()
-        results[switch] = (y.detach(), x.grad, lora.lora_A.grad, lora.lora_B.grad, torch.rand(()))
-    for name, fast, slow in zip(("y", "x.grad", "A.grad", "B.grad", "next draw"), *results.values(), strict=True):
+        results[switch] = lora_dropout_step()
+    for name, fast, slow in zip(STEP_RESULTS, *results.values(), strict=True):
         assert torch.equal(fast, slow), name
     assert float(results["on"][2].abs().sum()) > 0
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from qlora_pipeline.kernels import dropout, dropout_triton
 from qlora_pipeline.kernels.dropout import reference_keep_mask
-from qlora_pipeline.kernels.lora import LoraLinear
+from tests.lora_step import STEP_RESULTS, lora_dropout_step
 from tests.ptx import probe_counts
 
 SHAPES = [(1,), (3,), (4099,), (2 * 8192 + 7,), (37, 576)]
@@ -61,16 +60,9 @@ def test_lora_training_takes_the_twin_where_the_dispatcher_says(monkeypatch: pyt
                     return _real(*args)
 
                 monkeypatch.setattr(dropout_triton, name, counted)
-        torch.manual_seed(0)
-        lora = LoraLinear(nn.Linear(576, 192), r=16, alpha=32, dropout=0.05, compute_dtype=torch.float32).train()
-        with torch.no_grad():
-            lora.lora_B.copy_(torch.randn(192, 16))
-        x = torch.randn(4, 75, 576, requires_grad=True)
-        y = lora(x)
-        (y * torch.randn_like(y)).sum().backward()
-        results[twin] = (y.detach(), x.grad, lora.lora_A.grad, lora.lora_B.grad, torch.rand(()))
+        results[twin] = lora_dropout_step()
     assert calls == {"masked_triton": 1, "masked_pair_triton": 1}
-    for name, cpu, twin in zip(("y", "x.grad", "A.grad", "B.grad", "next draw"), *results.values(), strict=True):
+    for name, cpu, twin in zip(STEP_RESULTS, *results.values(), strict=True):
         assert torch.equal(cpu, twin), name
     assert float(results[True][2].abs().sum()) > 0
 
