@@ -127,14 +127,13 @@ class LoraLinear(nn.Module):
         # Same association order as peft (B(A(x)) * s), so fp32 results agree to the last bits.
         return nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B) * self.scaling
 
-    def _branch_dropout(self, x: torch.Tensor) -> tuple[float, torch.Tensor | None, SeededMask | None]:
-        """The training path's dropout as (scale, keep mask, seeded mask): the LoRA scaling times the keep-rate
-        rescaling, and the mask as its seed (applied without being written, rebuilt in backward; on every device) or
-        none. The 0/1-mask slot is for callers of the branch that hold a mask of their own."""
+    def _branch_dropout(self) -> tuple[float, SeededMask | None]:
+        """The training path's dropout as (scale, seeded mask): the LoRA scaling times the keep-rate rescaling, and
+        the mask as its seed (applied without being written, rebuilt in backward; on every device) or none."""
         dropout = self.dropout
         if not isinstance(dropout, FastDropout) or not dropout.training or dropout.threshold == 0:
-            return self.scaling, None, None
-        return self.scaling * dropout.scale, None, SeededMask(draw_seed(), dropout.threshold)
+            return self.scaling, None
+        return self.scaling * dropout.scale, SeededMask(draw_seed(), dropout.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
@@ -146,16 +145,14 @@ class LoraLinear(nn.Module):
             and base.resolved_compute_dtype(x.device) == cd
         ):
             # the training path on an NF4 base: the frozen product and the branch in one node (kernels/lora_fused.py)
-            scale, keep, seeded = self._branch_dropout(x)
-            bias = base.bias
-            return frozen_linear_with_lora(
-                x, base.weight_source(cd, x.device), bias, self.lora_A, self.lora_B, scale, keep, seeded
-            )
+            scale, seeded = self._branch_dropout()
+            weight = base.weight_source(cd, x.device)
+            return frozen_linear_with_lora(x, weight, base.bias, self.lora_A, self.lora_B, scale, seeded=seeded)
         out = base(x)
         if cd is not None and out.dtype == cd and x.dtype == cd:
             # the training path (a compute dtype set, bf16 or a CPU's fp32) on another base: the branch as one node
-            scale, keep, seeded = self._branch_dropout(x)
-            return add_lora_branch(out, x, self.lora_A, self.lora_B, scale, keep, seeded)
+            scale, seeded = self._branch_dropout()
+            return add_lora_branch(out, x, self.lora_A, self.lora_B, scale, seeded=seeded)
         # The sum is taken in the wider of (base output, adapter) dtypes, then cast back to the base output dtype,
         # which is x's dtype for nn.Linear and Linear4bit.
         return (out + self.lora_delta(x)).to(out.dtype)
