@@ -112,13 +112,6 @@ class FastDropout(nn.Module):
             return x
         return (x * self.scale).mul_(self.keep_mask(x.shape, x.device, x.dtype))
 
-    def mask_and_scale(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-        """(the keep mask for `x` or None, the survivors' rescaling) for a caller that applies both itself: the
-        same draw as :meth:`forward` makes, so the two give the same mask from the same generator state."""
-        if not self.training or self.threshold == 0:
-            return None, 1.0
-        return self.keep_mask(x.shape, x.device, x.dtype), self.scale
-
     def extra_repr(self) -> str:
         return f"p={self.p}"
 

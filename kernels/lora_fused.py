@@ -2,17 +2,16 @@
 
 Why: written as separate autograd ops, the branch of every adapted projection costs a scale and a mask for the
 dropout, casts of A and B, two linears, the r-wide scaling and the sum with the base output, each with its own
-backward node: about a dozen ops per projection and direction, 210 projections in a SmolLM2 step. Here the dropout
-is a multiply by the 0/1 keep mask (its keep-rate rescaling joins ``s`` on the r-wide product, r/in of the
-multiplies), B's product is added into the base output by ``addmm`` (the sum happens in the matmul's epilogue, no
-extra pass), and the backward masks the input gradient in place. Autograd keeps the input itself (a view: the
-projections that read one input, q/k/v or gate/up, keep it once between them), the 0/1 mask and the r-wide
-product; backward re-applies the mask to the input for A's gradient, one multiply, instead of keeping a dropped
-copy per projection (2 bytes an input element each). In training the mask is a function of one seed
-(``SeededMask``, kernels/dropout.py), on every device: the branch keeps the seed, not the mask (the masks were 37 %
-of what a SmolLM2 layer keeps for backward, 10 of 27 KB a token), and the compiled CPU kernel or the Triton twin
-zeroes the dropped elements of the input in forward, and of the input and its gradient in backward, as it hashes
-their lanes: no mask is written.
+backward node: about a dozen ops per projection and direction, 210 projections in a SmolLM2 step. Here the dropout's
+keep-rate rescaling joins ``s`` on the r-wide product (r/in of the multiplies), B's product is added into the base
+output by ``addmm`` (the sum happens in the matmul's epilogue, no extra pass), and the backward masks the input
+gradient in place. Autograd keeps the input itself (a view: the projections that read one input, q/k/v or gate/up,
+keep it once between them) and the r-wide product; backward re-applies the mask to the input for A's gradient
+instead of keeping a dropped copy per projection (2 bytes an input element each). The mask is a function of one
+seed (``SeededMask``, kernels/dropout.py) on every device: the branch keeps the seed, not the mask (the masks were
+37 % of what a SmolLM2 layer keeps for backward, 10 of 27 KB a token), and the compiled CPU kernel or the Triton
+twin zeroes the dropped elements of the input in forward, and of the input and its gradient in backward, as it
+hashes their lanes: no mask is written.
 
 When the base is a frozen NF4 layer (``Linear4bit``), its product joins the node too
 (:func:`frozen_linear_with_lora`): one node per projection instead of two, and x's gradient is the branch's plus
@@ -37,16 +36,11 @@ if TYPE_CHECKING:
     from qlora_pipeline.kernels.dropout import SeededMask
 
 
-def _branch_input(x2: torch.Tensor, keep2: torch.Tensor | None, seeded: SeededMask | None) -> torch.Tensor:
-    """The dropped input ``x ⊙ keep`` (a new tensor when a mask applies, else x itself)."""
-    return seeded.apply(x2) if seeded is not None else x2 if keep2 is None else x2 * keep2
-
-
 def _branch_backward(ctx, saved: tuple[torch.Tensor, ...], g: torch.Tensor, need_x: bool, need_a: bool, need_b: bool):
     """The branch's gradients from ``g = dL/dy`` (2-D, compute dtype): x's (masked; None when not needed), A's
-    and B's (in their own dtypes). `saved` is ``ctx.saved_tensors``, unpacked once: x2, the 0/1 mask or None, the
-    r-wide product u, A and B as cast."""
-    x2, keep, u, a, b = saved
+    and B's (in their own dtypes). `saved` is ``ctx.saved_tensors``, unpacked once: x2, the r-wide product u, A and
+    B as cast."""
+    x2, u, a, b = saved
     seeded: SeededMask | None = ctx.seeded
     grad_x = grad_a = grad_b = xk = None
     du = (g @ b).mul_(ctx.scale)
@@ -60,10 +54,6 @@ def _branch_backward(ctx, saved: tuple[torch.Tensor, ...], g: torch.Tensor, need
         xk = seeded.apply(x2) if need_a else None
         if grad_x is not None:
             grad_x = seeded.apply(grad_x)
-    elif keep is not None:
-        xk = x2 * keep
-        if grad_x is not None:
-            grad_x.mul_(keep)
     if need_a:
         grad_a = (du.t() @ (x2 if xk is None else xk)).to(ctx.a_dtype)
     return grad_x, grad_a, grad_b
@@ -75,16 +65,14 @@ def _branch_forward(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    keep: torch.Tensor | None,
     seeded: SeededMask | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch's forward on the 2-D input in its compute dtype: returns the r-wide product
-    ``u = ((x ⊙ keep) Aᵀ) · scale`` and B in that dtype (the caller adds ``u Bᵀ`` into its output), and saves what
+    ``u = ((x ⊙ mask) Aᵀ) · scale`` and B in that dtype (the caller adds ``u Bᵀ`` into its output), and saves what
     :func:`_branch_backward` reads."""
     a, b = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
-    keep2 = None if keep is None else keep.reshape(x2.shape)
-    u = (_branch_input(x2, keep2, seeded) @ a.t()).mul_(scale)
-    ctx.save_for_backward(x2, keep2, u, a, b)
+    u = ((x2 if seeded is None else seeded.apply(x2)) @ a.t()).mul_(scale)
+    ctx.save_for_backward(x2, u, a, b)
     ctx.seeded = seeded
     ctx.scale = scale
     ctx.a_dtype, ctx.b_dtype = lora_A.dtype, lora_B.dtype
@@ -92,7 +80,7 @@ def _branch_forward(
 
 
 class _LoraBranchAdd(torch.autograd.Function):
-    """``base_out + ((x ⊙ keep) Aᵀ · scale) Bᵀ`` in ``base_out``'s dtype; A and B may be wider (fp32 masters)."""
+    """``base_out + ((x ⊙ mask) Aᵀ · scale) Bᵀ`` in ``base_out``'s dtype; A and B may be wider (fp32 masters)."""
 
     @staticmethod
     def forward(
@@ -102,11 +90,10 @@ class _LoraBranchAdd(torch.autograd.Function):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         scale: float,
-        keep: torch.Tensor | None,
         seeded: SeededMask | None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(base_out.dtype)
-        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, keep, seeded)
+        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, seeded)
         y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b.t())
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.view(base_out.shape)
@@ -119,11 +106,11 @@ class _LoraBranchAdd(torch.autograd.Function):
         grad_x, grad_a, grad_b = _branch_backward(ctx, saved, g, need[1], need[2], need[3])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_y, grad_x, grad_a, grad_b, None, None, None
+        return grad_y, grad_x, grad_a, grad_b, None, None
 
 
 class _FrozenLinearLoraAdd(torch.autograd.Function):
-    """``x Wᵀ + bias + ((x ⊙ keep) Aᵀ · scale) Bᵀ`` for a frozen W, one node, everything in x's dtype.
+    """``x Wᵀ + bias + ((x ⊙ mask) Aᵀ · scale) Bᵀ`` for a frozen W, one node, everything in x's dtype.
 
     The frozen product and the branch in one node: B's product is added into the base output in place
     (``addmm_``), and in backward the frozen product's input gradient is accumulated into the branch's
@@ -140,12 +127,11 @@ class _FrozenLinearLoraAdd(torch.autograd.Function):
         lora_A: torch.Tensor,
         lora_B: torch.Tensor,
         scale: float,
-        keep: torch.Tensor | None,
         seeded: SeededMask | None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y = nn.functional.linear(x2, weight(), None if bias is None else bias.to(x.dtype))
-        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, keep, seeded)
+        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, seeded)
         y.addmm_(u, b.t())
         ctx.weight, ctx.x_shape = weight, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -157,7 +143,7 @@ class _FrozenLinearLoraAdd(torch.autograd.Function):
         grad_x, grad_a, grad_b = _branch_backward(ctx, ctx.saved_tensors, g, need[0], need[3], need[4])
         if grad_x is not None:
             grad_x = grad_x.addmm_(g, ctx.weight()).view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def add_lora_branch(
@@ -166,16 +152,15 @@ def add_lora_branch(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    keep: torch.Tensor | None = None,
     seeded: SeededMask | None = None,
 ) -> torch.Tensor:
-    """``base_out + scale · ((x ⊙ keep) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
+    """``base_out + scale · ((x ⊙ mask) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
 
-    `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `keep` (0/1 in x's dtype and shape, 0 =
-    dropped: ``FastDropout.keep_mask``) or None; or `seeded`, a mask held as its seed (``SeededMask``), which
-    forward and backward apply without keeping or writing the mask. Gradients flow to base_out (unchanged), x, A and
+    `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `seeded` is the dropout mask held as its
+    seed (``SeededMask``), which forward and backward apply without keeping or writing the mask, or None (no
+    dropout). Gradients flow to base_out (unchanged), x, A and
     B (in their own dtypes)."""
-    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, keep, seeded)
+    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, seeded)
 
 
 def frozen_linear_with_lora(
@@ -185,10 +170,9 @@ def frozen_linear_with_lora(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    keep: torch.Tensor | None = None,
     seeded: SeededMask | None = None,
 ) -> torch.Tensor:
-    """``x Wᵀ + bias + scale · ((x ⊙ keep) Aᵀ) Bᵀ`` in x's dtype, W (out × in, x's dtype) from `weight()`, which
-    is called again in backward. `scale`, `keep` and `seeded` as for :func:`add_lora_branch`. Gradients flow to x,
+    """``x Wᵀ + bias + scale · ((x ⊙ mask) Aᵀ) Bᵀ`` in x's dtype, W (out × in, x's dtype) from `weight()`, which
+    is called again in backward. `scale` and `seeded` as for :func:`add_lora_branch`. Gradients flow to x,
     A and B; W and the bias are frozen."""
-    return _FrozenLinearLoraAdd.apply(x, weight, bias, lora_A, lora_B, scale, keep, seeded)
+    return _FrozenLinearLoraAdd.apply(x, weight, bias, lora_A, lora_B, scale, seeded)

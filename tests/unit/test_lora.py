@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from qlora_pipeline.kernels.dropout import draw_seed
 from qlora_pipeline.kernels.lora import (
     LoraLinear,
     count_trainable,
@@ -353,7 +354,8 @@ def test_mixed_precision_branch_matches_the_op_by_op_math(dropout: float, comput
     assert type(y.grad_fn).__name__ == "_LoraBranchAddBackward"
     (y.float() * g).sum().backward()
     torch.manual_seed(9)
-    kept, keep = lora.dropout.mask_and_scale(x) if dropout else (None, 1.0)
+    kept = lora.dropout.mask_from_seed(draw_seed(), x.shape, x.dtype) if dropout else None  # forward's draw
+    keep = lora.dropout.scale if dropout else 1.0
     assert (kept is None) == (dropout == 0.0) and (kept is None or 0.4 < float(kept.float().mean()) < 1)
     xr = x.detach().float().requires_grad_()
     a = lora.lora_A.detach().clone().requires_grad_()

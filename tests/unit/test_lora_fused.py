@@ -24,18 +24,13 @@ def _base(dtype: torch.dtype, cached: bool) -> Linear4bit:
     return base
 
 
-def _masks(kind: str, dtype: torch.dtype) -> tuple[torch.Tensor | None, SeededMask | None]:
-    torch.manual_seed(4)
-    dropout = FastDropout(0.3).train()
-    if kind == "keep":  # a caller holding its own 0/1 mask
-        return dropout.keep_mask(torch.Size([3, 7, IN]), torch.device("cpu"), dtype), None
-    if kind == "seeded":  # what training uses on every device: the mask as a seed
-        return None, SeededMask(123456789, dropout.threshold)
-    return None, None
+def _seeded(kind: str) -> SeededMask | None:
+    """What training passes: the dropout mask as a seed (on every device), or None without dropout."""
+    return SeededMask(123456789, FastDropout(0.3).threshold) if kind == "seeded" else None
 
 
 @pytest.mark.parametrize("cached", [False, True])
-@pytest.mark.parametrize("mask", ["none", "keep", "seeded"])
+@pytest.mark.parametrize("mask", ["none", "seeded"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_one_node_is_the_two_nodes_and_the_input_gradient_is_rounded_once(
     dtype: torch.dtype, mask: str, cached: bool
@@ -44,7 +39,7 @@ def test_one_node_is_the_two_nodes_and_the_input_gradient_is_rounded_once(
     the branch's in the matmul (one rounding): within a rounding of the float64 truth, and within two of the two
     nodes' (which round the frozen product, then the sum)."""
     base = _base(dtype, cached)
-    keep, seeded = _masks(mask, dtype)
+    seeded = _seeded(mask)
     torch.manual_seed(1)
     a0, b0 = torch.randn(R, IN) * 0.1, torch.randn(OUT, R) * 0.1
     x0, g = torch.randn(3, 7, IN).to(dtype), torch.randn(3, 7, OUT).to(dtype)
@@ -53,10 +48,10 @@ def test_one_node_is_the_two_nodes_and_the_input_gradient_is_rounded_once(
     for fused in (True, False):
         x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
         if fused:
-            y = frozen_linear_with_lora(x, base.weight_source(dtype, x.device), base.bias, a, b, scale, keep, seeded)
+            y = frozen_linear_with_lora(x, base.weight_source(dtype, x.device), base.bias, a, b, scale, seeded)
             assert type(y.grad_fn).__name__ == "_FrozenLinearLoraAddBackward"
         else:
-            y = add_lora_branch(base(x), x, a, b, scale, keep, seeded)
+            y = add_lora_branch(base(x), x, a, b, scale, seeded)
         y.backward(g)
         runs.append((y.detach(), x.grad, a.grad, b.grad))
     (y1, gx1, ga1, gb1), (y2, gx2, ga2, gb2) = runs
@@ -65,9 +60,7 @@ def test_one_node_is_the_two_nodes_and_the_input_gradient_is_rounded_once(
 
     w64 = base.dequantized_weight(dtype).double()
     keep64 = torch.ones(3, 7, IN, dtype=torch.float64)
-    if keep is not None:
-        keep64 = keep.double()
-    elif seeded is not None:
+    if seeded is not None:
         keep64 = seeded.mask(torch.Size([3, 7, IN]), torch.float64)
     assert mask == "none" or 0.5 < float(keep64.mean()) < 0.9
     b_cast = b0.to(dtype).double()
