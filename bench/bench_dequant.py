@@ -1,7 +1,7 @@
 """Dequant time and effective bandwidth of NF4 + double quant -> bf16: ours vs bitsandbytes, same run.
 
 On CUDA: a 4096x14336 weight (a 7B/8B MLP projection), Triton one-launch kernels (1-D, and the 2-D tile kernel at
-several blocks a program) vs the torch reference vs bnb
+several blocks a program, with the 16-entry table and with the byte-pair table) vs the torch reference vs bnb
 (if installed), the L2 cache flushed before every timed call (a 256 MiB write, more than the H200's 60 MB L2),
 and the device's copy bandwidth measured in the same run (a 1 GiB device-to-device copy, bytes read + written),
 so each kernel's bandwidth is also given as a share of what the memory really delivers. On CPU there is no Triton
@@ -43,6 +43,7 @@ def traffic_bytes(nf4: NF4Weight, out_dtype: torch.dtype) -> int:
 
 
 TILE_BLOCKS = (32, 64, 128, 256)
+PAIR_TILE_BLOCKS = (64, 128, 256)
 L2_FLUSH_BYTES = 256 * 2**20
 COPY_BYTES = 2**30
 
@@ -122,6 +123,8 @@ def main() -> None:
         candidates["triton_1d"] = lambda: dequantize_nf4_triton(nf4, out_dtype, None)
         for blocks in TILE_BLOCKS:  # the 2-D tile kernel, several quantization blocks a program
             candidates[f"triton_tile{blocks}"] = lambda b=blocks: dequantize_nf4_triton(nf4, out_dtype, b)
+        for blocks in PAIR_TILE_BLOCKS:  # the same, a byte decoded by one gather from the byte-pair table
+            candidates[f"triton_pairs{blocks}"] = lambda b=blocks: dequantize_nf4_triton(nf4, out_dtype, b, pairs=True)
     bnb_fn = bnb_dequant(nf4)
     if bnb_fn is not None:
         candidates["bnb"] = bnb_fn

@@ -67,8 +67,9 @@ def check_dequant(device: torch.device, shapes: list[tuple[int, int]]) -> list[d
         on_dev = nf4.to(device)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             ref = dequantize_nf4(nf4, dtype)
-            for kernel, tile_blocks in (("1d", None), ("tile", TILE_BLOCKS_GPU)):  # the tile kernel: GPU default
-                got = dequantize_nf4_triton(on_dev, dtype, tile_blocks)
+            kernels = (("1d", None, False), ("tile", TILE_BLOCKS_GPU, False), ("pairs", TILE_BLOCKS_GPU, True))
+            for kernel, tile_blocks, pairs in kernels:  # the tile kernels at the GPU default
+                got = dequantize_nf4_triton(on_dev, dtype, tile_blocks, pairs)
                 row = {"check": "nf4_dq_dequant", "kernel": kernel, "shape": list(shape), "dtype": str(dtype)[6:]}
                 out.append({**row, "ok": same_bits(ref, got)})
     return out

@@ -100,10 +100,15 @@ def _nf4_dq_dequant_tile_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     BLOCKS: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """2-D tile: BLOCKS quantization blocks per program, one row each. Each block's absmax is loaded and rebuilt
     once (a vector of BLOCKS) and broadcast along its row, instead of once per byte as in the 1-D kernel; each row's
-    BLOCKSIZE/2 bytes are contiguous, so the byte loads vectorize."""
+    BLOCKSIZE/2 bytes are contiguous, so the byte loads vectorize.
+
+    PAIRS: `table_ptr` is the 256 x 2 byte-pair table (kernels/nf4.py ``shared_table("pairs")``), and each byte is
+    one 8-byte gather of both its nibbles' values, already in output order, where the 16-entry table takes two
+    4-byte gathers and an interleave. The products are the same fp32 multiplies either way."""
     pid = tl.program_id(0)
     block = pid.to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
     n_blocks = (n_bytes * 2 + BLOCKSIZE - 1) // BLOCKSIZE
@@ -112,21 +117,31 @@ def _nf4_dq_dequant_tile_kernel(
     HALF: tl.constexpr = BLOCKSIZE // 2
     byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
     byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)
-    hi = tl.load(table_ptr + (byte >> 4)) * absmax[:, None]
-    lo = tl.load(table_ptr + (byte & 0xF)) * absmax[:, None]
+    if PAIRS:  # both nibbles' fp32 values in one 8-byte word: the high nibble's in its low half (little-endian)
+        pair = tl.load(table_ptr.to(tl.pointer_type(tl.int64)) + byte)
+        hi = (pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+        lo = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * absmax[:, None]
+    else:
+        hi = tl.load(table_ptr + (byte >> 4)) * absmax[:, None]
+        lo = tl.load(table_ptr + (byte & 0xF)) * absmax[:, None]
     vals = tl.interleave(hi, lo)
     out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + out_idx, vals.to(out_ptr.dtype.element_ty), mask=out_idx < n_out)
 
 
 def dequantize_nf4_triton(
-    nf4: NF4Weight, dtype: torch.dtype | None = None, tile_blocks: int | Literal["auto"] | None = "auto"
+    nf4: NF4Weight,
+    dtype: torch.dtype | None = None,
+    tile_blocks: int | Literal["auto"] | None = "auto",
+    pairs: bool = False,
 ) -> torch.Tensor:
     """Dequantize ``nf4`` in one kernel launch; bit-identical to ``qlora_pipeline.kernels.nf4.dequantize_nf4``.
 
     ``tile_blocks``: None runs the 1-D kernel (1,024 bytes a program); a power of two runs the 2-D tile kernel
     with that many quantization blocks a program; "auto" is the tile kernel with ``TILE_BLOCKS_GPU`` on a GPU and
-    the 1-D kernel under the interpreter (whose cost is per program)."""
+    the 1-D kernel under the interpreter (whose cost is per program). ``pairs``: the tile kernel decodes a byte by
+    one gather from the byte-pair table (a candidate that bench/bench_dequant.py times on a GPU beside the 16-entry
+    table; not the default until a GPU run shows it faster)."""
     dtype = dtype or nf4.dtype
     interp = _interpreting()
     if not interp and not nf4.packed.is_cuda:
@@ -137,14 +152,16 @@ def dequantize_nf4_triton(
     n_bytes = packed.numel()
     kernel_dtype = torch.float32 if interp else dtype
     out = torch.empty(n_out, dtype=kernel_dtype, device=device)
-    table = shared_table("nf4", device)
+    if tile_blocks == "auto":
+        tile_blocks = None if interp else TILE_BLOCKS_GPU
+    if pairs and tile_blocks is None:
+        raise ValueError("the byte-pair table is a variant of the tile kernel: give tile_blocks")
+    table = shared_table("pairs" if pairs else "nf4", device)
     if nf4.double_quant:
         assert nf4.nested_absmax is not None and nf4.nested_code is not None and nf4.offset is not None
         absmax2, code2, offset = nf4.nested_absmax.float(), nf4.nested_code.float(), float(nf4.offset)
     else:  # unused pointers; any fp32 tensor will do
         absmax2, code2, offset = table, table, 0.0
-    if tile_blocks == "auto":
-        tile_blocks = None if interp else TILE_BLOCKS_GPU
     args = (packed, nf4.absmax.contiguous(), absmax2, code2, table, out, offset, n_out, n_bytes)
     consts = {"BLOCKSIZE": nf4.blocksize, "NESTED_BLOCKSIZE": nf4.nested_blocksize, "DOUBLE_QUANT": nf4.double_quant}
     extra = {} if interp else {"enable_fp_fusion": False, "num_warps": 4}
@@ -155,5 +172,5 @@ def dequantize_nf4_triton(
     else:
         n_blocks = triton.cdiv(n_out, nf4.blocksize)
         grid = (triton.cdiv(n_blocks, tile_blocks),)
-        _nf4_dq_dequant_tile_kernel[grid](*args, **consts, BLOCKS=tile_blocks, **extra)
+        _nf4_dq_dequant_tile_kernel[grid](*args, **consts, BLOCKS=tile_blocks, PAIRS=pairs, **extra)
     return out.to(dtype).reshape(nf4.shape)

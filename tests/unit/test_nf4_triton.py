@@ -25,37 +25,44 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.element_size() == 4 else t.view(torch.int16)
 
 
-TILES = [None, 4]
-"""The 1-D kernel and the 2-D tile kernel (4 quantization blocks a program: several programs even on small shapes)."""
+KERNELS = [(None, False), (4, False), (4, True)]
+"""(tile_blocks, pairs): the 1-D kernel, and the 2-D tile kernel (4 quantization blocks a program: several programs
+even on small shapes) with the 16-entry table and with the byte-pair table."""
 
 
 SHAPES = [(256, 320), (7, 9), (129, 65), (3, 1000), (1, 1)]
-CASES = [(shape, tiles) for shape in SHAPES for tiles in TILES] + [((300, 1024), None), ((300, 1024), TILE_BLOCKS_GPU)]
-"""Every shape through both kernels; the largest (4,800 quantization blocks) through the 1-D kernel and the tile
-kernel at the GPU default (``TILE_BLOCKS_GPU`` blocks a program): at 4 blocks a program it is 1,200 programs, 20 s
+CASES = [(shape, *kernel) for shape in SHAPES for kernel in KERNELS] + [
+    ((300, 1024), None, False),
+    ((300, 1024), TILE_BLOCKS_GPU, False),
+    ((300, 1024), TILE_BLOCKS_GPU, True),
+]
+"""Every shape through every kernel; the largest (4,800 quantization blocks) through the 1-D kernel and the tile
+kernels at the GPU default (``TILE_BLOCKS_GPU`` blocks a program): at 4 blocks a program it is 1,200 programs, 20 s
 under the interpreter, and tests nothing the smaller shapes do not."""
 
 
-@pytest.mark.parametrize(("shape", "tile_blocks"), CASES)
+@pytest.mark.parametrize(("shape", "tile_blocks", "pairs"), CASES)
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_triton_equals_reference(shape: tuple[int, int], double_quant: bool, tile_blocks: int | None) -> None:
+def test_triton_equals_reference(
+    shape: tuple[int, int], double_quant: bool, tile_blocks: int | None, pairs: bool
+) -> None:
     g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
     w = (torch.randn(shape, generator=g) * 0.03).bfloat16()
     nf4 = quantize_nf4(w, double_quant=double_quant).to(DEVICE)
     for dtype in OUT_DTYPES:
-        out = dequantize_nf4_triton(nf4, dtype, tile_blocks)
+        out = dequantize_nf4_triton(nf4, dtype, tile_blocks, pairs)
         ref = dequantize_nf4(nf4, dtype)
         assert out.dtype == dtype and out.shape == w.shape
         assert torch.equal(_bits(out), _bits(ref)), f"{shape} dq={double_quant} {dtype}"
 
 
-@pytest.mark.parametrize("tile_blocks", TILES)
+@pytest.mark.parametrize(("tile_blocks", "pairs"), KERNELS)
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024, 4096])
-def test_triton_other_blocksizes(blocksize: int, tile_blocks: int | None) -> None:
+def test_triton_other_blocksizes(blocksize: int, tile_blocks: int | None, pairs: bool) -> None:
     w = torch.randn(61, 333) * 5  # odd element count, partial last block, several nested blocks for small bs
     nf4 = quantize_nf4(w, blocksize=blocksize).to(DEVICE)
     for dtype in OUT_DTYPES:
-        out = dequantize_nf4_triton(nf4, dtype, tile_blocks)
+        out = dequantize_nf4_triton(nf4, dtype, tile_blocks, pairs)
         assert torch.equal(_bits(out), _bits(dequantize_nf4(nf4, dtype)))
 
 
@@ -68,6 +75,7 @@ def test_triton_keeps_two_roundings_and_zero_blocks() -> None:
     out = dequantize_nf4_triton(nf4, torch.float32)
     assert torch.equal(_bits(out), _bits(dequantize_nf4(nf4, torch.float32)))
     assert torch.equal(_bits(dequantize_nf4_triton(nf4, torch.float32, 8)), _bits(out))
+    assert torch.equal(_bits(dequantize_nf4_triton(nf4, torch.float32, 8, pairs=True)), _bits(out))
     assert torch.all(out[5] == 0)
     # an FMA (one rounding) would change some absmax values: the reference really has two roundings
     q, a2, off = nf4.absmax.long(), nf4.nested_absmax, nf4.offset
@@ -112,13 +120,17 @@ sig = {"packed_ptr": "*u8", "qabsmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2
        "table_ptr": "*fp32", "out_ptr": "*bf16", "offset": "fp32", "n_out": "i32", "n_bytes": "i32",
        "BLOCKSIZE": "constexpr", "NESTED_BLOCKSIZE": "constexpr", "DOUBLE_QUANT": "constexpr"}
 const = {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": True}
-for name, k, extra in (("1d", nf4_triton._nf4_dq_dequant_kernel, ("BYTES", 1024)),
-                       ("tile", nf4_triton._nf4_dq_dequant_tile_kernel, ("BLOCKS", 64))):
-    s, c = {**sig, extra[0]: "constexpr"}, {**const, extra[0]: extra[1]}
+tile = nf4_triton._nf4_dq_dequant_tile_kernel
+for name, k, extra in (("1d", nf4_triton._nf4_dq_dequant_kernel, {"BYTES": 1024}),
+                       ("tile", tile, {"BLOCKS": 64, "PAIRS": False}), ("pairs", tile, {"BLOCKS": 64, "PAIRS": True})):
+    s, c = {**sig, **dict.fromkeys(extra, "constexpr")}, {**const, **extra}
+    # what a launch specializes: 16-byte aligned pointers, sizes divisible by 16 (the benchmarked weight's are)
+    aligned = {(list(s).index(n),): [["tt.divisibility", 16]] for n in s if s[n].startswith("*") or n.startswith("n_")}
     for fusion in (False, True):
-        src = ASTSource(fn=k, signature=s, constexprs={(list(s).index(n),): v for n, v in c.items()})
+        src = ASTSource(fn=k, signature=s, constexprs={(list(s).index(n),): v for n, v in c.items()}, attrs=aligned)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fusion}).asm["ptx"]
-        print(name, fusion, len(re.findall(r"\\bfma\\.", ptx)), len(re.findall(r"cvt\\.rn\\.bf16", ptx)))
+        counts = [r"\\bfma\\.", r"cvt\\.rn\\.bf16", r"ld\\.global\\.b32\\b", r"ld\\.global\\.b64\\b"]
+        print(name, fusion, *(len(re.findall(p, ptx)) for p in counts))
 """
 
 
@@ -127,8 +139,13 @@ def test_cuda_compile_has_no_fma_when_fusion_is_off() -> None:
     """Without a GPU, compile the kernel to sm_90 PTX (no interpreter) and check the launch option we use
     (enable_fp_fusion=False) really keeps the absmax multiply and add separate, and bf16 stores round."""
     counts = probe_counts(_PTX_PROBE, timeout_s=120)
-    for kernel in ("1d", "tile"):  # both compile for sm_90
-        fma_off, cvt_off = counts[(kernel, "False")]
-        fma_on, _ = counts[(kernel, "True")]
+    for kernel in ("1d", "tile", "pairs"):  # every kernel compiles for sm_90
+        fma_off, cvt_off, _, _ = counts[(kernel, "False")]
+        fma_on, _, _, _ = counts[(kernel, "True")]
         assert fma_off == 0 and cvt_off > 0, kernel
         assert fma_on > 0, kernel  # the option matters: Triton would contract code2[q] * absmax2 + offset
+    # the byte-pair table: a byte's two values come from one 8-byte gather, where the 16-entry table takes two 4-byte
+    # ones: half the gathers (a few 4-byte loads of the absmax side remain in both)
+    _, _, tile32, tile64 = counts[("tile", "False")]
+    _, _, pairs32, pairs64 = counts[("pairs", "False")]
+    assert tile64 == 0 and pairs64 > 0 and 2 * pairs64 <= tile32 and pairs32 + pairs64 < tile32, counts
