@@ -211,13 +211,8 @@ def _ours(args: argparse.Namespace, nf4_dir: Path, device):
 
     from qlora_pipeline.stages.contract.params import Params, TrainParams
     from qlora_pipeline.stages.lm.lm_loss import summed_loss
-    from qlora_pipeline.stages.train import (
-        build_model,
-        compute_dtype,
-        make_optimizer,
-        recompute_budget_of,
-        set_recompute,
-    )
+    from qlora_pipeline.stages.lm.recompute import recompute_budget_of, set_recompute
+    from qlora_pipeline.stages.train import build_model, compute_dtype, make_optimizer
 
     t = TrainParams(
         optimizer=args.optimizer,

@@ -45,7 +45,7 @@ from qlora_pipeline.stages.lm.lm_loss import heldout_loss, summed_loss
 from qlora_pipeline.stages.lm.lora16 import train_lora16_baseline
 from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER, adapt_for_training, lora_targets
 from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id, supported_config
-from qlora_pipeline.stages.lm.recompute import enable_checkpointing, set_recomputed_layers
+from qlora_pipeline.stages.lm.recompute import enable_checkpointing, recompute_budget_of, set_recompute
 from qlora_pipeline.stages.lm.report import plot_losses
 from qlora_pipeline.stages.lm.schedule import lr_at, total_steps
 from qlora_pipeline.stages.lm.train_state import (
@@ -156,24 +156,6 @@ def next_step(
     )
 
 
-def recompute_budget_of(model: Any, params: Params, device: torch.device) -> RecomputeBudget | None:
-    """How many layers each batch recomputes (None: train.gradient_checkpointing off, none ever)."""
-    from qlora_pipeline.stages.contract.memory_plan import ModelShape, recompute_budget, train_shape_of
-
-    t = params.train
-    if not t.gradient_checkpointing:
-        return None
-    config = model.config.to_dict()
-    run = train_shape_of(t, params.data.max_length, config, device.type, ranks=1)
-    return recompute_budget(ModelShape.from_config(config), run)
-
-
-def set_recompute(model: Any, budget: RecomputeBudget | None, batch: Batch) -> None:
-    """Before a batch's forward pass: recompute as many layers as its length needs to stay within the budget."""
-    if budget is not None:
-        set_recomputed_layers(model, budget.recomputed_layers(batch.input_ids.numel()))
-
-
 def accumulate_gradients(
     model: Any,
     work: StepBatches,
@@ -246,6 +228,8 @@ def train_loop(
         record_identity(ctx, identity)
     plan = batch_plan(ctx.params, rows)
     budget = recompute_budget_of(model, ctx.params, device)
+    if variant == "qlora" and budget is not None:
+        ctx.record.recompute_budget_tokens = budget.tokens
     targets = [target_count(labels) for _, labels in rows]
     stream = plan.stream(start=start * t.grad_accum)
     model.train()

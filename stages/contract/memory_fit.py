@@ -84,6 +84,33 @@ def fitting_changes(shape: ModelShape, t: TrainShape, capacity: int) -> list[tup
     return []
 
 
+AUTO_RECOMPUTE_SHARE = 0.8
+"""train.checkpoint_min_tokens: auto on a GPU plans a step within this share of the usable memory: the plan is held
+to 10 % of measured peaks on a CPU (tests/unit/test_memory_plan.py), and a GPU adds workspaces the plan does not
+count."""
+
+
+def recompute_tokens_that_fit(shape: ModelShape, t: TrainShape, capacity: int) -> int:
+    """The recompute budget auto takes on a GPU of `capacity` free bytes: the largest from `t`'s own (the floor)
+    up to its longest batch (``t.tokens``: then no batch recomputes) whose planned step peak stays within
+    AUTO_RECOMPUTE_SHARE of the usable memory; the floor when even that does not fit. A larger budget recomputes
+    fewer layers and keeps more, so the peak grows with it and the search halves the range."""
+    limit = AUTO_RECOMPUTE_SHARE * usable_bytes(capacity)
+
+    def fits(tokens: int) -> bool:
+        return plan_train(shape, replace(t, recompute_budget_tokens=tokens)).device_peak <= limit
+
+    low, high = t.recompute_budget_tokens, t.tokens
+    if not t.checkpointing or high <= low or not fits(low):
+        return low
+    if fits(high):
+        return high
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def gib(n: int) -> float:
     return n / 2**30
 

@@ -16,9 +16,9 @@ A sum of terms, each a count of bytes of one kind of tensor the step holds at it
 - after backward, the optimizer update's temporaries (its largest call, :func:`update_transient_bytes`).
 
 The per-layer activation count is derived from the code's autograd graph (a Llama-style RMSNorm keeps its 16-bit
-input, Gemma's its fp32 input; LoRA its input, its mask (on a GPU) and its rank-r output; the gated MLP its gate and up
-outputs; attention q, k, v and its output); tests/unit/test_memory_plan.py holds the sum to within 10 % of a step's
-peak measured by torch's own allocation tracker on the CPU.
+input, Gemma's its fp32 input; LoRA its input and its rank-r output, its dropout mask being a seed; the gated MLP
+its gate and up outputs; attention q, k, v and its output); tests/unit/test_memory_plan.py holds the sum to within
+10 % of a step's peak measured by torch's own allocation tracker on the CPU.
 """
 
 from __future__ import annotations
@@ -338,6 +338,19 @@ def weight_cache_bytes(shape: ModelShape, compute_bytes: int, budget: int) -> in
     return kept
 
 
+RECOMPUTE_FLOOR_TOKENS = 512
+"""train.checkpoint_min_tokens: auto on a CPU, and the least auto takes on a GPU: on a CPU it kept SmolLM2's peak
+RSS within the bench's target at a 3 % recompute cost (docs/speed.md)."""
+
+
+def recompute_floor_tokens(t: Any) -> int:
+    """train.checkpoint_min_tokens (a TrainParams) as the budget every device can count on: a number as given,
+    auto as RECOMPUTE_FLOOR_TOKENS. Prepare's fit check plans with it; a GPU may raise auto at train time
+    (memory_fit.recompute_tokens_that_fit), never lower it."""
+    given = t.checkpoint_min_tokens
+    return RECOMPUTE_FLOOR_TOKENS if given == "auto" else int(given)
+
+
 AUTO_WEIGHT_CACHE_SHARE = 0.25
 """train.frozen_weight_cache_mb: auto on a CPU may use this share of the host's physical memory."""
 
@@ -388,7 +401,7 @@ def train_shape_of(
         lora_r=t.lora_r,
         targets=tuple(t.target_modules or shape.family.lora_targets),
         checkpointing=t.gradient_checkpointing,
-        recompute_budget_tokens=t.checkpoint_min_tokens,
+        recompute_budget_tokens=recompute_floor_tokens(t),
         adapter_bytes=DTYPE_BYTES[t.adapter_dtype],
         compute_bytes=compute_bytes,
         state_bits=kind.state_bits,

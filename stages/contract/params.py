@@ -140,10 +140,14 @@ class TrainParams(Section):
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
     """Stop after this many validations without improvement (needs eval_every)."""
     gradient_checkpointing: bool = True
-    checkpoint_min_tokens: Annotated[int, Field(ge=0)] = 512
+    checkpoint_min_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     """Batches of at most this many padded tokens recompute nothing; a longer one recomputes its first layers, as
     few as keep its activations within what such a batch keeps (stages/contract/recompute_budget.py); 0 = every
-    layer of every batch recomputes."""
+    layer of every batch recomputes. auto: 512 on a CPU (tuned for its resident memory); on a GPU, measured when
+    training starts, as many tokens as the device's memory holds with a fifth in reserve, 512 at least, so a batch
+    that fits recomputes nothing (recomputing a layer repeats its forward's launches, and a small model's GPU step
+    is bound by them). Recomputation repeats the forward bit for bit: this sets time and memory, never the
+    result."""
     checkpoint_every: Annotated[int, Field(ge=1)] = 20
     seed: Annotated[int, Field(ge=0)] = 0
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

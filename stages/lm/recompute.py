@@ -1,9 +1,12 @@
 """Activation recomputation (gradient checkpointing) of the decoder layers, for every model the train stage trains
-(the NF4 base and the 16-bit LoRA baseline alike)."""
+(the NF4 base and the 16-bit LoRA baseline alike): which layers can recompute, and how many a batch does."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
+
+from qlora_pipeline.stages.contract.recompute_budget import RecomputeBudget
 
 
 def enable_checkpointing(model: Any) -> None:
@@ -38,3 +41,31 @@ def set_checkpointing(model: Any, enabled: bool) -> None:
     """Recompute every decoder layer, or none."""
     for module in checkpointed_layers(model):
         module.gradient_checkpointing = enabled
+
+
+def recompute_budget_of(model: Any, params: Any, device: Any) -> RecomputeBudget | None:
+    """How many layers each batch recomputes (None: train.gradient_checkpointing off, none ever). With
+    train.checkpoint_min_tokens auto on a GPU, the budget is what the device's memory holds now (the model is
+    loaded): the memory this process has reserved plus what the device has free."""
+    import torch
+
+    from qlora_pipeline.stages.contract.memory_fit import recompute_tokens_that_fit
+    from qlora_pipeline.stages.contract.memory_plan import ModelShape, recompute_budget, train_shape_of
+
+    t = params.train
+    if not t.gradient_checkpointing:
+        return None
+    config = model.config.to_dict()
+    shape = ModelShape.from_config(config)
+    run = train_shape_of(t, params.data.max_length, config, device.type, ranks=1)
+    if t.checkpoint_min_tokens == "auto" and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        capacity = free + torch.cuda.memory_reserved(device)
+        run = replace(run, recompute_budget_tokens=recompute_tokens_that_fit(shape, run, capacity))
+    return recompute_budget(shape, run)
+
+
+def set_recompute(model: Any, budget: RecomputeBudget | None, batch: Any) -> None:
+    """Before a batch's forward pass: recompute as many layers as its length needs to stay within the budget."""
+    if budget is not None:
+        set_recomputed_layers(model, budget.recomputed_layers(batch.input_ids.numel()))

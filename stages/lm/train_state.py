@@ -31,6 +31,9 @@ class TrainRecord(StageRecord):
     """Newer checkpoints found damaged (truncated, edited) and passed over, with what was wrong."""
     started_over: str | None = None
     """Why checkpoints of an earlier, interrupted run could not be continued (what changed), if there were any."""
+    recompute_budget_tokens: int | None = None
+    """train.checkpoint_min_tokens as this run applied it (auto resolved on its device); None without gradient
+    checkpointing."""
 
 
 @dataclass

@@ -107,3 +107,59 @@ def test_a_partly_recomputed_step_keeps_less_than_none_and_more_than_all(index: 
     every, _ = measure(Probe("llama", partial.sizes, partial.batch, partial.seq, True))
     assert every < peak < none, (every, peak, none)
     assert abs(plan.device_peak - peak) / peak < 0.10, (plan.as_dict(), peak)
+
+
+def test_auto_is_512_on_a_cpu_and_what_the_memory_holds_on_a_gpu() -> None:
+    """train.checkpoint_min_tokens auto: 512 on a CPU and in prepare's fit check; on a GPU, the largest budget whose
+    planned step fits the share of memory auto may plan with: every token of the longest batch on an 80 GiB card,
+    the floor on a card that holds nothing more, and in between the exact edge where the plan stops fitting."""
+    from dataclasses import replace
+
+    from qlora_pipeline.stages.contract.memory_fit import AUTO_RECOMPUTE_SHARE, recompute_tokens_that_fit, usable_bytes
+    from qlora_pipeline.stages.contract.memory_plan import plan_train
+
+    params = parse_params({"train": {"compute_dtype": "bfloat16"}, "data": {"max_length": 1024}})
+    assert params.train.checkpoint_min_tokens == "auto" and _budget(compute_dtype="bfloat16").tokens == 512
+    shape, t = ModelShape.from_config(SMOLLM2), train_shape(params, SMOLLM2, "cuda")
+    assert t.recompute_budget_tokens == 512 and t.tokens == 8 * 1024  # the fit check plans with the floor
+
+    def peak(tokens: int) -> int:
+        return plan_train(shape, replace(t, recompute_budget_tokens=tokens)).device_peak
+
+    assert recompute_tokens_that_fit(shape, t, 80 * 2**30) == t.tokens  # the whole batch: nothing recomputes
+    assert peak(t.tokens) > peak(2048) > peak(512)  # a larger budget keeps more
+    capacity = int((peak(2048) / AUTO_RECOMPUTE_SHARE + 512 * 2**20) / 0.9) + 2**20  # 2,048 tokens just fit
+    edge = recompute_tokens_that_fit(shape, t, capacity)
+    limit = AUTO_RECOMPUTE_SHARE * usable_bytes(capacity)
+    assert 2048 <= edge < t.tokens and peak(edge) <= limit < peak(edge + 1), (edge, limit)
+    assert recompute_tokens_that_fit(shape, t, 2**30) == 512  # 1 GiB: even the floor does not fit; keep it
+    off = train_shape(parse_params({"train": {"gradient_checkpointing": False}}), SMOLLM2, "cuda")
+    assert recompute_tokens_that_fit(shape, off, 80 * 2**30) == off.recompute_budget_tokens
+
+
+@pytest.mark.parametrize(("given", "device"), [("auto", "cuda"), ("auto", "cpu"), (300, "cuda")])
+def test_the_train_stage_sizes_auto_from_the_gpu_memory_it_sees(
+    monkeypatch: pytest.MonkeyPatch, given: object, device: str
+) -> None:
+    """The train loop's budget (stages/lm/recompute.py): on a GPU, auto comes from what the device has free plus
+    what this process holds (after the model is loaded); a number is kept as given, and a CPU takes 512."""
+    from types import SimpleNamespace
+
+    from qlora_pipeline.stages.contract.memory_fit import recompute_tokens_that_fit
+    from qlora_pipeline.stages.lm.recompute import recompute_budget_of
+
+    seen: list[object] = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: seen.append(d) or (2 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 2**30)
+    params = parse_params(
+        {"train": {"checkpoint_min_tokens": given, "compute_dtype": "bfloat16"}, "data": {"max_length": 1024}}
+    )
+    model = SimpleNamespace(config=SimpleNamespace(to_dict=lambda: SMOLLM2))
+    budget = recompute_budget_of(model, params, torch.device(device))
+    assert budget is not None
+    shape, t = ModelShape.from_config(SMOLLM2), train_shape(params, SMOLLM2, device)
+    if given == "auto" and device == "cuda":
+        assert seen == [torch.device("cuda")]
+        assert budget.tokens == recompute_tokens_that_fit(shape, t, 3 * 2**30) and 512 < budget.tokens < t.tokens
+    else:
+        assert seen == [] and budget.tokens == (512 if given == "auto" else given)
