@@ -182,6 +182,7 @@ def worker(args: argparse.Namespace) -> dict:
         "batching": args.batching,
         "bnb_autocast": args.bnb_autocast and args.bnb_dtype != "float32" if args.stack == "bnb+peft" else None,
         "compute_dtype": args.bnb_dtype if args.stack == "bnb+peft" else model_compute_dtype(model),
+        "recompute_budget_tokens": getattr(step_fn, "recompute_budget_tokens", None),
         "peak_gpu_allocated_mb": gpu_train.get("cuda_max_allocated_mb"),
         "peak_gpu_reserved_mb": gpu_train.get("cuda_max_reserved_mb"),
         "gpu_allocated_after_load_mb": gpu_model.get("cuda_max_allocated_mb"),
@@ -239,6 +240,7 @@ def _ours(args: argparse.Namespace, nf4_dir: Path, device):
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
+    step.recompute_budget_tokens = None if budget is None else budget.tokens  # what auto took on this device
     return model, trainable, step
 
 
