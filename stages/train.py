@@ -177,11 +177,16 @@ def accumulate_gradients(
             loss = total / n_target
             (loss * scale if scale != 1 else loss).backward()
         except (torch.OutOfMemoryError, MemoryError):
+            recompute = (
+                f"set train.checkpoint_min_tokens below {budget.tokens} (0: every layer recomputes), "
+                if budget and budget.tokens
+                else ""
+            )
             raise PipelineError(
                 f"out of memory at step {step + 1} on a batch of {b.n_examples} examples "
                 f"({' × '.join(map(str, b.input_ids.shape))} tokens); lower "
                 "train.batch_size (and raise train.grad_accum to keep the effective batch), lower "
-                "data.max_length, or set train.optimizer_page_budget_mb to page optimizer state; the run "
+                f"data.max_length, {recompute}or set train.optimizer_page_budget_mb to page optimizer state; the run "
                 "resumes from its last checkpoint"
             ) from None
         step_loss += loss.detach()

@@ -298,4 +298,5 @@ def test_out_of_memory_is_one_line_with_remedies(quantized, monkeypatch) -> None
     ) as exc:
         train.run(_params(tmp_path, model_dir, data))
     assert "\n" not in str(exc.value)
+    assert "set train.checkpoint_min_tokens below 512 (0: every layer recomputes)" in str(exc.value)  # CPU: auto
     assert not (tmp_path / "artifacts" / "train").exists()
