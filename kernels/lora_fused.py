@@ -3,8 +3,9 @@
 Why: written as separate autograd ops, the branch of every adapted projection costs a scale and a mask for the
 dropout, casts of A and B, two linears, the r-wide scaling and the sum with the base output, each with its own
 backward node: about a dozen ops per projection and direction, 210 projections in a SmolLM2 step. Here the dropout's
-keep-rate rescaling joins ``s`` on the r-wide product (r/in of the multiplies), B's product is added into the base
-output by ``addmm`` (the sum happens in the matmul's epilogue, no extra pass), and the backward masks the input
+keep-rate rescaling joins ``s``, and both scale A's product in its matmul's epilogue (:func:`scaled_mm`, as does
+B's in backward: no pass of their own), B's product is added into the base output by ``addmm`` (the sum happens
+in the matmul's epilogue, no extra pass), and the backward masks the input
 gradient in place. Autograd keeps the input itself (a view: the projections that read one input, q/k/v or gate/up,
 keep it once between them) and the r-wide product; backward re-applies the mask to the input for A's gradient
 instead of keeping a dropped copy per projection (2 bytes an input element each). The mask is a function of one
@@ -27,6 +28,7 @@ the op-by-op branch with and without dropout.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +38,20 @@ if TYPE_CHECKING:
     from qlora_pipeline.kernels.dropout import SeededMask
 
 
+@cache
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-d zero for ``addmm``'s ignored input (made once a dtype and device: no fill a call)."""
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · (m1 @ m2)`` as one matmul: ``addmm`` with beta 0 applies the scale to the fp32 accumulator in
+    the GEMM's epilogue and rounds once, where ``(m1 @ m2).mul_(scale)`` is a second pass (a second launch on a
+    GPU, 420 a SmolLM2 step) that rounds twice. beta 0 ignores the input (documented by ``torch.addmm``: not read,
+    so no NaN or Inf from it)."""
+    return torch.addmm(_zero(m1.dtype, m1.device), m1, m2, beta=0, alpha=scale)
+
+
 def _branch_backward(ctx, saved: tuple[torch.Tensor, ...], g: torch.Tensor, need_x: bool, need_a: bool, need_b: bool):
     """The branch's gradients from ``g = dL/dy`` (2-D, compute dtype): x's (masked; None when not needed), A's
     and B's (in their own dtypes). `saved` is ``ctx.saved_tensors``, unpacked once: x2, the r-wide product u, A and
@@ -43,7 +59,7 @@ def _branch_backward(ctx, saved: tuple[torch.Tensor, ...], g: torch.Tensor, need
     x2, u, a, b = saved
     seeded: SeededMask | None = ctx.seeded
     grad_x = grad_a = grad_b = xk = None
-    du = (g @ b).mul_(ctx.scale)
+    du = scaled_mm(g, b, ctx.scale)
     if need_b:
         grad_b = (g.t() @ u).to(ctx.b_dtype)
     if need_x:
@@ -71,7 +87,7 @@ def _branch_forward(
     ``u = ((x ⊙ mask) Aᵀ) · scale`` and B in that dtype (the caller adds ``u Bᵀ`` into its output), and saves what
     :func:`_branch_backward` reads."""
     a, b = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
-    u = ((x2 if seeded is None else seeded.apply(x2)) @ a.t()).mul_(scale)
+    u = scaled_mm(x2 if seeded is None else seeded.apply(x2), a.t(), scale)
     ctx.save_for_backward(x2, u, a, b)
     ctx.seeded = seeded
     ctx.scale = scale
