@@ -13,7 +13,11 @@
 - the Triton RMSNorm, forward and backward, against ``qlora_pipeline.kernels.rmsnorm``'s reference on the CPU: not
   bit for bit (its row sums run in another order) but within one rounding (bf16: at most one unit in the last place,
   99 % of elements the same bits; fp32: 4 units of the row's largest value); with the time of a forward + backward
-  against the reference's torch ops on the same device (host-bound steps pay per launch: 2 launches against 26).
+  against the reference's torch ops on the same device (host-bound steps pay per launch: 2 launches against 26);
+- the Triton rotary embedding, forward and backward, against ``qlora_pipeline.kernels.rope``'s reference on the CPU,
+  bit for bit, on q as the attention hands it (a head-major view of token-major rows); timed against the torch ops;
+- the Triton SwiGLU, forward and both gradients, against ``qlora_pipeline.kernels.swiglu``'s reference on the CPU,
+  within one rounding as the RMSNorm (its exponential is not torch's); timed against the torch ops.
 
 With ``--device cpu`` the same checks run through the Triton interpreter at small sizes (a dry run of the script;
 set TRITON_INTERPRET=1 before Python starts, which this script does for itself). Exit 1 if any check fails.
@@ -26,6 +30,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
@@ -46,6 +51,10 @@ from qlora_pipeline.kernels.optim.adamw_math import QuantMaps, adamw8bit_update_
 from qlora_pipeline.kernels.optim.paging import PagingConfig  # noqa: E402
 from qlora_pipeline.kernels.rmsnorm import rmsnorm_backward_reference, rmsnorm_forward_reference  # noqa: E402
 from qlora_pipeline.kernels.rmsnorm_triton import rmsnorm_backward_triton, rmsnorm_forward_triton  # noqa: E402
+from qlora_pipeline.kernels.rope import rope_backward_reference, rope_forward_reference  # noqa: E402
+from qlora_pipeline.kernels.rope_triton import rope_triton  # noqa: E402
+from qlora_pipeline.kernels.swiglu import swiglu_backward_reference, swiglu_forward_reference  # noqa: E402
+from qlora_pipeline.kernels.swiglu_triton import swiglu_backward_triton, swiglu_forward_triton  # noqa: E402
 
 BS = 256
 
@@ -205,6 +214,79 @@ def check_rmsnorm(device: torch.device, shapes: list[tuple[int, int]], timed: in
     return out
 
 
+def _median_us(run, device: torch.device, n: int) -> float:
+    """Median wall time of `run()`, synchronized, in µs."""
+    times = []
+    for _ in range(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return round(sorted(times)[n // 2] * 1e6, 1)
+
+
+def _rope_twin(x, g, cos, sin) -> None:
+    rope_triton(x, cos, sin, backward=False), rope_triton(g, cos, sin, backward=True)
+
+
+def _rope_ops(x, g, cos, sin) -> None:
+    rope_forward_reference(x, cos, sin), rope_backward_reference(g, cos, sin)
+
+
+def _swiglu_twin(gate, up, grad) -> None:
+    swiglu_forward_triton(gate, up), swiglu_backward_triton(gate, up, grad)
+
+
+def _swiglu_ops(gate, up, grad) -> None:
+    swiglu_forward_reference(gate, up), swiglu_backward_reference(gate, up, grad)
+
+
+def check_rope(device: torch.device, shapes: list[tuple[int, int, int, int]], timed: int) -> list[dict]:
+    """(batch, heads, tokens, head_dim) shapes; x a head-major view of token-major rows, cos and sin per row."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for batch, heads, tokens, head_dim in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(batch, tokens, heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
+            g = torch.randn(batch, heads, tokens, head_dim, generator=gen).to(dtype)
+            angles = torch.rand(batch, tokens, head_dim // 2, generator=gen).double() * 4096
+            emb = torch.cat((angles, angles), dim=-1)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            ref = rope_forward_reference(x, cos, sin), rope_backward_reference(g, cos, sin)
+            xd, gd, cd, sd = (t.to(device) for t in (x, g, cos, sin))
+            got = rope_triton(xd, cd, sd, backward=False), rope_triton(gd, cd, sd, backward=True)
+            ok = all(same_bits(a.cpu(), b) for a, b in zip(got, ref, strict=True))
+            row = {"check": "rope", "shape": [batch, heads, tokens, head_dim], "dtype": str(dtype)[6:], "ok": ok}
+            if timed:
+                twin = _median_us(partial(_rope_twin, xd, gd, cd, sd), device, timed)
+                ops = _median_us(partial(_rope_ops, xd, gd, cd, sd), device, timed)
+                row |= {"fwd_bwd_us_twin": twin, "fwd_bwd_us_torch_ops": ops}
+            out.append(row)
+    return out
+
+
+def check_swiglu(device: torch.device, shapes: list[tuple[int, int]], timed: int) -> list[dict]:
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            gate, up, g = ((torch.randn(rows, cols, generator=gen) * 3).to(dtype) for _ in range(3))
+            ref = (swiglu_forward_reference(gate, up), *swiglu_backward_reference(gate, up, g))
+            gd, ud, dd = (t.to(device) for t in (gate, up, g))
+            got = (swiglu_forward_triton(gd, ud), *swiglu_backward_triton(gd, ud, dd))
+            ok = all(_close(a, b) for a, b in zip(got, ref, strict=True))
+            row = {"check": "swiglu", "shape": [rows, cols], "dtype": str(dtype)[6:], "ok": ok}
+            if timed:
+                twin = _median_us(partial(_swiglu_twin, gd, ud, dd), device, timed)
+                ops = _median_us(partial(_swiglu_ops, gd, ud, dd), device, timed)
+                row |= {"fwd_bwd_us_twin": twin, "fwd_bwd_us_torch_ops": ops}
+            out.append(row)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -220,6 +302,12 @@ def main() -> int:
     checks += check_paging(device, small if not big else [2**20, 3 * 2**20, 2**21 + 5, *small], steps=4)
     checks += check_adamw32_vs_torch(device, [*small, 2**20 + 3], steps=5)
     checks += check_rmsnorm(device, [(754, 576), (754, 4096)] if big else [(6, 576), (3, 100)], timed=200 if big else 3)
+    checks += check_rope(
+        device, [(8, 9, 94, 64), (8, 32, 94, 128)] if big else [(2, 3, 7, 64)], timed=200 if big else 3
+    )
+    checks += check_swiglu(
+        device, [(754, 1536), (754, 14336)] if big else [(6, 1536), (3, 101)], timed=200 if big else 3
+    )
     where = torch.cuda.get_device_name(device) if big else f"cpu, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
     report = {
         "device": where,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qlora_pipeline.kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from qlora_pipeline.kernels.swiglu import swiglu_backward, swiglu_forward
 
 RMSNORM_FORM = (
     "hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
@@ -85,6 +86,8 @@ def _gate_times_up(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tens
 class _SiluGateTimesUp(torch.autograd.Function):
     """``silu(gate) * up`` keeping gate and up: backward computes what autograd computes over the two ops, the
     product's two gradients and ``silu_backward``, in the same dtypes and order, so the bits are the recompute's.
+    Both directions are kernels/swiglu.py's: the torch reference, or on CUDA its Triton twin, one launch a
+    direction instead of 2 and 4 (within one rounding of the reference).
 
     Why not :class:`_RecomputedInBackward` here: rerunning autograd inside backward builds and walks a nested graph
     for three ops: 0.3 ms a call of its own time in a profiled SmolLM2 step on the 2-core AMX machine, 91 calls
@@ -93,17 +96,12 @@ class _SiluGateTimesUp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return torch.nn.functional.silu(gate) * up
+        return swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * torch.nn.functional.silu(gate)
-        if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        return grad_gate, grad_up
+        return swiglu_backward(gate, up, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
 
 
 @cache
