@@ -210,6 +210,7 @@ def worker(args: argparse.Namespace) -> dict:
 def _ours(args: argparse.Namespace, nf4_dir: Path, device):
     import torch
 
+    from qlora_pipeline.kernels.lora_copies import ComputeCopies
     from qlora_pipeline.stages.contract.params import Params, TrainParams
     from qlora_pipeline.stages.lm.lm_loss import summed_loss
     from qlora_pipeline.stages.lm.recompute import recompute_budget_of, set_recompute
@@ -229,12 +230,14 @@ def _ours(args: argparse.Namespace, nf4_dir: Path, device):
     opt = make_optimizer(trainable, t)
     budget = recompute_budget_of(model, Params(train=t), device)
     model.train()
+    copies = ComputeCopies(model)
 
     def step(batch) -> float:
-        set_recompute(model, budget, batch)  # as stages/train.py does
-        total, n = summed_loss(model, batch)
-        loss = total / max(n, 1)
-        loss.backward()
+        with copies.fresh():  # as stages/train.py does
+            set_recompute(model, budget, batch)
+            total, n = summed_loss(model, batch)
+            loss = total / max(n, 1)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -93,6 +93,8 @@ class LoraLinear(nn.Module):
         device = module_device(base)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=adapter_dtype))
+        # A and B in compute_dtype, handed over for one training step's scope (kernels/lora_copies.py), else None
+        self.compute_copies: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -147,12 +149,14 @@ class LoraLinear(nn.Module):
             # the training path on an NF4 base: the frozen product and the branch in one node (kernels/lora_fused.py)
             scale, seeded = self._branch_dropout()
             weight = base.weight_source(cd, x.device)
-            return frozen_linear_with_lora(x, weight, base.bias, self.lora_A, self.lora_B, scale, seeded=seeded)
+            return frozen_linear_with_lora(
+                x, weight, base.bias, self.lora_A, self.lora_B, scale, seeded=seeded, copies=self.compute_copies
+            )
         out = base(x)
         if cd is not None and out.dtype == cd and x.dtype == cd:
             # the training path (a compute dtype set, bf16 or a CPU's fp32) on another base: the branch as one node
             scale, seeded = self._branch_dropout()
-            return add_lora_branch(out, x, self.lora_A, self.lora_B, scale, seeded=seeded)
+            return add_lora_branch(out, x, self.lora_A, self.lora_B, scale, seeded=seeded, copies=self.compute_copies)
         # The sum is taken in the wider of (base output, adapter) dtypes, then cast back to the base output dtype,
         # which is x's dtype for nn.Linear and Linear4bit.
         return (out + self.lora_delta(x)).to(out.dtype)

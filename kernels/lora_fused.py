@@ -82,11 +82,13 @@ def _branch_forward(
     lora_B: torch.Tensor,
     scale: float,
     seeded: SeededMask | None,
+    copies: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The branch's forward on the 2-D input in its compute dtype: returns the r-wide product
     ``u = ((x ⊙ mask) Aᵀ) · scale`` and B in that dtype (the caller adds ``u Bᵀ`` into its output), and saves what
-    :func:`_branch_backward` reads."""
-    a, b = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
+    :func:`_branch_backward` reads. `copies` are A and B already in that dtype (kernels/lora_copies.py), or None:
+    cast here."""
+    a, b = copies if copies is not None else (lora_A.to(x2.dtype), lora_B.to(x2.dtype))
     u = scaled_mm(x2 if seeded is None else seeded.apply(x2), a.t(), scale)
     ctx.save_for_backward(x2, u, a, b)
     ctx.seeded = seeded
@@ -107,9 +109,10 @@ class _LoraBranchAdd(torch.autograd.Function):
         lora_B: torch.Tensor,
         scale: float,
         seeded: SeededMask | None,
+        copies: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(base_out.dtype)
-        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, seeded)
+        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, seeded, copies)
         y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, b.t())
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.view(base_out.shape)
@@ -122,7 +125,7 @@ class _LoraBranchAdd(torch.autograd.Function):
         grad_x, grad_a, grad_b = _branch_backward(ctx, saved, g, need[1], need[2], need[3])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_y, grad_x, grad_a, grad_b, None, None
+        return grad_y, grad_x, grad_a, grad_b, None, None, None
 
 
 class _FrozenLinearLoraAdd(torch.autograd.Function):
@@ -144,10 +147,11 @@ class _FrozenLinearLoraAdd(torch.autograd.Function):
         lora_B: torch.Tensor,
         scale: float,
         seeded: SeededMask | None,
+        copies: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y = nn.functional.linear(x2, weight(), None if bias is None else bias.to(x.dtype))
-        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, seeded)
+        u, b = _branch_forward(ctx, x2, lora_A, lora_B, scale, seeded, copies)
         y.addmm_(u, b.t())
         ctx.weight, ctx.x_shape = weight, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -159,7 +163,7 @@ class _FrozenLinearLoraAdd(torch.autograd.Function):
         grad_x, grad_a, grad_b = _branch_backward(ctx, ctx.saved_tensors, g, need[0], need[3], need[4])
         if grad_x is not None:
             grad_x = grad_x.addmm_(g, ctx.weight()).view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def add_lora_branch(
@@ -169,14 +173,15 @@ def add_lora_branch(
     lora_B: torch.Tensor,
     scale: float,
     seeded: SeededMask | None = None,
+    copies: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``base_out + scale · ((x ⊙ mask) Aᵀ) Bᵀ``, computed in ``base_out``'s dtype.
 
     `scale` is the LoRA scaling times the dropout's keep-rate rescaling; `seeded` is the dropout mask held as its
     seed (``SeededMask``), which forward and backward apply without keeping or writing the mask, or None (no
-    dropout). Gradients flow to base_out (unchanged), x, A and
-    B (in their own dtypes)."""
-    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, seeded)
+    dropout); `copies` are A and B in the compute dtype (kernels/lora_copies.py), or None. Gradients flow to
+    base_out (unchanged), x, A and B (in their own dtypes)."""
+    return _LoraBranchAdd.apply(base_out, x, lora_A, lora_B, scale, seeded, copies)
 
 
 def frozen_linear_with_lora(
@@ -187,8 +192,9 @@ def frozen_linear_with_lora(
     lora_B: torch.Tensor,
     scale: float,
     seeded: SeededMask | None = None,
+    copies: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``x Wᵀ + bias + scale · ((x ⊙ mask) Aᵀ) Bᵀ`` in x's dtype, W (out × in, x's dtype) from `weight()`, which
-    is called again in backward. `scale` and `seeded` as for :func:`add_lora_branch`. Gradients flow to x,
-    A and B; W and the bias are frozen."""
-    return _FrozenLinearLoraAdd.apply(x, weight, bias, lora_A, lora_B, scale, seeded)
+    is called again in backward. `scale`, `seeded` and `copies` as for :func:`add_lora_branch`. Gradients flow
+    to x, A and B; W and the bias are frozen."""
+    return _FrozenLinearLoraAdd.apply(x, weight, bias, lora_A, lora_B, scale, seeded, copies)

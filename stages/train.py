@@ -12,7 +12,6 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 
 from qlora_pipeline.kernels.dtypes import compute_dtype_of, dtype_name
 from qlora_pipeline.kernels.linear4bit import Linear4bit, cache_dequantized_weights, cached_weight_bytes
+from qlora_pipeline.kernels.lora_copies import ComputeCopies
 from qlora_pipeline.stages.contract.artifacts import Manifest
 from qlora_pipeline.stages.contract.cpu_kernels import enable as enable_cpu_kernels
 from qlora_pipeline.stages.contract.device import bound_cpu_kernel_caches, check_nproc
@@ -31,11 +31,13 @@ from qlora_pipeline.stages.contract.stage import StageContext, execute, follow
 from qlora_pipeline.stages.lm.batching import Batch, BatchPlan, target_count, token_rows
 from qlora_pipeline.stages.lm.checkpoints import save_checkpoint
 from qlora_pipeline.stages.lm.distributed import (
+    StepBatches,
     World,
     backward_scale,
     full_value,
     gradient_sync,
     launch,
+    next_step,
     parameter_bytes,
     shard_model,
     sum_gradients,
@@ -128,34 +130,6 @@ def make_optimizer(trainable: list, t: TrainParams) -> torch.optim.Optimizer:
     return AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, state_bits=kind.state_bits, paging=paging)
 
 
-@dataclass
-class StepBatches:
-    """One step's micro-batches as this process trains them, and what the whole step holds over every rank."""
-
-    batches: list[Batch]
-    n_target: int
-    tokens: int
-    padded_tokens: int
-    """Positions computed, padding included, over every rank."""
-
-
-def next_step(
-    plan: BatchPlan, stream: Any, rows: list, targets: list[int], pad_id: int, world: World | None, accum: int
-) -> StepBatches:
-    """The step's `accum` micro-batches, this process's share of each."""
-    picked = [next(stream) for _ in range(accum)]
-    examples = [i for batch in picked for row in batch for i in row]
-    ranks = 1 if world is None else world.size
-    shares = [[plan.share(b, r, ranks) for b in picked] for r in range(ranks)]  # every rank's, to count padding
-    mine = shares[0 if world is None else world.rank]
-    return StepBatches(
-        batches=[plan.collate(b, rows, pad_id) for b in mine],
-        n_target=sum(targets[i] for i in examples),
-        tokens=sum(plan.lengths[i] for i in examples),
-        padded_tokens=sum(plan.padded_tokens(b) for share in shares for b in share),
-    )
-
-
 def accumulate_gradients(
     model: Any,
     work: StepBatches,
@@ -163,34 +137,42 @@ def accumulate_gradients(
     step: int,
     device: torch.device,
     world: World | None,
+    copies: ComputeCopies,
 ) -> Any:
-    """Backward over the step's micro-batches, each loss divided by the step's target tokens (over every rank);
-    returns this process's summed loss, still on the device."""
+    """Backward over the step's micro-batches, each loss divided by the step's target tokens (over every rank),
+    with A and B in the compute dtype copied once for the step (`copies`); returns this process's summed loss,
+    still on the device."""
     step_loss = torch.zeros((), dtype=torch.float32, device=device)
     n_target, scale = max(work.n_target, 1), backward_scale(world)
-    for k, b in enumerate(work.batches):
-        b = b.to(device)
-        gradient_sync(model, world, last=k == len(work.batches) - 1)
-        set_recompute(model, budget, b)
-        try:
-            total, _ = summed_loss(model, b)
-            loss = total / n_target
-            (loss * scale if scale != 1 else loss).backward()
-        except (torch.OutOfMemoryError, MemoryError):
-            recompute = (
-                f"set train.checkpoint_min_tokens below {budget.tokens} (0: every layer recomputes), "
-                if budget and budget.tokens
-                else ""
-            )
-            raise PipelineError(
-                f"out of memory at step {step + 1} on a batch of {b.n_examples} examples "
-                f"({' × '.join(map(str, b.input_ids.shape))} tokens); lower "
-                "train.batch_size (and raise train.grad_accum to keep the effective batch), lower "
-                f"data.max_length, {recompute}or set train.optimizer_page_budget_mb to page optimizer state; the run "
-                "resumes from its last checkpoint"
-            ) from None
-        step_loss += loss.detach()
+    with copies.fresh():
+        for k, b in enumerate(work.batches):
+            b = b.to(device)
+            gradient_sync(model, world, last=k == len(work.batches) - 1)
+            set_recompute(model, budget, b)
+            try:
+                total, _ = summed_loss(model, b)
+                loss = total / n_target
+                (loss * scale if scale != 1 else loss).backward()
+            except (torch.OutOfMemoryError, MemoryError):
+                raise out_of_memory(step, b, budget) from None
+            step_loss += loss.detach()
     return step_loss
+
+
+def out_of_memory(step: int, b: Batch, budget: RecomputeBudget | None) -> PipelineError:
+    """The one-line error of a step that ran out of memory: the batch, and each setting that lowers the peak."""
+    recompute = (
+        f"set train.checkpoint_min_tokens below {budget.tokens} (0: every layer recomputes), "
+        if budget and budget.tokens
+        else ""
+    )
+    return PipelineError(
+        f"out of memory at step {step + 1} on a batch of {b.n_examples} examples "
+        f"({' × '.join(map(str, b.input_ids.shape))} tokens); lower "
+        "train.batch_size (and raise train.grad_accum to keep the effective batch), lower "
+        f"data.max_length, {recompute}or set train.optimizer_page_budget_mb to page optimizer state; the run "
+        "resumes from its last checkpoint"
+    )
 
 
 def batch_plan(params: Params, rows: list) -> BatchPlan:
@@ -238,6 +220,7 @@ def train_loop(
     targets = [target_count(labels) for _, labels in rows]
     stream = plan.stream(start=start * t.grad_accum)
     model.train()
+    copies = ComputeCopies(model)
     total = total_steps(t, len(rows))
     quiet = world is not None and not world.main
     bar = tqdm(range(start, total), desc=prefix, initial=start, total=total, disable=quiet)
@@ -247,7 +230,7 @@ def train_loop(
             group["lr"] = lr
         t0 = time.perf_counter()
         work = next_step(plan, stream, rows, targets, pad_id, world, t.grad_accum)
-        step_loss = accumulate_gradients(model, work, budget, step, device, world)
+        step_loss = accumulate_gradients(model, work, budget, step, device, world, copies)
         sum_gradients(trainable, world)
         norm = full_value(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
         step_loss = step_loss if world is None else world.sum(step_loss)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from qlora_pipeline.kernels.optim.adamw import local_shard
+from qlora_pipeline.stages.lm.batching import Batch, BatchPlan
 
 
 @dataclass(frozen=True)
@@ -238,3 +239,31 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(rank_main(sys.argv[1:]))
+
+
+@dataclass
+class StepBatches:
+    """One step's micro-batches as this process trains them, and what the whole step holds over every rank."""
+
+    batches: list[Batch]
+    n_target: int
+    tokens: int
+    padded_tokens: int
+    """Positions computed, padding included, over every rank."""
+
+
+def next_step(
+    plan: BatchPlan, stream: Any, rows: list, targets: list[int], pad_id: int, world: World | None, accum: int
+) -> StepBatches:
+    """The step's `accum` micro-batches, this process's share of each."""
+    picked = [next(stream) for _ in range(accum)]
+    examples = [i for batch in picked for row in batch for i in row]
+    ranks = 1 if world is None else world.size
+    shares = [[plan.share(b, r, ranks) for b in picked] for r in range(ranks)]  # every rank's, to count padding
+    mine = shares[0 if world is None else world.rank]
+    return StepBatches(
+        batches=[plan.collate(b, rows, pad_id) for b in mine],
+        n_target=sum(targets[i] for i in examples),
+        tokens=sum(plan.lengths[i] for i in examples),
+        padded_tokens=sum(plan.padded_tokens(b) for share in shares for b in share),
+    )
