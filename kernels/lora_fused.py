@@ -3,10 +3,11 @@
 Why: written as separate autograd ops, the branch of every adapted projection costs a scale and a mask for the
 dropout, casts of A and B, two linears, the r-wide scaling and the sum with the base output, each with its own
 backward node: about a dozen ops per projection and direction, 210 projections in a SmolLM2 step. Here the dropout's
-keep-rate rescaling joins ``s``, and both scale A's product in its matmul's epilogue (:func:`scaled_mm`, as does
-B's in backward: no pass of their own), B's product is added into the base output by ``addmm`` (the sum happens
-in the matmul's epilogue, no extra pass), and the backward masks the input
-gradient in place. Autograd keeps the input itself (a view: the projections that read one input, q/k/v or gate/up,
+keep-rate rescaling joins ``s``, and both scale A's product in its matmul's epilogue (:func:`scaled_mm`, as they
+scale B's in backward: no pass of their own), B's product is added into the base output by ``addmm`` (the sum
+happens in the matmul's epilogue, no extra pass), and the backward masks the input gradient in place. A and B come
+in the compute dtype from the step's copies (kernels/lora_copies.py), or are cast here outside a training step.
+Autograd keeps the input itself (a view: the projections that read one input, q/k/v or gate/up,
 keep it once between them) and the r-wide product; backward re-applies the mask to the input for A's gradient
 instead of keeping a dropped copy per projection (2 bytes an input element each). The mask is a function of one
 seed (``SeededMask``, kernels/dropout.py) on every device: the branch keeps the seed, not the mask (the masks were
