@@ -7,11 +7,12 @@ step bound by launches (docs/speed.md). The values of a step's A and B do not ch
 recomputed forwards and its backward, so one ``torch._foreach_copy_`` over all of them at the step's start gives the
 same bits every cast gave, and the same training.
 
-Safe by scope: the copies are handed to the modules only inside :meth:`ComputeCopies.fresh` (one micro-batch's
-forward and backward), refreshed on entering it, and withdrawn on leaving it, so an optimizer step, a resume or an
-evaluation between steps can never meet a stale copy; outside the scope the modules cast as before. A refresh while
-an earlier graph still holds the copies for its backward bumps their version, and autograd refuses that backward
-loudly. FSDP2's sharded parameters (DTensors) keep the per-call cast: what their forward sees is gathered there.
+Safe by scope: the copies are handed to the modules only inside :meth:`ComputeCopies.fresh` (one step's forward
+and backward passes, every micro-batch), refreshed on entering it, and withdrawn on leaving it, so an optimizer
+step, a resume or an evaluation between steps can never meet a stale copy; outside the scope the modules cast as
+before. A refresh while an earlier graph still holds the copies for its backward bumps their version, and autograd
+refuses that backward loudly. FSDP2's sharded parameters (DTensors) keep the per-call cast: what their forward
+sees is gathered there.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Qwen2/3 and Gemma 1-3) as one autograd node a tensor: the torch reference here, 
 
 Why: transformers writes it as ``q * cos + rotate_half(q) * sin``, five torch ops a tensor forward (a negation, a
 concatenation, two products, a sum) and, through autograd, two products, a negation and two zero-padded slice
-gradients summed into q's backward: about 20 launches a layer for q and k, 30 layers a SmolLM2 step, on a GPU
-step bound by launches (docs/speed.md).
+gradients summed into q's backward: 750 ops a SmolLM2 step (30 layers, q and k, both directions; counted in
+docs/speed.md), each a launch on a GPU step bound by launches.
 
 Exact: the reference is transformers' forward op for op, and its backward applies what autograd applies to those
 ops, in the same dtypes: ``g·cos`` plus the rotation's transpose of ``g·sin`` (``cat(t₂, -t₁)``), each element one

@@ -235,12 +235,6 @@ def rank_main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(rank_main(sys.argv[1:]))
-
-
 @dataclass
 class StepBatches:
     """One step's micro-batches as this process trains them, and what the whole step holds over every rank."""
@@ -267,3 +261,9 @@ def next_step(
         tokens=sum(plan.lengths[i] for i in examples),
         padded_tokens=sum(plan.padded_tokens(b) for share in shares for b in share),
     )
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(rank_main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """The GPU path's Triton twins (the RMSNorm, the seeded dropout masks, the SwiGLU, the rotary embedding) inside a
-real training loop, under
-TRITON_INTERPRET=1 (conftest): forced onto a CPU, they train a tiny model as the CPU path trains it."""
+real training loop, under TRITON_INTERPRET=1 (conftest): forced onto a CPU, they train a tiny model as the CPU path
+trains it."""
 
 from __future__ import annotations
 
