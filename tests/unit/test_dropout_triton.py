@@ -8,6 +8,7 @@ import torch
 
 from qlora_pipeline.kernels import dropout, dropout_triton
 from qlora_pipeline.kernels.dropout import reference_keep_mask
+from tests.calls import count_calls
 from tests.lora_step import STEP_RESULTS, lora_dropout_step
 from tests.ptx import probe_counts
 
@@ -53,13 +54,7 @@ def test_lora_training_takes_the_twin_where_the_dispatcher_says(monkeypatch: pyt
         if twin:
             monkeypatch.setattr(dropout, "_triton_twin_applies", lambda device: True)
             for name in calls:
-                real = getattr(dropout_triton, name)
-
-                def counted(*args, _real=real, _name=name):
-                    calls[_name] += 1
-                    return _real(*args)
-
-                monkeypatch.setattr(dropout_triton, name, counted)
+                count_calls(monkeypatch, dropout_triton, name, calls, name)
         results[twin] = lora_dropout_step()
     assert calls == {"masked_triton": 1, "masked_pair_triton": 1}
     for name, cpu, twin in zip(STEP_RESULTS, *results.values(), strict=True):

@@ -15,6 +15,7 @@ import torch
 from qlora_pipeline.kernels import rmsnorm
 from qlora_pipeline.kernels.rmsnorm import rmsnorm_backward_reference, rmsnorm_forward_reference
 from qlora_pipeline.kernels.rmsnorm_triton import rmsnorm_backward_triton, rmsnorm_forward_triton
+from tests.calls import count_calls
 from tests.ptx import probe_counts
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -119,13 +120,7 @@ def test_the_training_norm_takes_the_twin_where_the_dispatcher_says(monkeypatch)
         if twin:
             monkeypatch.setattr(rmsnorm, "_takes_triton", lambda x, w: True)
             for name in ("forward", "backward"):
-                real = getattr(rmsnorm_triton, f"rmsnorm_{name}_triton")
-
-                def counted(*args, _real=real, _name=name):
-                    calls[_name] += 1
-                    return _real(*args)
-
-                monkeypatch.setattr(rmsnorm_triton, f"rmsnorm_{name}_triton", counted)
+                count_calls(monkeypatch, rmsnorm_triton, f"rmsnorm_{name}_triton", calls, name)
         emb.weight.grad = None
         loss = model(ids, labels=ids, use_cache=False).loss
         loss.backward()

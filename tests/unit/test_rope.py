@@ -23,6 +23,7 @@ from qlora_pipeline.kernels.rope import (
     rotary_embedding,
 )
 from tests import tiny
+from tests.calls import count_calls
 from tests.ptx import probe_counts
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -119,13 +120,7 @@ def test_a_patched_model_trains_bit_for_bit_as_the_unpatched_one(arch: str, monk
     assert fuse_rotary_embedding(patched) == layers
     calls = {"forward": 0, "backward": 0}
     for name in ("forward", "backward"):
-        real = getattr(rope, f"rope_{name}")
-
-        def counted(*args, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(*args)
-
-        monkeypatch.setattr(rope, f"rope_{name}", counted)
+        count_calls(monkeypatch, rope, f"rope_{name}", calls, name)
     assert all(torch.equal(a, b) for a, b in zip(_loss_and_grad(patched), want, strict=True))
     assert calls == {"forward": 2 * layers, "backward": 2 * layers}
     assert all(torch.equal(a, b) for a, b in zip(_loss_and_grad(plain), want, strict=True))

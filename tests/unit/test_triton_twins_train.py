@@ -23,6 +23,7 @@ from qlora_pipeline.kernels.lora import inject_lora
 from qlora_pipeline.kernels.rope import fuse_rotary_embedding
 from qlora_pipeline.kernels.slim_activations import slim_saved_activations
 from tests import tiny
+from tests.calls import count_calls
 
 
 def _train(arch: str, steps: int) -> list[float]:
@@ -61,13 +62,7 @@ def test_the_twins_train_as_the_cpu_path_does(arch: str, monkeypatch: pytest.Mon
         (swiglu_triton, "swiglu_forward_triton", "swiglu"),
         (rope_triton, "rope_triton", "rope"),
     ):
-        real = getattr(module, name)
-
-        def counted(*args, _real=real, _key=key, **kwargs):
-            calls[_key] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
+        count_calls(monkeypatch, module, name, calls, key)
     monkeypatch.setattr(rmsnorm, "_takes_triton", lambda x, w: True)
     monkeypatch.setattr(dropout, "_triton_twin_applies", lambda device: True)
     monkeypatch.setattr(swiglu, "_takes_triton", lambda gate, up: True)
