@@ -20,7 +20,6 @@ Phi-3's partial rotation keeps its own.
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -30,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from qlora_pipeline.kernels.source_form import source_has
 
 ROPE_FORM = (
     "cos = cos.unsqueeze(unsqueeze_dim)",
@@ -67,13 +68,13 @@ def rope_backward_reference(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return grad * cos.unsqueeze(1) + torch.cat((t2, -t1), dim=-1)
 
 
-def _takes_triton(x: torch.Tensor, cos: torch.Tensor) -> bool:
+def _takes_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] <= TRITON_MAX_HEAD_DIM
 
 
 def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The Triton twin on CUDA (fp32 or bf16), the reference elsewhere."""
-    if _takes_triton(x, cos):  # imported here: a CPU process never loads Triton
+    if _takes_triton(x):  # imported here: a CPU process never loads Triton
         from qlora_pipeline.kernels.rope_triton import rope_triton
 
         return rope_triton(x, cos, sin, backward=False)
@@ -82,7 +83,7 @@ def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The Triton twin on CUDA (fp32 or bf16), the reference elsewhere."""
-    if _takes_triton(grad, cos):
+    if _takes_triton(grad):
         from qlora_pipeline.kernels.rope_triton import rope_triton
 
         return rope_triton(grad, cos, sin, backward=True)
@@ -142,14 +143,6 @@ def _dispatching(original: Callable[..., Any]) -> Callable[..., Any]:
     return apply_rotary_pos_emb
 
 
-def _source_has(obj: Any, lines: tuple[str, ...]) -> bool:
-    try:
-        source = inspect.getsource(obj)
-    except (OSError, TypeError):
-        return False
-    return all(line in source for line in lines)
-
-
 @cache
 def _family_module(cls: type) -> ModuleType | None:
     """The modeling module of an attention class that calls its family's rotate-half function, else None."""
@@ -157,9 +150,9 @@ def _family_module(cls: type) -> ModuleType | None:
     function = getattr(module, "apply_rotary_pos_emb", None)
     function = getattr(function, "qlora_original", function)
     rotate = getattr(module, "rotate_half", None)
-    if function is None or rotate is None or not _source_has(cls.forward, (CALL_FORM,)):
+    if function is None or rotate is None or not source_has(cls.forward, (CALL_FORM,)):
         return None
-    if not (_source_has(function, ROPE_FORM) and _source_has(rotate, ROTATE_HALF_FORM)):
+    if not (source_has(function, ROPE_FORM) and source_has(rotate, ROTATE_HALF_FORM)):
         return None
     return module
 

@@ -17,7 +17,6 @@ so a family or a transformers version that computes it differently keeps its own
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from functools import cache, partial
 from types import MethodType
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from qlora_pipeline.kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from qlora_pipeline.kernels.source_form import source_has
 from qlora_pipeline.kernels.swiglu import swiglu_backward, swiglu_forward
 
 RMSNORM_FORM = (
@@ -72,11 +72,7 @@ def recomputed_in_backward(fn: Callable[..., torch.Tensor], *inputs: torch.Tenso
 
 
 def _has_form(cls: type, lines: tuple[str, ...]) -> bool:
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return all(line in source for line in lines)
+    return source_has(cls.forward, lines)
 
 
 def _gate_times_up(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,7 @@ def test_a_patched_model_trains_bit_for_bit_as_the_unpatched_one(arch: str, monk
     assert calls == {"forward": 2 * layers, "backward": 2 * layers}
     assert all(torch.equal(a, b) for a, b in zip(_loss_and_grad(plain), want, strict=True))
     assert calls == {"forward": 2 * layers, "backward": 2 * layers}, "the unpatched model took the node"
-    monkeypatch.setattr(rope, "_takes_triton", lambda x, cos: True)
+    monkeypatch.setattr(rope, "_takes_triton", lambda x: True)
     assert all(torch.equal(a, b) for a, b in zip(_loss_and_grad(patched), want, strict=True))
     assert want[1].abs().sum() > 0
 

@@ -66,7 +66,7 @@ def test_the_twins_train_as_the_cpu_path_does(arch: str, monkeypatch: pytest.Mon
     monkeypatch.setattr(rmsnorm, "_takes_triton", lambda x, w: True)
     monkeypatch.setattr(dropout, "_triton_twin_applies", lambda device: True)
     monkeypatch.setattr(swiglu, "_takes_triton", lambda gate, up: True)
-    monkeypatch.setattr(rope, "_takes_triton", lambda x, cos: True)
+    monkeypatch.setattr(rope, "_takes_triton", lambda x: True)
     twins = _train(arch, 3)
     assert twins == pytest.approx(cpu, rel=1e-3) and cpu[-1] < cpu[0]
     model = AutoModelForCausalLM.from_config(tiny.tiny_config(arch))
