@@ -179,18 +179,23 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool(diff.le(4 * ref.double().abs().amax(-1, keepdim=True) * 2.0**-23).all())
 
 
-def _fwd_bwd_us(forward, backward, x: torch.Tensor, w: torch.Tensor, n: int) -> float:
-    """Median wall time of one forward and its backward (y's own values as its gradient), synchronized, in µs."""
+def _median_us(run, device: torch.device, n: int) -> float:
+    """Median wall time of `run()`, synchronized, in µs."""
     times = []
     for _ in range(n):
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        backward(x, w, 1e-5, forward(x, w, 1e-5))
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return round(sorted(times)[n // 2] * 1e6, 1)
+
+
+def _rmsnorm_fwd_bwd(forward, backward, x: torch.Tensor, w: torch.Tensor) -> None:
+    """One forward and its backward, y's own values as its gradient."""
+    backward(x, w, 1e-5, forward(x, w, 1e-5))
 
 
 def check_rmsnorm(device: torch.device, shapes: list[tuple[int, int]], timed: int) -> list[dict]:
@@ -207,25 +212,17 @@ def check_rmsnorm(device: torch.device, shapes: list[tuple[int, int]], timed: in
             ok = all(_close(a, b) for a, b in ((y, ref_y), (dx, ref_dx)))
             row = {"check": "rmsnorm", "shape": [rows, cols], "dtype": str(dtype)[6:], "ok": ok}
             if timed:
-                twin = _fwd_bwd_us(rmsnorm_forward_triton, rmsnorm_backward_triton, xd, wd, timed)
-                torch_ops = _fwd_bwd_us(rmsnorm_forward_reference, rmsnorm_backward_reference, xd, wd, timed)
+                twin = _median_us(
+                    partial(_rmsnorm_fwd_bwd, rmsnorm_forward_triton, rmsnorm_backward_triton, xd, wd), device, timed
+                )
+                torch_ops = _median_us(
+                    partial(_rmsnorm_fwd_bwd, rmsnorm_forward_reference, rmsnorm_backward_reference, xd, wd),
+                    device,
+                    timed,
+                )
                 row |= {"fwd_bwd_us_twin": twin, "fwd_bwd_us_torch_ops": torch_ops}
             out.append(row)
     return out
-
-
-def _median_us(run, device: torch.device, n: int) -> float:
-    """Median wall time of `run()`, synchronized, in µs."""
-    times = []
-    for _ in range(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return round(sorted(times)[n // 2] * 1e6, 1)
 
 
 def _rope_twin(x, g, cos, sin) -> None:
