@@ -17,7 +17,10 @@
 - the Triton rotary embedding, forward and backward, against ``qlora_pipeline.kernels.rope``'s reference on the CPU,
   bit for bit, on q as the attention hands it (a head-major view of token-major rows); timed against the torch ops;
 - the Triton SwiGLU, forward and both gradients, against ``qlora_pipeline.kernels.swiglu``'s reference on the CPU,
-  within one rounding as the RMSNorm (its exponential is not torch's); timed against the torch ops.
+  within one rounding as the RMSNorm (its exponential is not torch's); timed against the torch ops;
+- A's and B's gradient products written in fp32 from bf16 inputs (``qlora_pipeline.kernels.lora_fused.widening_mm``:
+  one launch where cuBLAS takes ``out_dtype``) against the reference's 16-bit product and cast: no farther from
+  the fp64 product than the reference is; with the path taken and both timed.
 
 With ``--device cpu`` the same checks run through the Triton interpreter at small sizes (a dry run of the script;
 set TRITON_INTERPRET=1 before Python starts, which this script does for itself). Exit 1 if any check fails.
@@ -42,6 +45,7 @@ from checkout import ensure_importable
 ensure_importable()
 
 from qlora_pipeline.kernels.dynamic_map import requantize_blockwise  # noqa: E402
+from qlora_pipeline.kernels.lora_fused import widening_mm, widening_mm_is_one_launch  # noqa: E402
 from qlora_pipeline.kernels.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 from qlora_pipeline.kernels.nf4_triton import TILE_BLOCKS_GPU, dequantize_nf4_triton  # noqa: E402
 from qlora_pipeline.kernels.optim.adam8bit_triton import adamw8bit_update_triton  # noqa: E402
@@ -284,6 +288,33 @@ def check_swiglu(device: torch.device, shapes: list[tuple[int, int]], timed: int
     return out
 
 
+def _cast_product(m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    return (m1 @ m2).float()
+
+
+def check_widening_mm(device: torch.device, shapes: list[tuple[int, int, int]], timed: int) -> list[dict]:
+    """A's gradient product (r x tokens @ tokens x in) and B's (out x tokens @ tokens x r), bf16 in, fp32 out."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n in shapes:
+        m1 = torch.randn(k, m, generator=gen).to(torch.bfloat16).t()  # a transposed view, as du.t() and g.t()
+        m2 = torch.randn(k, n, generator=gen).to(torch.bfloat16)
+        exact = m1.double() @ m2.double()
+        ref = _cast_product(m1, m2)
+        d1, d2 = m1.to(device), m2.to(device)
+        got = widening_mm(d1, d2, torch.float32).cpu()
+        err_ref, err_got = ((t.double() - exact).abs().max().item() for t in (ref, got))
+        path = "out_dtype" if widening_mm_is_one_launch(device, torch.bfloat16, torch.float32) else "cast"
+        ok = got.dtype == torch.float32 and err_got <= err_ref
+        row = {"check": "widening_mm", "shape": [m, k, n], "path": path, "ok": ok}
+        row |= {"max_err_got": err_got, "max_err_reference": err_ref}
+        if timed:
+            row["us_widening"] = _median_us(partial(widening_mm, d1, d2, torch.float32), device, timed)
+            row["us_product_then_cast"] = _median_us(partial(_cast_product, d1, d2), device, timed)
+        out.append(row)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -304,6 +335,9 @@ def main() -> int:
     )
     checks += check_swiglu(
         device, [(754, 1536), (754, 14336)] if big else [(6, 1536), (3, 101)], timed=200 if big else 3
+    )
+    checks += check_widening_mm(
+        device, [(16, 754, 576), (576, 754, 16), (16, 754, 4096)] if big else [(16, 37, 64)], timed=200 if big else 3
     )
     where = torch.cuda.get_device_name(device) if big else f"cpu, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
     report = {

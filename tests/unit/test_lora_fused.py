@@ -10,7 +10,13 @@ from torch import nn
 from qlora_pipeline.kernels.dropout import FastDropout, SeededMask
 from qlora_pipeline.kernels.linear4bit import Linear4bit, cache_dequantized_weights
 from qlora_pipeline.kernels.lora import LoraLinear
-from qlora_pipeline.kernels.lora_fused import add_lora_branch, frozen_linear_with_lora
+from qlora_pipeline.kernels.lora_fused import (
+    _widening_mm_probe,
+    add_lora_branch,
+    frozen_linear_with_lora,
+    widening_mm,
+    widening_mm_is_one_launch,
+)
 from qlora_pipeline.kernels.nf4 import quantize_nf4
 
 IN, OUT, R = 128, 40, 4
@@ -90,3 +96,19 @@ def test_lora_over_nf4_trains_through_the_one_node_and_other_bases_keep_two() ->
     assert type(plain(x).grad_fn).__name__ == "_LoraBranchAddBackward"
     other = LoraLinear(_base(torch.float32, False), r=R, alpha=8, compute_dtype=torch.bfloat16)
     assert type(other(x).grad_fn).__name__ != "_FrozenLinearLoraAddBackward"
+
+
+def test_gradient_products_in_the_masters_dtype_are_the_reference_where_mm_cannot_widen() -> None:
+    """A's and B's gradients: a 16-bit product written in fp32. A CPU has no ``torch.mm(..., out_dtype=)`` (torch
+    registers it for CUDA only), so it takes the reference, the product then the cast, bit for bit; a device the
+    probe cannot read a product back from (meta) keeps it too, and fp32 inputs never ask."""
+    gen = torch.Generator().manual_seed(0)
+    m1 = torch.randn(37, 16, generator=gen).to(torch.bfloat16).t()  # a transposed view, as du.t() in backward
+    m2 = torch.randn(37, 64, generator=gen).to(torch.bfloat16)
+    got = widening_mm(m1, m2, torch.float32)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, (m1 @ m2).float())
+    assert torch.equal(widening_mm(m1, m2, torch.bfloat16), m1 @ m2)
+    assert not widening_mm_is_one_launch(torch.device("cpu"), torch.bfloat16, torch.float32)
+    assert not widening_mm_is_one_launch(torch.device("cuda"), torch.float32, torch.float32)
+    assert not _widening_mm_probe(torch.device("meta"), torch.bfloat16, torch.float32)
