@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qlora_pipeline.kernels.attention import additive_mask
+from qlora_pipeline.kernels.attention import additive_mask, sdpa_bias
 from qlora_pipeline.kernels.fused_ce import DEFAULT_CHUNK, frozen_head_cross_entropy
 from qlora_pipeline.kernels.lora import module_device
 from qlora_pipeline.stages.lm.batching import Batch, collate, eval_batches
@@ -38,7 +38,8 @@ def attention_types(config: Any) -> tuple[tuple[str, ...], bool]:
 def device_attention_masks(model: Any, batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:
     """The masks transformers would build for this batch, built on its device without reading anything back: causal,
     and within a packed row's example (examples start where the position ids are 0) or a padded row's real tokens;
-    sliding-window layers also see no further back than the window. Boolean for SDPA, additive for eager."""
+    sliding-window layers also see no further back than the window. As SDPA's float bias (once a forward pass,
+    not once a layer) or eager's additive mask."""
     ids = batch.input_ids
     width, device = ids.shape[1], ids.device
     pos = torch.arange(width, device=device)
@@ -55,8 +56,8 @@ def device_attention_masks(model: Any, batch: Batch) -> torch.Tensor | dict[str,
     masks = {}
     for kind in types:
         m = keep & (distance < config.sliding_window)[None, None] if kind == "sliding_attention" else keep
-        if config._attn_implementation != "sdpa":  # eager: additive
-            m = additive_mask(m, dtype)
+        # eager: transformers' additive mask; SDPA: the bias it would convert a bool mask to in every layer
+        m = sdpa_bias(m, dtype) if config._attn_implementation == "sdpa" else additive_mask(m, dtype)
         masks[kind] = m
     return masks if per_type else masks[types[0]]
 

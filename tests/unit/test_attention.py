@@ -16,6 +16,7 @@ from qlora_pipeline.kernels.attention import (
     SHORT_KEYS,
     KeyTile,
     attended_key_tiles,
+    sdpa_bias,
     short_attention,
     use_cpu_training_attention,
 )
@@ -191,3 +192,23 @@ def test_one_mask_is_planned_once_for_every_layer_and_anew_when_it_changes(monke
     mask = _packed_keep([[150], [150]])
     against_sdpa()
     assert len(planned) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_sdpa_bias_built_once_gives_sdpa_its_own_bits(dtype: torch.dtype) -> None:
+    """A packed row's mask (two examples, then padding attending itself) as the float bias handed to every layer:
+    SDPA's output and gradients are those it gives the bool mask, which it converts to this bias in every call."""
+    torch.manual_seed(0)
+    segment = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])
+    pos = torch.arange(8)
+    keep = ((pos[:, None] >= pos[None, :]) & (segment[:, None] == segment[None, :]))[None, None]
+    bias = sdpa_bias(keep, dtype)
+    assert bias.dtype == dtype and set(bias.unique().tolist()) == {0.0, float("-inf")}
+    q, k, v = (torch.randn(2, 3, 8, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 3, 8, 16, dtype=dtype)
+    results = []
+    for mask in (keep, bias):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), g)))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
