@@ -14,8 +14,9 @@
   bit for bit (its row sums run in another order) but within one rounding (bf16: at most one unit in the last place,
   99 % of elements the same bits; fp32: 4 units of the row's largest value); with the time of a forward + backward
   against the reference's torch ops on the same device (host-bound steps pay per launch: 2 launches against 26);
-- the Triton rotary embedding, forward and backward, against ``qlora_pipeline.kernels.rope``'s reference on the CPU,
-  bit for bit, on q as the attention hands it (a head-major view of token-major rows); timed against the torch ops;
+- the Triton rotary embedding of q and k in one launch, forward and backward, against ``qlora_pipeline.kernels.rope``'s
+  reference on the CPU, bit for bit, on q and k as the attention hands them (head-major views of token-major rows,
+  SmolLM2's and Llama-3-8B's head counts); timed against the torch ops;
 - the Triton SwiGLU, forward and both gradients, against ``qlora_pipeline.kernels.swiglu``'s reference on the CPU,
   within one rounding as the RMSNorm (its exponential is not torch's); timed against the torch ops;
 - A's and B's gradient products written in fp32 from bf16 inputs (``qlora_pipeline.kernels.lora_fused.widening_mm``:
@@ -229,12 +230,13 @@ def check_rmsnorm(device: torch.device, shapes: list[tuple[int, int]], timed: in
     return out
 
 
-def _rope_twin(x, g, cos, sin) -> None:
-    rope_triton(x, cos, sin, backward=False), rope_triton(g, cos, sin, backward=True)
+def _rope_twin(q, k, gq, gk, cos, sin) -> None:
+    rope_triton((q, k), cos, sin, backward=False), rope_triton((gq, gk), cos, sin, backward=True)
 
 
-def _rope_ops(x, g, cos, sin) -> None:
-    rope_forward_reference(x, cos, sin), rope_backward_reference(g, cos, sin)
+def _rope_ops(q, k, gq, gk, cos, sin) -> None:
+    for x, g in ((q, gq), (k, gk)):
+        rope_forward_reference(x, cos, sin), rope_backward_reference(g, cos, sin)
 
 
 def _swiglu_twin(gate, up, grad) -> None:
@@ -245,25 +247,33 @@ def _swiglu_ops(gate, up, grad) -> None:
     swiglu_forward_reference(gate, up), swiglu_backward_reference(gate, up, grad)
 
 
-def check_rope(device: torch.device, shapes: list[tuple[int, int, int, int]], timed: int) -> list[dict]:
-    """(batch, heads, tokens, head_dim) shapes; x a head-major view of token-major rows, cos and sin per row."""
+def check_rope(device: torch.device, shapes: list[tuple[int, int, int, int, int]], timed: int) -> list[dict]:
+    """(batch, q heads, k heads, tokens, head_dim) shapes; q and k head-major views of token-major rows, as the
+    attention hands them, rotated together in one launch; cos and sin per row."""
     out = []
     gen = torch.Generator().manual_seed(0)
-    for batch, heads, tokens, head_dim in shapes:
+    for batch, q_heads, k_heads, tokens, head_dim in shapes:
         for dtype in (torch.bfloat16, torch.float32):
-            x = torch.randn(batch, tokens, heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
-            g = torch.randn(batch, heads, tokens, head_dim, generator=gen).to(dtype)
+            q, k = (
+                torch.randn(batch, tokens, heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
+                for heads in (q_heads, k_heads)
+            )
+            gq, gk = (
+                torch.randn(batch, heads, tokens, head_dim, generator=gen).to(dtype) for heads in (q_heads, k_heads)
+            )
             angles = torch.rand(batch, tokens, head_dim // 2, generator=gen).double() * 4096
             emb = torch.cat((angles, angles), dim=-1)
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            ref = rope_forward_reference(x, cos, sin), rope_backward_reference(g, cos, sin)
-            xd, gd, cd, sd = (t.to(device) for t in (x, g, cos, sin))
-            got = rope_triton(xd, cd, sd, backward=False), rope_triton(gd, cd, sd, backward=True)
+            ref = [rope_forward_reference(x, cos, sin) for x in (q, k)]
+            ref += [rope_backward_reference(g, cos, sin) for g in (gq, gk)]
+            qd, kd, gqd, gkd, cd, sd = (t.to(device) for t in (q, k, gq, gk, cos, sin))
+            got = [*rope_triton((qd, kd), cd, sd, backward=False), *rope_triton((gqd, gkd), cd, sd, backward=True)]
             ok = all(same_bits(a.cpu(), b) for a, b in zip(got, ref, strict=True))
-            row = {"check": "rope", "shape": [batch, heads, tokens, head_dim], "dtype": str(dtype)[6:], "ok": ok}
+            row = {"check": "rope", "shape": [batch, q_heads, k_heads, tokens, head_dim], "dtype": str(dtype)[6:]}
+            row["ok"] = ok
             if timed:
-                twin = _median_us(partial(_rope_twin, xd, gd, cd, sd), device, timed)
-                ops = _median_us(partial(_rope_ops, xd, gd, cd, sd), device, timed)
+                twin = _median_us(partial(_rope_twin, qd, kd, gqd, gkd, cd, sd), device, timed)
+                ops = _median_us(partial(_rope_ops, qd, kd, gqd, gkd, cd, sd), device, timed)
                 row |= {"fwd_bwd_us_twin": twin, "fwd_bwd_us_torch_ops": ops}
             out.append(row)
     return out
@@ -331,7 +341,7 @@ def main() -> int:
     checks += check_adamw32_vs_torch(device, [*small, 2**20 + 3], steps=5)
     checks += check_rmsnorm(device, [(754, 576), (754, 4096)] if big else [(6, 576), (3, 100)], timed=200 if big else 3)
     checks += check_rope(
-        device, [(8, 9, 94, 64), (8, 32, 94, 128)] if big else [(2, 3, 7, 64)], timed=200 if big else 3
+        device, [(8, 9, 3, 94, 64), (8, 32, 8, 94, 128)] if big else [(2, 3, 1, 7, 64)], timed=200 if big else 3
     )
     checks += check_swiglu(
         device, [(754, 1536), (754, 14336)] if big else [(6, 1536), (3, 101)], timed=200 if big else 3

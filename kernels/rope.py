@@ -1,6 +1,6 @@
 """Rotary position embedding in its rotate-half form (transformers' ``apply_rotary_pos_emb`` for Llama, Mistral,
-Qwen2/3 and Gemma 1-3) as one autograd node a tensor: the torch reference here, on CUDA its Triton twin
-(kernels/rope_triton.py), one launch a tensor and direction.
+Qwen2/3 and Gemma 1-3) as one autograd node for q and k: the torch reference here, on CUDA its Triton twin
+(kernels/rope_triton.py), one launch for both tensors a direction.
 
 Why: transformers writes it as ``q * cos + rotate_half(q) * sin``, five torch ops a tensor forward (a negation, a
 concatenation, two products, a sum) and, through autograd, two products, a negation and two zero-padded slice
@@ -72,36 +72,39 @@ def _takes_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16) and x.shape[-1] <= TRITON_MAX_HEAD_DIM
 
 
-def rope_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The Triton twin on CUDA (fp32 or bf16), the reference elsewhere."""
-    if _takes_triton(x):  # imported here: a CPU process never loads Triton
+def rope_forward(xs: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of `xs` (q and k, or one tensor) rotated: the Triton twin on CUDA (fp32 or bf16; one launch for all),
+    the reference elsewhere."""
+    if all(_takes_triton(x) for x in xs):  # imported here: a CPU process never loads Triton
         from qlora_pipeline.kernels.rope_triton import rope_triton
 
-        return rope_triton(x, cos, sin, backward=False)
-    return rope_forward_reference(x, cos, sin)
+        return rope_triton(xs, cos, sin, backward=False)
+    return tuple(rope_forward_reference(x, cos, sin) for x in xs)
 
 
-def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The Triton twin on CUDA (fp32 or bf16), the reference elsewhere."""
-    if _takes_triton(grad):
+def rope_backward(grads: tuple[torch.Tensor, ...], cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each input's gradient from its output's: the Triton twin on CUDA (one launch for all), the reference
+    elsewhere."""
+    if all(_takes_triton(g) for g in grads):
         from qlora_pipeline.kernels.rope_triton import rope_triton
 
-        return rope_triton(grad, cos, sin, backward=True)
-    return rope_backward_reference(grad, cos, sin)
+        return rope_triton(grads, cos, sin, backward=True)
+    return tuple(rope_backward_reference(g, cos, sin) for g in grads)
 
 
 class _RotaryEmbedding(torch.autograd.Function):
-    """One tensor's rotation; keeps cos and sin (shared by every layer), as autograd does."""
+    """q's and k's rotation (or one tensor's) as one node; keeps cos and sin (shared by every layer), as autograd
+    does. An output nobody reads gets a zero gradient (autograd materializes it), rotated back to zero."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, cos: torch.Tensor, sin: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(cos, sin)
-        return rope_forward(x, cos, sin)
+        return rope_forward(xs, cos, sin)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grads: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return rope_backward(grad, cos, sin), None, None
+        return None, None, *rope_backward(grads, cos, sin)
 
 
 def _fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -119,9 +122,10 @@ def _fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     )
 
 
-def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x rotated as transformers rotates it, as one autograd node (shapes as :func:`_fits` says)."""
-    return _RotaryEmbedding.apply(x, cos, sin)
+def rotary_embedding(*xs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q and k (or one tensor) rotated as transformers rotates them, as one autograd node (shapes as :func:`_fits`
+    says)."""
+    return _RotaryEmbedding.apply(cos, sin, *xs)
 
 
 def _dispatching(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -136,7 +140,7 @@ def _dispatching(original: Callable[..., Any]) -> Callable[..., Any]:
             and _fits(q, cos, sin)
             and _fits(k, cos, sin)
         ):
-            return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
+            return rotary_embedding(q, k, cos=cos, sin=sin)
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.qlora_original = original  # type: ignore[attr-defined]

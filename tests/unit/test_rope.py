@@ -73,22 +73,52 @@ def test_the_twin_gives_the_references_bits(dtype, shape, token_major: bool, sha
     if shared_positions:
         cos, sin = cos[:1], sin[:1]
     g = _qkv(batch, heads, tokens, head_dim, dtype, not token_major, 4)[0]
-    y = rope_triton.rope_triton(x, cos, sin, backward=False)
-    dx = rope_triton.rope_triton(g, cos, sin, backward=True)
+    (y,) = rope_triton.rope_triton((x,), cos, sin, backward=False)
+    (dx,) = rope_triton.rope_triton((g,), cos, sin, backward=True)
     assert y.shape == x.shape and y.dtype == dtype and y.transpose(1, 2).is_contiguous()
     assert torch.equal(y, rope_forward_reference(x, cos, sin))
     assert torch.equal(dx, rope_backward_reference(g, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("heads", [(9, 3), (2, 5)], ids=["gqa", "k-wider"])
+def test_q_and_k_in_one_launch_are_each_ones_bits(dtype: torch.dtype, heads: tuple[int, int]) -> None:
+    """q and k rotated together (the first programs q's rows, the rest k's; q's ragged last tile must not spill
+    into k's), both directions: each the reference's bits, and k's layout may differ from q's."""
+    q, cos, sin = _qkv(2, heads[0], 37, 64, dtype, True, 7)
+    k = _qkv(2, heads[1], 37, 64, dtype, False, 8)[0]
+    launches = {"n": 0}
+    kernel = rope_triton._rope_kernel
+
+    class _Counted:
+        def __getitem__(self, grid):
+            launches["n"] += 1
+            return kernel[grid]
+
+    rope_triton._rope_kernel = _Counted()
+    try:
+        yq, yk = rope_triton.rope_triton((q, k), cos, sin, backward=False)
+        dq, dk = rope_triton.rope_triton((k.transpose(1, 2).contiguous().transpose(1, 2), q), cos, sin, backward=True)
+    finally:
+        rope_triton._rope_kernel = kernel
+    assert launches["n"] == 2
+    assert torch.equal(yq, rope_forward_reference(q, cos, sin)) and torch.equal(yk, rope_forward_reference(k, cos, sin))
+    assert torch.equal(dq, rope_backward_reference(k, cos, sin)) and torch.equal(
+        dk, rope_backward_reference(q, cos, sin)
+    )
 
 
 def test_the_gpu_tile_gives_the_interpreters_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows are independent: a GPU launch's tile (64 heads of 64 a program) gives the interpreter's bits, ragged
     last tile included."""
     x, cos, sin = _qkv(2, 9, 37, 64, BF16, True, 5)
-    default = rope_triton.rope_triton(x, cos, sin, backward=False)
+    k = _qkv(2, 3, 37, 64, BF16, True, 9)[0]
+    default = rope_triton.rope_triton((x, k), cos, sin, backward=False)
     real = rope_triton._launch_shape
     monkeypatch.setattr(rope_triton, "_launch_shape", lambda rows, cols, on_gpu: real(rows, cols, True))
     assert rope_triton._launch_shape(2 * 9 * 37, 64, False)[1] == 64
-    assert torch.equal(rope_triton.rope_triton(x, cos, sin, backward=False), default)
+    gpu_tile = rope_triton.rope_triton((x, k), cos, sin, backward=False)
+    assert all(torch.equal(a, b) for a, b in zip(gpu_tile, default, strict=True))
 
 
 def _tiny_model(arch: str) -> torch.nn.Module:
@@ -122,9 +152,9 @@ def test_a_patched_model_trains_bit_for_bit_as_the_unpatched_one(arch: str, monk
     for name in ("forward", "backward"):
         count_calls(monkeypatch, rope, f"rope_{name}", calls, name)
     assert all(torch.equal(a, b) for a, b in zip(_loss_and_grad(patched), want, strict=True))
-    assert calls == {"forward": 2 * layers, "backward": 2 * layers}
+    assert calls == {"forward": layers, "backward": layers}  # q and k in one call
     assert all(torch.equal(a, b) for a, b in zip(_loss_and_grad(plain), want, strict=True))
-    assert calls == {"forward": 2 * layers, "backward": 2 * layers}, "the unpatched model took the node"
+    assert calls == {"forward": layers, "backward": layers}, "the unpatched model took the node"
     monkeypatch.setattr(rope, "_takes_triton", lambda x: True)
     assert all(torch.equal(a, b) for a, b in zip(_loss_and_grad(patched), want, strict=True))
     assert want[1].abs().sum() > 0
@@ -149,7 +179,8 @@ def test_a_call_the_node_does_not_take_falls_back_to_the_original() -> None:
     finally:
         rope._TWIN_ON.reset(token)
     assert not rope._fits(x, cos[..., :4], sin[..., :4])
-    assert torch.equal(rotary_embedding(x, cos.detach(), sin), rope_forward_reference(x, cos.detach(), sin))
+    (y,) = rotary_embedding(x, cos=cos.detach(), sin=sin)
+    assert torch.equal(y, rope_forward_reference(x, cos.detach(), sin))
 
 
 _PTX_PROBE = """
@@ -161,8 +192,9 @@ ptr = {0: "*fp32", 1: "*i16"}  # bf16 travels as int16 bits
 for backward in (False, True):
     for kind in (0, 1):
         for fusion in (False, True):
-            sig = {**{p: ptr[kind] for p in ("x_ptr", "cos_ptr", "sin_ptr", "y_ptr")},
-                   **{n: "i32" for n in ("n_rows", "heads", "tokens", "stride_xb", "stride_xh", "stride_xt",
+            sig = {**{p: ptr[kind] for p in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "yq_ptr", "yk_ptr")},
+                   **{n: "i32" for n in ("q_tiles", "q_rows", "k_rows", "q_heads", "k_heads", "tokens", "stride_qb",
+                                          "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_kt",
                                           "stride_cb", "head_dim", "half")},
                    "KIND_X": "constexpr", "BACKWARD": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"}
             const = {"KIND_X": kind, "BACKWARD": backward, "ROWS": 64, "BLOCK": 64}
