@@ -8,15 +8,21 @@ on a GPU), ours and bnb+peft, on the same batch.
 Builds each stack exactly as bench/bench_train.py does (SmolLM2 from artifacts/prepare and artifacts/quantize,
 LoRA r=16 on all 7 projections, gradient checkpointing, paged AdamW 32-bit or ``--optimizer``'s; bnb+peft under bf16
 autocast as HF Trainer with bf16=True), runs two warm-up steps on HF-style random batches (or ours packed as
-train.packing packs them: ``--batching packed``), then profiles the third. Each stack in its own subprocess. Writes
+train.packing packs them: ``--batching packed``), then times the third without a profiler, profiles it (top ops)
+and runs it once more under cProfile (top Python functions by own time: where a launch-bound step's host time
+goes). Each stack in its own subprocess. Writes
 bench/results/profile_step-<tag>.txt (or --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +60,9 @@ def profile_one(args: argparse.Namespace) -> str:
         batches = [collate([rows[i] for i in next(stream)], 2).to(device) for _ in range(3)]
     for batch in batches[:2]:
         step(batch)
+    t0 = time.perf_counter()
+    step(batches[2])  # unprofiled: the step's wall time, which on a launch-bound GPU is its host time
+    plain_ms = (time.perf_counter() - t0) * 1000
     gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
@@ -67,7 +76,25 @@ def profile_one(args: argparse.Namespace) -> str:
     head = f"== {args.stack} on {device}: one step, {args.batching} batch {shape} ({batches[2].n_tokens} tokens), "
     head += f"{args.optimizer}, "
     head += f"loss {loss:.4f}, "
-    return head + f"self {'device' if gpu else 'CPU'} total {total_ms:.0f} ms ==\n{table}\n"
+    head += (
+        f"self {'device' if gpu else 'CPU'} total {total_ms:.0f} ms, unprofiled step {plain_ms:.0f} ms ==\n{table}\n"
+    )
+    return head + _host_profile(step, batches[2], args.rows)
+
+
+def _host_profile(step, batch, rows: int) -> str:
+    """The same step under cProfile: the Python functions by own time (the host work a launch-bound GPU step
+    waits on: our nodes, Triton's launcher, transformers' modules, the optimizer)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step(batch)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    body = text.getvalue()
+    return (
+        "-- host: Python functions by own time (cProfile, the same batch again) --\n" + body[body.index("   ncalls") :]
+    )
 
 
 def main() -> None:
