@@ -65,6 +65,7 @@ def widening_mm_is_one_launch(device: torch.device, in_dtype: torch.dtype, out_d
 
 @cache
 def _widening_mm_probe(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """One small widening product on `device` read back and checked (a host sync, once a device and dtypes)."""
     gen = torch.Generator().manual_seed(0)
     m1, m2 = (torch.randn(shape, generator=gen).to(in_dtype) for shape in ((8, 16), (16, 8)))
     try:

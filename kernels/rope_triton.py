@@ -25,25 +25,9 @@ from qlora_pipeline.kernels.triton_bits import KIND, bits_view, load_f32, round_
 
 @triton.jit
 def _rope_tile(
-    x_ptr,
-    cos_ptr,
-    sin_ptr,
-    y_ptr,
-    tile,
-    n_rows,
-    heads,
-    tokens,
-    stride_xb,
-    stride_xh,
-    stride_xt,
-    stride_cb,
-    head_dim,
-    half,
-    KIND_X: tl.constexpr,
-    BACKWARD: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    x_ptr, cos_ptr, sin_ptr, y_ptr, tile, n_rows, heads, tokens, stride_xb, stride_xh, stride_xt, stride_cb,
+    head_dim, half, KIND_X: tl.constexpr, BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     rows = tile.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # token-major: (batch, token, head)
     head = rows % heads
     token = (rows // heads) % tokens
@@ -74,32 +58,10 @@ def _rope_tile(
 
 @triton.jit
 def _rope_kernel(
-    q_ptr,
-    k_ptr,
-    cos_ptr,
-    sin_ptr,
-    yq_ptr,
-    yk_ptr,
-    q_tiles,
-    q_rows,
-    k_rows,
-    q_heads,
-    k_heads,
-    tokens,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_cb,
-    head_dim,
-    half,
-    KIND_X: tl.constexpr,
-    BACKWARD: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    q_ptr, k_ptr, cos_ptr, sin_ptr, yq_ptr, yk_ptr, q_tiles, q_rows, k_rows, q_heads, k_heads, tokens, stride_qb,
+    stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_cb, head_dim, half, KIND_X: tl.constexpr,
+    BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """The first `q_tiles` programs rotate q, the rest k (k_rows 0: q alone)."""
     pid = tl.program_id(0)
     if pid < q_tiles:
