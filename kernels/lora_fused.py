@@ -56,8 +56,8 @@ def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
 
 def widening_mm_is_one_launch(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(..., out_dtype=)`` runs here: registered for CUDA only (torch 2.8 on; a CPU raises
-    NotImplementedError), so a GPU is asked once per device and dtypes, with an 8 x 16 product checked against
-    the fp32 product of the same inputs. A refusal or a wrong value keeps the reference path."""
+    NotImplementedError), so a GPU is asked once per device and dtypes, with an (8 x 16) @ (16 x 8) product
+    checked against the fp32 product of the same inputs. A refusal or a wrong value keeps the reference path."""
     if device.type != "cuda" or in_dtype not in (torch.bfloat16, torch.float16) or out_dtype != torch.float32:
         return False
     return _widening_mm_probe(device, in_dtype, out_dtype)
@@ -65,14 +65,15 @@ def widening_mm_is_one_launch(device: torch.device, in_dtype: torch.dtype, out_d
 
 @cache
 def _widening_mm_probe(device: torch.device, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """One small widening product on `device` read back and checked (a host sync, once a device and dtypes)."""
+    """One small widening product on `device` read back and checked (a host sync, once a device and dtypes); its
+    first factor a transposed view, as the gradients' ``g.t()`` and ``du.t()`` are."""
     gen = torch.Generator().manual_seed(0)
-    m1, m2 = (torch.randn(shape, generator=gen).to(in_dtype) for shape in ((8, 16), (16, 8)))
+    m1, m2 = (torch.randn(shape, generator=gen).to(in_dtype) for shape in ((16, 8), (16, 8)))
     try:
-        got = torch.mm(m1.to(device), m2.to(device), out_dtype=out_dtype).cpu()
+        got = torch.mm(m1.to(device).t(), m2.to(device), out_dtype=out_dtype).cpu()
     except (RuntimeError, NotImplementedError, TypeError):
         return False
-    return got.dtype == out_dtype and torch.allclose(got, m1.float() @ m2.float(), rtol=1e-5, atol=1e-5)
+    return got.dtype == out_dtype and torch.allclose(got, m1.float().t() @ m2.float(), rtol=1e-5, atol=1e-5)
 
 
 def widening_mm(m1: torch.Tensor, m2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
