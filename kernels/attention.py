@@ -44,21 +44,18 @@ ATTENTION_NAME = "qlora_cpu_training"
 """The name this attention is registered under in transformers' attention interface."""
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask (True = attend) as the additive one transformers' eager attention adds: 0 where a score is kept,
-    the dtype's minimum where it is masked (not -inf: a row that attends nowhere gets finite scores, not NaN). A
-    float mask is taken as additive already."""
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype, masked_score: float | None = None) -> torch.Tensor:
+    """A bool mask (True = attend) as an additive one: 0 where a score is kept, `masked_score` where it is masked.
+
+    By default the dtype's minimum, as transformers' eager attention adds it (not -inf: a row that attends nowhere
+    gets finite scores, not NaN). With -inf it is the float bias torch's SDPA turns a bool mask into on every call:
+    built once for a forward pass and handed to every layer, it spares each layer's attention that conversion (two
+    scalar fills and a ``where``: 90 launches a SmolLM2 forward on a GPU), with the same values, so the same
+    probabilities bit for bit. A float mask is taken as additive already."""
     if mask.dtype != torch.bool:
         return mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-
-
-def sdpa_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask (True = attend) as the float bias torch's SDPA turns it into on every call: 0 where a score is
-    kept, -inf where it is masked, in the queries' dtype. Built once for a forward pass and handed to every layer,
-    it spares each layer's attention that conversion (two scalar fills and a ``where``: 90 launches a SmolLM2
-    forward on a GPU), with the same values, so the same probabilities bit for bit."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    fill = torch.finfo(dtype).min if masked_score is None else masked_score
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, fill)
 
 
 def _masked_scores(grouped: torch.Tensor, key: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:

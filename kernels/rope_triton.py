@@ -108,7 +108,7 @@ def rope_triton(
     tiles = [triton.cdiv(n, rows) for n in n_rows]
     (q, k), (yq, yk) = (xs * 2)[:2], (ys * 2)[:2]  # q alone: k is q again, with no rows of its own
     k_rows = n_rows[1] if len(xs) == 2 else 0
-    _rope_kernel[(sum(tiles[: len(xs)]),)](
+    _rope_kernel[(sum(tiles),)](
         bits_view(q), bits_view(k), bits_view(cos), bits_view(sin), bits_view(yq), bits_view(yk), tiles[0],
         n_rows[0], k_rows, q.shape[1], k.shape[1], tokens, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
         k.stride(1), k.stride(2), 0 if cos.shape[0] == 1 else tokens * head_dim, head_dim, head_dim // 2,

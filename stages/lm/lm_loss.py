@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qlora_pipeline.kernels.attention import additive_mask, sdpa_bias
+from qlora_pipeline.kernels.attention import additive_mask
 from qlora_pipeline.kernels.fused_ce import DEFAULT_CHUNK, frozen_head_cross_entropy
 from qlora_pipeline.kernels.lora import module_device
 from qlora_pipeline.stages.lm.batching import Batch, collate, eval_batches
@@ -56,8 +56,8 @@ def device_attention_masks(model: Any, batch: Batch) -> torch.Tensor | dict[str,
     masks = {}
     for kind in types:
         m = keep & (distance < config.sliding_window)[None, None] if kind == "sliding_attention" else keep
-        # eager: transformers' additive mask; SDPA: the bias it would convert a bool mask to in every layer
-        m = sdpa_bias(m, dtype) if config._attn_implementation == "sdpa" else additive_mask(m, dtype)
+        # eager: transformers' additive mask; SDPA: the bias (-inf) it would convert a bool mask to in every layer
+        m = additive_mask(m, dtype, float("-inf") if config._attn_implementation == "sdpa" else None)
         masks[kind] = m
     return masks if per_type else masks[types[0]]
 

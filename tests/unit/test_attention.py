@@ -15,8 +15,8 @@ from qlora_pipeline.kernels.attention import (
     QUERY_TILE,
     SHORT_KEYS,
     KeyTile,
+    additive_mask,
     attended_key_tiles,
-    sdpa_bias,
     short_attention,
     use_cpu_training_attention,
 )
@@ -202,7 +202,7 @@ def test_the_sdpa_bias_built_once_gives_sdpa_its_own_bits(dtype: torch.dtype) ->
     segment = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])
     pos = torch.arange(8)
     keep = ((pos[:, None] >= pos[None, :]) & (segment[:, None] == segment[None, :]))[None, None]
-    bias = sdpa_bias(keep, dtype)
+    bias = additive_mask(keep, dtype, float("-inf"))
     assert bias.dtype == dtype and set(bias.unique().tolist()) == {0.0, float("-inf")}
     q, k, v = (torch.randn(2, 3, 8, 16, dtype=dtype, requires_grad=True) for _ in range(3))
     g = torch.randn(2, 3, 8, 16, dtype=dtype)
