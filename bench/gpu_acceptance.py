@@ -19,7 +19,8 @@ order (`--only` picks some; a step that fails is reported and the next one still
    prepare's tokenizer and data (`--bench-artifacts`), not SmolLM2's weights;
 4. bench/bench_dequant.py: 4096x14336 NF4+DQ → bf16 with the L2 flushed, µs, TB/s and % of the measured copy
    bandwidth, the 1-D and the 2-D tile Triton kernels;
-5. bench/profile_step.py on the device (`profile`): one SmolLM2 step of each stack, top ops by self device time.
+5. bench/profile_step.py on the device (`profile`): one SmolLM2 step of each stack, its unprofiled wall time, top
+   ops by self device time and top Python functions by own time (cProfile: where the host time goes).
 
 `--device cpu` is the dry run of every step at CPU sizes (Triton through its interpreter, 3-step benches, a one-block
 8B-shaped model); it writes the CPU reference losses for step 2. Results: gpu-*.json (GPU) or gpu-*-cpu.json (dry
