@@ -57,8 +57,8 @@ def inject_train_lora(model: Any, t: TrainParams, dtype: torch.dtype) -> None:
 def adapt_for_training(model: Any, t: TrainParams, dtype: torch.dtype, device: torch.device) -> None:
     """What both trained models (the QLoRA model and the 16-bit baseline) get before their first step: on a CPU
     the three-op attention (kernels/attention.py), LoRA as `train` configures it, norms and gated MLPs that
-    keep only their inputs for backward (kernels/slim_activations.py), and the rotary embedding as one node a
-    tensor (kernels/rope.py: one launch a direction on CUDA)."""
+    keep only their inputs for backward (kernels/slim_activations.py), and the rotary embedding of q and k as one
+    node (kernels/rope.py: one launch for both a direction on CUDA)."""
     from qlora_pipeline.kernels.attention import use_cpu_training_attention
     from qlora_pipeline.kernels.rope import fuse_rotary_embedding
     from qlora_pipeline.kernels.slim_activations import slim_saved_activations
