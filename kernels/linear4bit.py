@@ -68,6 +68,17 @@ class _NF4Linear(torch.autograd.Function):
 
 _NF4_STATE = ("packed", "absmax", "nested_absmax", "nested_code")
 
+BYTES_AS_PARAMETER = torch.float8_e5m2
+"""The dtype whose view carries the uint8 codes (the packed weight, the double-quantized absmax) while they are
+parameters. FSDP2 wraps each shard in ``nn.Parameter(...)`` before it sets ``requires_grad``: torch 2.11 asks a new
+parameter to require grad, which no integer tensor can (2.13 passes ``requires_grad`` in). A 1-byte float view of
+the same bits is taken; FSDP2 all-gathers tensors of mixed dtypes as their bytes, and :attr:`Linear4bit.nf4` views
+them back to uint8, so no bit is ever read as a float."""
+
+
+def _codes(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return tensor.view(torch.uint8) if tensor is not None and tensor.dtype == BYTES_AS_PARAMETER else tensor
+
 
 class Linear4bit(nn.Module):
     """A frozen NF4 ``nn.Linear`` replacement; packed state lives in buffers so ``.to()`` moves it.
@@ -104,10 +115,11 @@ class Linear4bit(nn.Module):
 
     @property
     def nf4(self) -> NF4Weight:
-        """The weight as an NF4Weight built from the current buffers (so it follows ``.to(device)``)."""
+        """The weight as an NF4Weight built from the current buffers or parameters (so it follows ``.to(device)``
+        and FSDP2's gathers)."""
         return NF4Weight(
-            packed=self.packed,
-            absmax=self.absmax,
+            packed=_codes(self.packed),
+            absmax=_codes(self.absmax),
             nested_absmax=self.nested_absmax,
             nested_code=self.nested_code,
             **self._meta,
@@ -117,7 +129,8 @@ class Linear4bit(nn.Module):
         """Hold the packed state as frozen parameters instead of buffers, so FSDP2 shards it with the layer (it
         shards parameters only; each rank then keeps 1/N of the codes and absmax and gathers them around the
         layer's forward and backward). The nested code table is copied: a tensor shared by two layers cannot be
-        sharded by both. A dequantized cache is dropped: a rank holds only its shard of the weight."""
+        sharded by both. A dequantized cache is dropped: a rank holds only its shard of the weight. The uint8 codes
+        are held as a float view of their bytes (:data:`BYTES_AS_PARAMETER`)."""
         self.dequantized_cache = None
         for name in _NF4_STATE:
             tensor = self._buffers.pop(name)
@@ -126,6 +139,8 @@ class Linear4bit(nn.Module):
                 continue
             if name == "nested_code":
                 tensor = tensor.clone()
+            if tensor.dtype == torch.uint8:
+                tensor = tensor.view(BYTES_AS_PARAMETER)
             self._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
     def _apply(self, fn, recurse=True):

@@ -209,3 +209,21 @@ def test_cached_weight_computes_exactly_what_the_dequant_does() -> None:
     assert model[0].dequantized_cache is None and cached_weight_bytes(model) == one_layer
     model.to("meta")
     assert cached_weight_bytes(model) == 0
+
+
+def test_the_packed_state_as_parameters_survives_a_parameter_that_requires_grad() -> None:
+    """FSDP2 wraps each shard as ``nn.Parameter(shard)`` and sets ``requires_grad`` only afterwards in torch 2.11
+    (the GPU node's): held as parameters, every piece of the NF4 state must take that, and the layer must still
+    read the same bits and compute the same outputs."""
+    layer = _layer(bias=True)
+    before = layer.nf4
+    x = torch.randn(3, 80, generator=torch.Generator().manual_seed(2))
+    y_before = layer(x)
+    layer.store_as_parameters()
+    for name, p in layer.named_parameters():
+        assert nn.Parameter(p.detach()).requires_grad, name  # what torch 2.11's fully_shard does first
+    after = layer.nf4
+    for field in ("packed", "absmax", "nested_absmax", "nested_code"):
+        a, b = getattr(before, field), getattr(after, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
+    assert torch.equal(layer(x), y_before)
