@@ -33,7 +33,9 @@ class Family:
     gguf_layer_names: tuple[tuple[str, str], ...] = ()
     """Per-layer GGUF names that differ from Llama's (HF name under `model.layers.N.`, GGUF name under `blk.N.`)."""
     eager_attention: bool = False
-    """transformers runs its attention eagerly (no SDPA): the scores of every head are materialised (memory)."""
+    """Runs transformers' eager attention (no SDPA; the scores of every head are materialised, which the memory plan
+    counts): Gemma 2 soft-caps its scores, which SDPA cannot do. The loaders set it (kernels/attention.py,
+    :func:`use_family_attention`), whatever the installed transformers defaults to."""
     gguf_query_scale_27b_layers: int = 0
     """Gemma: llama.cpp scales queries by 1/sqrt(head_dim), except in the model with this many layers (the 27B), by
     1/sqrt(hidden / heads); a config whose `query_pre_attn_scalar` is neither cannot be written."""

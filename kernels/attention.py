@@ -255,6 +255,19 @@ def cpu_training_attention(
     )
 
 
+def use_family_attention(model: Any) -> Any:
+    """Put a model whose family needs eager attention (``Family.eager_attention``: Gemma 2, whose attention scores
+    are soft-capped) on it, whichever default the installed transformers picks. transformers 5.23 picks eager for
+    Gemma 2 by itself; 5.17 (a GPU node's image) picks SDPA, which drops the cap without a word, so the same weights
+    would train and be scored as another function than the one llama.cpp runs from our GGUF. Returns the model."""
+    from qlora_pipeline.kernels.architectures import family_of_class
+
+    family = family_of_class(type(model).__name__)
+    if family is not None and family.eager_attention and model.config._attn_implementation != "eager":
+        model.set_attn_implementation("eager")
+    return model
+
+
 def use_cpu_training_attention(model: Any) -> bool:
     """Switch a transformers model that uses SDPA to :func:`cpu_training_attention` (the same masks); models on
     another implementation (eager for soft-capped Gemma 2, say) keep theirs. Returns whether it switched."""

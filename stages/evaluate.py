@@ -27,7 +27,7 @@ from qlora_pipeline.stages.lm.conversations import Record
 from qlora_pipeline.stages.lm.data_report import data_section
 from qlora_pipeline.stages.lm.formatting import prompt_text
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss
-from qlora_pipeline.stages.lm.modelio import cast_parameters, pad_token_id
+from qlora_pipeline.stages.lm.modelio import cast_parameters, load_16bit_model, pad_token_id
 from qlora_pipeline.stages.lm.report import html_page, markdown_table
 
 STAGE = "evaluate"
@@ -68,18 +68,16 @@ def with_adapter(model: Any, adapter: Path) -> Any:
 def load_variant(name: str, ctx: StageContext, dtype: torch.dtype) -> Any:
     """Each model as it is served or trained (plain transformers for 16-bit folders, our loader for NF4), on the
     stage's device."""
-    from transformers import AutoModelForCausalLM
-
     from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model
     from qlora_pipeline.stages.lm.lora16 import ADAPTER
     from qlora_pipeline.stages.lm.lora_plan import LOFTQ_ADAPTER
 
     device = torch.device(ctx.device)
     if name in ("base_16bit", "lora16"):
-        model = AutoModelForCausalLM.from_pretrained(ctx.parent_dir("prepare") / "model", dtype=dtype).to(device)
+        model = load_16bit_model(ctx.parent_dir("prepare") / "model", dtype).to(device)
         return (with_adapter(model, ctx.parent_dir("train") / ADAPTER) if name == "lora16" else model).eval()
     if name == "merged":
-        return AutoModelForCausalLM.from_pretrained(ctx.parent_dir("merge") / "model", dtype=dtype).to(device)
+        return load_16bit_model(ctx.parent_dir("merge") / "model", dtype).to(device)
     nf4 = load_4bit_model(ctx.parent_dir("quantize") / "model", compute_dtype=dtype)
     model = cast_parameters(nf4, dtype, device)
     if name == "nf4_adapter":

@@ -25,7 +25,7 @@ from qlora_pipeline.stages.contract.stage import StageContext, execute
 from qlora_pipeline.stages.lm.batching import token_rows
 from qlora_pipeline.stages.lm.llama_reader import gguf_reply_loss
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss
-from qlora_pipeline.stages.lm.modelio import pad_token_id
+from qlora_pipeline.stages.lm.modelio import load_16bit_model, pad_token_id
 from qlora_pipeline.stages.lm.report import markdown_table
 
 STAGE = "export"
@@ -82,9 +82,7 @@ def calibration_ids(ctx: StageContext, n: int) -> list[torch.Tensor]:
 def load_merged(merged_dir: Path, device: torch.device) -> Any:
     """The merged 16-bit model for scoring: its bf16 values, computed in the device's compute dtype (fp32 on a CPU
     without bf16 arithmetic, where bf16 matmuls run ~24x slower: an exact upcast)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).eval()
+    model = load_16bit_model(merged_dir, torch.bfloat16).eval()
     return model.to(device=device, dtype=default_compute_dtype(device))
 
 

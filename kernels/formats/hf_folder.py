@@ -158,9 +158,12 @@ def meta_skeleton(config) -> nn.Module:
     """The HF causal-LM for ``config`` with meta parameters (no weight memory, no init cost) and real buffers.
 
     Built under ``torch.device("meta")`` (a per-thread context, nothing patched), then the computed buffers are
-    made real by :func:`_compute_buffers`. A ``quantization_config`` is dropped: callers build plain modules.
+    made real by :func:`_compute_buffers`. A ``quantization_config`` is dropped: callers build plain modules. The
+    attention is the one the family needs (kernels/attention.py, :func:`use_family_attention`).
     """
     from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.kernels.attention import use_family_attention
 
     config = type(config).from_dict(config.to_dict())
     if hasattr(config, "quantization_config"):
@@ -172,7 +175,7 @@ def meta_skeleton(config) -> nn.Module:
         arch = getattr(config, "architectures", None) or [config.model_type]
         raise ValueError(f"unsupported architecture {arch[0]}: {exc}") from None
     _compute_buffers(model)
-    return model
+    return use_family_attention(model)
 
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "LazyTensors", "ShardWriter", "meta_skeleton", "weight_files"]

@@ -23,7 +23,7 @@ from qlora_pipeline.stages.contract.stage import StageContext
 from qlora_pipeline.stages.lm.distributed import World
 from qlora_pipeline.stages.lm.lm_loss import heldout_loss
 from qlora_pipeline.stages.lm.lora_plan import adapt_for_training
-from qlora_pipeline.stages.lm.modelio import cast_parameters, safetensors_files
+from qlora_pipeline.stages.lm.modelio import cast_parameters, load_16bit_model, safetensors_files
 from qlora_pipeline.stages.lm.recompute import enable_checkpointing
 from qlora_pipeline.stages.lm.train_state import TrainResult
 
@@ -57,9 +57,7 @@ def decide(t: TrainParams, model_dir: Path, nproc: int) -> BaselineDecision:
 def build_lora16_model(model_dir: Path, t: TrainParams, device: torch.device, dtype: torch.dtype) -> tuple[Any, list]:
     """The 16-bit base in the compute dtype + LoRA exactly as the QLoRA model gets it (same seed before injection,
     so the same initial A); returns (model, trainable)."""
-    from transformers import AutoModelForCausalLM
-
-    model = cast_parameters(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), dtype, device)
+    model = cast_parameters(load_16bit_model(model_dir, dtype), dtype, device)
     adapt_for_training(model, t, dtype, device)
     if t.gradient_checkpointing:
         enable_checkpointing(model)

@@ -104,6 +104,16 @@ def embedded_model_dir(progress: bool = True) -> Path:
     return out
 
 
+def load_16bit_model(folder: Path, dtype: Any) -> Any:
+    """The HF folder's causal LM with its weights in `dtype`, on the attention its family needs (Gemma 2: eager,
+    whatever transformers defaults to; kernels/attention.py, :func:`use_family_attention`)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.kernels.attention import use_family_attention
+
+    return use_family_attention(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
+
+
 def base_model_dir(model: ModelParams) -> Path:
     """The folder `model` names: the embedded model (converted once per machine), a local HF folder (relative paths
     from the repository root) or a hub id's snapshot in the local Hugging Face cache."""

@@ -212,3 +212,39 @@ def test_the_sdpa_bias_built_once_gives_sdpa_its_own_bits(dtype: torch.dtype) ->
         results.append((out, *torch.autograd.grad(out, (q, k, v), g)))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_gemma2_keeps_its_soft_capped_eager_attention_whatever_transformers_defaults_to(monkeypatch, tmp_path) -> None:
+    """transformers 5.17 (a GPU node's image) lets Gemma 2 default to SDPA, which drops the cap on its attention
+    scores; 5.23 picks eager. With 5.17's default put back, the 16-bit and the NF4 loaders still run eager, and the
+    cap matters: SDPA's logits are not eager's."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.gemma2 import modeling_gemma2
+
+    from qlora_pipeline.kernels.formats.bnb_loader import load_4bit_model, save_4bit_checkpoint
+    from qlora_pipeline.stages.lm.modelio import load_16bit_model
+
+    folder = tiny.make_model_dir(tmp_path / "gemma2", "gemma2", attn_logit_softcapping=1.0)
+    monkeypatch.setattr(modeling_gemma2.Gemma2PreTrainedModel, "_supports_sdpa", True)
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert plain.config._attn_implementation == "sdpa"  # 5.17's default, put back
+    ours = load_16bit_model(folder, torch.float32)
+    assert ours.config._attn_implementation == "eager"
+    save_4bit_checkpoint(folder, tmp_path / "nf4")
+    assert load_4bit_model(tmp_path / "nf4", compute_dtype=torch.float32).config._attn_implementation == "eager"
+
+    ids = torch.randint(3, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for model in (plain, ours):  # scores large enough for the cap to bite
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(20)
+        try:
+            uncapped = plain(ids).logits
+        except ValueError as exc:  # 5.23's SDPA refuses a cap
+            assert "softcap" in str(exc)
+            uncapped = None
+        plain.set_attn_implementation("eager")
+        capped = plain(ids).logits
+        assert torch.equal(ours(ids).logits, capped)
+    if uncapped is not None:  # 5.17's SDPA drops it
+        assert (uncapped - capped).abs().max() > 0.05 * capped.abs().max()
