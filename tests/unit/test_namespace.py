@@ -15,6 +15,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from transformers.utils import import_utils
+
 REPO = Path(__file__).resolve().parents[2]
 FOLDERS = ("kernels", "stages", "pipelines")
 
@@ -35,18 +37,22 @@ print(json.dumps(out))
 """
 
 
+HUB_VERSION = import_utils.KERNELS_MIN_VERSION
+"""The stand-in's version: the oldest the installed transformers takes (0.18.2 for 5.23, 0.16.0 for 5.17)."""
+
+
 def _fake_hub(root: Path) -> Path:
-    """A stand-in for Hugging Face's `kernels` 0.18.2 distribution: a regular package and its dist-info."""
+    """A stand-in for Hugging Face's `kernels` distribution: a regular package and its dist-info."""
     pkg = root / "kernels"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(
-        "import types\n__version__ = '0.18.2'\n"
+        f"import types\n__version__ = '{HUB_VERSION}'\n"
         "def get_kernel(repo_id, version=None):\n"
         "    return types.SimpleNamespace(gemm_4bit_forward='hub kernel')\n"
     )
-    info = root / "kernels-0.18.2.dist-info"
+    info = root / f"kernels-{HUB_VERSION}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.2\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {HUB_VERSION}\n")
     (info / "top_level.txt").write_text("kernels\n")
     return root
 
@@ -67,7 +73,7 @@ def test_the_hub_kernels_package_wins_over_our_folder_from_the_repo_root(tmp_pat
     out = _probe(REPO, extra_path=site)
     assert out["spec_file"] == str(site / "kernels" / "__init__.py")
     assert out["get_kernel"] == "hub kernel", "bitsandbytes' probe reached our folder instead of the hub package"
-    assert out["available"] == [True, "0.18.2"] and out["hub"] is True
+    assert out["available"] == [True, HUB_VERSION] and out["hub"] is True
 
 
 def test_without_the_hub_package_nobody_sees_a_kernels_package(tmp_path: Path) -> None:
