@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup reader gptq-oracle pipeline test lint bench clean
+.PHONY: setup reader gptq-oracle pipeline test test-node-stack lint bench clean
 
 setup: $(VENV)/.installed $(VENV)/.reader $(VENV)/.allocator $(VENV)/.kernels
 
@@ -72,6 +72,13 @@ pipeline: setup
 test: setup
 	@$(FREE_DISK) 2 "$${TMPDIR:-/tmp}" "make test (pytest's temporary files)"
 	$(PY) -m pytest -q
+
+# The suite on a GPU node's stack, on this CPU, in a venv of its own (tests/node_stack.py): by default the reference
+# node's Python 3.12, torch 2.11, triton 3.6 and transformers 5.17 (docs/gpu-acceptance.md); NODE_STACK="torch==X
+# triton==Y transformers==Z" names another. About 5.5 GiB: the torch PyPI serves brings its CUDA libraries.
+NODE_STACK ?=
+test-node-stack:
+	python3 tests/node_stack.py $(NODE_STACK)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
