@@ -77,6 +77,7 @@ them back to uint8, so no bit is ever read as a float."""
 
 
 def _codes(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """uint8 codes as the dequant reads them, whether held as a buffer (uint8) or a parameter (the float view)."""
     return tensor.view(torch.uint8) if tensor is not None and tensor.dtype == BYTES_AS_PARAMETER else tensor
 
 
